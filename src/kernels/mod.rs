@@ -1,0 +1,43 @@
+//! Compute kernels: matrix-vector and matrix-matrix products over weights in their stored dtype,
+//! and the small element-wise ops of the decoder.
+//!
+//! Every SIMD kernel has a scalar reference beside it and a test comparing the two. The variant is
+//! picked once at run time from the CPU's features ([`cpu`]), never at compile time, so one binary
+//! runs at full speed on any x86-64.
+
+pub mod dot;
+pub mod matmul;
+pub mod ops;
+
+pub use matmul::{matmul, matvec, WeightView};
+
+use std::sync::OnceLock;
+
+/// The instruction-set level the kernels dispatch on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Scalar,
+    /// AVX2 + FMA + F16C (every x86-64 since Haswell).
+    Avx2,
+}
+
+static ISA: OnceLock<Isa> = OnceLock::new();
+
+/// The best instruction set this CPU supports. `PHI4_ISA=scalar` forces the reference kernels.
+pub fn cpu() -> Isa {
+    *ISA.get_or_init(|| {
+        if std::env::var("PHI4_ISA").is_ok_and(|v| v == "scalar") {
+            return Isa::Scalar;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Scalar
+    })
+}

@@ -1,0 +1,53 @@
+//! The one linear layer every projection of the decoder goes through.
+//!
+//! It owns a reference to the stored weight (mapped bf16, f16 or f32) and nothing else: a
+//! quantized format or a LoRA delta wraps this type instead of adding a second copy of the model
+//! code.
+
+use anyhow::{bail, Result};
+
+use crate::kernels::{matmul, WeightView};
+use crate::weights::{DType, Tensor};
+
+/// `y = x · Wᵀ`, with `W` stored `[out_features, in_features]` as in PyTorch.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    pub out_features: usize,
+    pub in_features: usize,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor) -> Result<Linear> {
+        if weight.shape.len() != 2 {
+            bail!("linear weight must be 2-D, got shape {:?}", weight.shape);
+        }
+        Ok(Linear {
+            out_features: weight.shape[0],
+            in_features: weight.shape[1],
+            weight,
+        })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn view(&self) -> WeightView<'_> {
+        match self.weight.dtype {
+            DType::F32 => WeightView::F32(self.weight.as_f32()),
+            DType::F16 => WeightView::F16(self.weight.as_f16()),
+            DType::BF16 => WeightView::BF16(self.weight.as_bf16()),
+        }
+    }
+
+    /// `x` is `[n, in_features]`, `y` is `[n, out_features]`, both row-major.
+    pub fn forward(&self, x: &[f32], y: &mut [f32]) {
+        matmul(self.view(), self.out_features, self.in_features, x, y);
+    }
+
+    /// Bytes read per full pass over the weight (what bounds decode speed).
+    pub fn weight_bytes(&self) -> usize {
+        self.weight.raw().len()
+    }
+}

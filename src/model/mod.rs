@@ -1,0 +1,9 @@
+//! Model definitions: one file per block, paths mirroring the Hugging Face tensor names.
+
+pub mod linear;
+pub mod phi3;
+pub mod rope;
+
+pub use linear::Linear;
+pub use phi3::{KvCache, Logits, Phi3ForCausalLM};
+pub use rope::{Rope, RopeTable};

@@ -1,0 +1,413 @@
+//! The Phi-3-architecture decoder that Phi-4-mini (and the language model of Phi-4-multimodal)
+//! uses. Struct paths mirror the Hugging Face tensor names: `model.layers.{i}.self_attn.qkv_proj`
+//! is `Phi3ForCausalLM.model.layers[i].self_attn.qkv_proj`.
+//!
+//! Reference semantics (spec §1.4): fused qkv rows Q|K|V, GQA (query head h reads kv head
+//! h / group), NeoX rotary on the first `rotary_dim` dims of q and k only, causal softmax
+//! attention scaled by 1/sqrt(head_dim), fused gate|up with SiLU, tied LM head. Activations are
+//! f32 throughout, whatever the weights' dtype.
+
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+
+use super::linear::Linear;
+use super::rope::{Rope, RopeTable};
+use crate::config::Phi3Config;
+use crate::kernels::dot::dot_f32;
+use crate::kernels::ops::{rms_norm, rope_neox, silu_mul, softmax};
+use crate::weights::{check_registry, Checkpoint, Expected, Tensor};
+
+pub struct Attention {
+    pub qkv_proj: Linear,
+    pub o_proj: Linear,
+}
+
+pub struct Mlp {
+    pub gate_up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+pub struct DecoderLayer {
+    pub input_layernorm: Vec<f32>,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: Vec<f32>,
+    pub mlp: Mlp,
+}
+
+pub struct Phi3Model {
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: Vec<f32>,
+}
+
+pub struct Phi3ForCausalLM {
+    pub config: Phi3Config,
+    pub model: Phi3Model,
+    /// The LM head; with tied embeddings it is `model.embed_tokens` (same mapped bytes).
+    pub lm_head: Linear,
+    pub rope: Rope,
+}
+
+/// Keys and values of one sequence, per layer `[position][kv_head][head_dim]`, grown as tokens
+/// arrive (nothing is reserved up front for the full context).
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    pub k: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+    pub len: usize,
+    /// The rotary table the cached keys were rotated with (None while empty).
+    pub table: Option<RopeTable>,
+}
+
+impl KvCache {
+    pub fn new(layers: usize) -> KvCache {
+        KvCache {
+            k: vec![Vec::new(); layers],
+            v: vec![Vec::new(); layers],
+            len: 0,
+            table: None,
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.k.iter_mut().for_each(Vec::clear);
+        self.v.iter_mut().for_each(Vec::clear);
+        self.len = 0;
+        self.table = None;
+    }
+}
+
+/// What a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Logits of the last token only: `[vocab]`.
+    Last,
+    /// Logits of every token: `[n_tokens, vocab]`.
+    All,
+}
+
+impl Phi3ForCausalLM {
+    /// The tensors a checkpoint for `cfg` must hold, with their shapes.
+    pub fn expected_tensors(cfg: &Phi3Config) -> Vec<Expected> {
+        let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let attn = cfg.num_attention_heads * cfg.head_dim();
+        let e = |name: String, shape: Vec<usize>| Expected {
+            name,
+            shape,
+            optional: false,
+        };
+        let mut out = vec![
+            e("model.embed_tokens.weight".into(), vec![v, h]),
+            e("model.norm.weight".into(), vec![h]),
+        ];
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            out.push(e(format!("{p}.input_layernorm.weight"), vec![h]));
+            out.push(e(
+                format!("{p}.self_attn.qkv_proj.weight"),
+                vec![cfg.qkv_dim(), h],
+            ));
+            out.push(e(format!("{p}.self_attn.o_proj.weight"), vec![h, attn]));
+            out.push(e(format!("{p}.post_attention_layernorm.weight"), vec![h]));
+            out.push(e(format!("{p}.mlp.gate_up_proj.weight"), vec![2 * i, h]));
+            out.push(e(format!("{p}.mlp.down_proj.weight"), vec![h, i]));
+        }
+        // Tied checkpoints carry no lm_head (P5); if one is present anyway, transformers ties
+        // over it, and so do we.
+        out.push(Expected {
+            name: "lm_head.weight".into(),
+            shape: vec![v, h],
+            optional: cfg.tie_word_embeddings,
+        });
+        out
+    }
+
+    /// Builds the model from a checkpoint after checking every tensor against the registry.
+    pub fn load(config: Phi3Config, ckpt: &Checkpoint) -> Result<Phi3ForCausalLM> {
+        let mut t = check_registry(ckpt, &Self::expected_tensors(&config))?;
+        let mut take = |name: &str| -> Result<Tensor> {
+            t.remove(name)
+                .with_context(|| format!("tensor {name} missing after registry check"))
+        };
+        let vector = |t: Tensor| t.to_f32_vec();
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            layers.push(DecoderLayer {
+                input_layernorm: vector(take(&format!("{p}.input_layernorm.weight"))?),
+                self_attn: Attention {
+                    qkv_proj: Linear::new(take(&format!("{p}.self_attn.qkv_proj.weight"))?)?,
+                    o_proj: Linear::new(take(&format!("{p}.self_attn.o_proj.weight"))?)?,
+                },
+                post_attention_layernorm: vector(take(&format!(
+                    "{p}.post_attention_layernorm.weight"
+                ))?),
+                mlp: Mlp {
+                    gate_up_proj: Linear::new(take(&format!("{p}.mlp.gate_up_proj.weight"))?)?,
+                    down_proj: Linear::new(take(&format!("{p}.mlp.down_proj.weight"))?)?,
+                },
+            });
+        }
+        let embed_tokens = take("model.embed_tokens.weight")?;
+        let lm_head = if config.tie_word_embeddings {
+            Linear::new(embed_tokens.clone())?
+        } else {
+            Linear::new(take("lm_head.weight")?)?
+        };
+        let norm = vector(take("model.norm.weight")?);
+        Ok(Self::from_parts(
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+        ))
+    }
+
+    pub fn from_parts(
+        config: Phi3Config,
+        embed_tokens: Tensor,
+        layers: Vec<DecoderLayer>,
+        norm: Vec<f32>,
+        lm_head: Linear,
+    ) -> Phi3ForCausalLM {
+        let rope = Rope::new(&config.rope, config.max_position_embeddings);
+        Phi3ForCausalLM {
+            config,
+            model: Phi3Model {
+                embed_tokens,
+                layers,
+                norm,
+            },
+            lm_head,
+            rope,
+        }
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.num_hidden_layers)
+    }
+
+    /// Bytes of weights one decode step reads.
+    pub fn weight_bytes(&self) -> usize {
+        let per_layer: usize = self
+            .model
+            .layers
+            .iter()
+            .map(|l| {
+                l.self_attn.qkv_proj.weight_bytes()
+                    + l.self_attn.o_proj.weight_bytes()
+                    + l.mlp.gate_up_proj.weight_bytes()
+                    + l.mlp.down_proj.weight_bytes()
+            })
+            .sum();
+        per_layer + self.lm_head.weight_bytes()
+    }
+
+    fn embed(&self, tokens: &[u32], x: &mut [f32]) -> Result<()> {
+        let h = self.config.hidden_size;
+        let e = &self.model.embed_tokens;
+        for (row, &tok) in x.chunks_mut(h).zip(tokens) {
+            let t = tok as usize;
+            if t >= self.config.vocab_size {
+                bail!(
+                    "token id {tok} is outside the model's vocabulary ({})",
+                    self.config.vocab_size
+                );
+            }
+            let span = t * h..(t + 1) * h;
+            match e.dtype {
+                crate::weights::DType::F32 => row.copy_from_slice(&e.as_f32()[span]),
+                crate::weights::DType::BF16 => {
+                    for (o, v) in row.iter_mut().zip(&e.as_bf16()[span]) {
+                        *o = v.to_f32();
+                    }
+                }
+                crate::weights::DType::F16 => {
+                    for (o, v) in row.iter_mut().zip(&e.as_f16()[span]) {
+                        *o = v.to_f32();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `tokens` (the continuation of whatever `cache` holds) through the decoder.
+    ///
+    /// `table` must be the one the cache was built with; switching tables means clearing the
+    /// cache and re-running the whole sequence (the engine's LongRoPE policy does that).
+    /// `hidden`, if given, receives the hidden states as transformers' `output_hidden_states`
+    /// lists them: the input of every layer, then the final normed output.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        table: RopeTable,
+        want: Logits,
+        mut hidden: Option<&mut Vec<Vec<f32>>>,
+    ) -> Result<Vec<f32>> {
+        let cfg = &self.config;
+        let n = tokens.len();
+        if n == 0 {
+            bail!("forward pass needs at least one token");
+        }
+        if let Some(t) = cache.table {
+            if t != table {
+                bail!("KV cache was built with the {t:?} rotary table; clear it before using {table:?}");
+            }
+        }
+        let total = cache.len + n;
+        if total > cfg.max_position_embeddings {
+            bail!(
+                "sequence of {total} tokens exceeds the model's context of {} tokens",
+                cfg.max_position_embeddings
+            );
+        }
+        let h = cfg.hidden_size;
+        let mut x = vec![0f32; n * h];
+        self.embed(tokens, &mut x)?;
+        let mut scratch = Scratch::new(cfg, n);
+        for (l, layer) in self.model.layers.iter().enumerate() {
+            if let Some(hs) = hidden.as_deref_mut() {
+                hs.push(x.clone());
+            }
+            self.layer_forward(l, layer, &mut x, cache, table, &mut scratch);
+        }
+        cache.len = total;
+        cache.table = Some(table);
+        let eps = cfg.rms_norm_eps as f32;
+        let rows: &[f32] = match want {
+            Logits::Last => &x[(n - 1) * h..],
+            Logits::All => &x,
+        };
+        let mut normed = vec![0f32; rows.len()];
+        for (o, r) in normed.chunks_mut(h).zip(rows.chunks(h)) {
+            rms_norm(r, &self.model.norm, eps, o);
+        }
+        if let Some(hs) = hidden {
+            if want == Logits::All {
+                hs.push(normed.clone());
+            }
+        }
+        let mut logits = vec![0f32; (normed.len() / h) * cfg.vocab_size];
+        self.lm_head.forward(&normed, &mut logits);
+        Ok(logits)
+    }
+
+    fn layer_forward(
+        &self,
+        l: usize,
+        layer: &DecoderLayer,
+        x: &mut [f32],
+        cache: &mut KvCache,
+        table: RopeTable,
+        s: &mut Scratch,
+    ) {
+        let cfg = &self.config;
+        let h = cfg.hidden_size;
+        let n = x.len() / h;
+        let eps = cfg.rms_norm_eps as f32;
+        for (o, r) in s.normed.chunks_mut(h).zip(x.chunks(h)) {
+            rms_norm(r, &layer.input_layernorm, eps, o);
+        }
+        layer.self_attn.qkv_proj.forward(&s.normed, &mut s.qkv);
+        self.attention(l, cache, table, s, n);
+        layer.self_attn.o_proj.forward(&s.attn, &mut s.proj);
+        for (a, b) in x.iter_mut().zip(&s.proj) {
+            *a += b;
+        }
+        for (o, r) in s.normed.chunks_mut(h).zip(x.chunks(h)) {
+            rms_norm(r, &layer.post_attention_layernorm, eps, o);
+        }
+        layer.mlp.gate_up_proj.forward(&s.normed, &mut s.gate_up);
+        let i = cfg.intermediate_size;
+        for (act, gu) in s.act.chunks_mut(i).zip(s.gate_up.chunks_mut(2 * i)) {
+            let (gate, up) = gu.split_at_mut(i);
+            silu_mul(gate, up);
+            act.copy_from_slice(gate);
+        }
+        layer.mlp.down_proj.forward(&s.act, &mut s.proj);
+        for (a, b) in x.iter_mut().zip(&s.proj) {
+            *a += b;
+        }
+    }
+
+    /// Rotates q and k of the new tokens, appends k and v to the cache, and writes the causal
+    /// attention output of every new token to `s.attn`.
+    fn attention(
+        &self,
+        l: usize,
+        cache: &mut KvCache,
+        table: RopeTable,
+        s: &mut Scratch,
+        n: usize,
+    ) {
+        let cfg = &self.config;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        let group = nh / nkv;
+        let qkv_dim = cfg.qkv_dim();
+        let half = self.rope.half_dim();
+        let start = cache.len;
+        let mut cos = vec![0f32; half];
+        let mut sin = vec![0f32; half];
+        for t in 0..n {
+            self.rope.cos_sin(table, start + t, &mut cos, &mut sin);
+            let row = &mut s.qkv[t * qkv_dim..(t + 1) * qkv_dim];
+            for head in row[..(nh + nkv) * hd].chunks_mut(hd) {
+                rope_neox(head, &cos, &sin);
+            }
+            cache.k[l].extend_from_slice(&row[nh * hd..(nh + nkv) * hd]);
+            cache.v[l].extend_from_slice(&row[(nh + nkv) * hd..]);
+        }
+        let (kc, vc) = (&cache.k[l], &cache.v[l]);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let qkv = &s.qkv;
+        let kv_w = nkv * hd;
+        s.attn
+            .par_chunks_mut(hd)
+            .enumerate()
+            .for_each(|(idx, out)| {
+                let (t, head) = (idx / nh, idx % nh);
+                let kvh = head / group;
+                let q = &qkv[t * qkv_dim + head * hd..t * qkv_dim + (head + 1) * hd];
+                let upto = start + t + 1;
+                let mut scores: Vec<f32> = (0..upto)
+                    .map(|p| {
+                        dot_f32(q, &kc[p * kv_w + kvh * hd..p * kv_w + (kvh + 1) * hd]) * scale
+                    })
+                    .collect();
+                softmax(&mut scores);
+                out.fill(0.0);
+                for (p, w) in scores.iter().enumerate() {
+                    let v = &vc[p * kv_w + kvh * hd..p * kv_w + (kvh + 1) * hd];
+                    for (o, vv) in out.iter_mut().zip(v) {
+                        *o += w * vv;
+                    }
+                }
+            });
+    }
+}
+
+/// Activation buffers of one forward pass, sized once for its token count.
+struct Scratch {
+    normed: Vec<f32>,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate_up: Vec<f32>,
+    act: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(cfg: &Phi3Config, n: usize) -> Scratch {
+        Scratch {
+            normed: vec![0.0; n * cfg.hidden_size],
+            qkv: vec![0.0; n * cfg.qkv_dim()],
+            attn: vec![0.0; n * cfg.num_attention_heads * cfg.head_dim()],
+            proj: vec![0.0; n * cfg.hidden_size],
+            gate_up: vec![0.0; n * 2 * cfg.intermediate_size],
+            act: vec![0.0; n * cfg.intermediate_size],
+        }
+    }
+}
