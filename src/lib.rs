@@ -4,6 +4,11 @@
 //! `kernels` → `weights`/`config` → `model` → `text` → `engine` → `cli` (the `phi4` binary).
 
 pub mod config;
+pub mod engine;
 pub mod kernels;
 pub mod model;
+pub mod text;
 pub mod weights;
+
+pub use engine::{Engine, FinishReason, Output, RopePolicy, SamplingParams, StreamEvent};
+pub use text::Message;

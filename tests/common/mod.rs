@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use phi4::weights::open_safetensors;
 
+pub mod o200k;
+
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }

@@ -1,0 +1,204 @@
+//! Chat prompts: the checkpoint's Jinja `chat_template` rendered with minijinja, configured as
+//! transformers configures Jinja (`trim_blocks`, `lstrip_blocks`, Python string methods), so a
+//! render is byte-identical to `apply_chat_template(..., tokenize=False)`.
+//!
+//! Tools: the official Phi-4 template reads a pre-serialised JSON string from the *system
+//! message's* `tools` field and ignores the top-level `tools` argument transformers passes
+//! (spec P7). When a template reads `message['tools']`, OpenAI-style top-level tools are moved
+//! there: the list of their `function` objects, serialised as Python's
+//! `json.dumps(..., ensure_ascii=False)`, on the first system message (a system message
+//! "You are a helpful assistant with some tools." is inserted when there is none). Templates
+//! that read the top-level `tools` variable get it unchanged.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use minijinja::{context, Environment, Error, ErrorKind};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+
+use super::pyjson;
+
+/// The official Phi-4-mini chat template (tokenizer_config.json), used when a checkpoint has none.
+pub const PHI4_CHAT_TEMPLATE: &str = "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and message['tools'] is not none %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] + '<|/tool|>' + '<|end|>' }}{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}";
+
+/// System prompt inserted when tools are given without a system message.
+pub const DEFAULT_TOOLS_SYSTEM: &str = "You are a helpful assistant with some tools.";
+
+/// One chat message. `content` accepts a string, null, or OpenAI content parts (text parts are
+/// joined with newlines). Other fields (`tools`, `tool_calls`, `name`, ...) pass to the template.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Message {
+    pub role: String,
+    #[serde(default, deserialize_with = "content_text")]
+    pub content: String,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Message {
+        Message {
+            role: role.into(),
+            content: content.into(),
+            extra: Map::new(),
+        }
+    }
+}
+
+fn content_text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    use serde::de::Error as _;
+    match Value::deserialize(d)? {
+        Value::Null => Ok(String::new()),
+        Value::String(s) => Ok(s),
+        Value::Array(parts) => {
+            let mut texts = Vec::new();
+            for p in parts {
+                match (
+                    p.get("type").and_then(Value::as_str),
+                    p.get("text").and_then(Value::as_str),
+                ) {
+                    (Some("text"), Some(t)) => texts.push(t.to_string()),
+                    (Some(kind), _) => {
+                        return Err(D::Error::custom(format!(
+                            "content part of type {kind:?} is not supported by this text model"
+                        )))
+                    }
+                    _ => return Err(D::Error::custom("content part needs a \"type\"")),
+                }
+            }
+            Ok(texts.join("\n"))
+        }
+        other => Err(D::Error::custom(format!(
+            "message content must be a string or a list of parts, not {other}"
+        ))),
+    }
+}
+
+pub struct ChatTemplate {
+    source: String,
+    env: Environment<'static>,
+    eos_token: String,
+    bos_token: String,
+}
+
+impl ChatTemplate {
+    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<ChatTemplate> {
+        let mut env = Environment::new();
+        env.set_syntax(
+            minijinja::syntax::SyntaxConfig::builder()
+                .trim_blocks(true)
+                .lstrip_blocks(true)
+                .build()
+                .expect("default delimiters are valid"),
+        );
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
+            Err(Error::new(ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template_owned("chat", source.to_string())
+            .context("the chat template does not parse")?;
+        Ok(ChatTemplate {
+            source: source.to_string(),
+            env,
+            eos_token: eos_token.into(),
+            bos_token: bos_token.into(),
+        })
+    }
+
+    /// The template of a model directory: `chat_template` in tokenizer_config.json (a string or
+    /// a list of named templates, "default" taken), else `chat_template.jinja`, else the
+    /// official Phi-4 template. bos/eos strings come from tokenizer_config.json.
+    pub fn from_model_dir(dir: &Path) -> Result<ChatTemplate> {
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: Value = if cfg_path.exists() {
+            let text = std::fs::read_to_string(&cfg_path)
+                .with_context(|| format!("reading {}", cfg_path.display()))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("{} is not valid JSON", cfg_path.display()))?
+        } else {
+            Value::Null
+        };
+        let token = |key: &str| -> String {
+            match cfg.get(key) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Object(o)) => o
+                    .get("content")
+                    .and_then(Value::as_str)
+                    .unwrap_or("<|endoftext|>")
+                    .to_string(),
+                _ => "<|endoftext|>".to_string(),
+            }
+        };
+        let source = match cfg.get("chat_template") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template").and_then(Value::as_str))
+                .map(str::to_owned)
+                .with_context(|| {
+                    format!(
+                        "{}: chat_template list has no \"default\" entry",
+                        cfg_path.display()
+                    )
+                })?,
+            _ => {
+                let jinja = dir.join("chat_template.jinja");
+                if jinja.exists() {
+                    std::fs::read_to_string(&jinja)
+                        .with_context(|| format!("reading {}", jinja.display()))?
+                } else {
+                    PHI4_CHAT_TEMPLATE.to_string()
+                }
+            }
+        };
+        ChatTemplate::new(&source, &token("bos_token"), &token("eos_token"))
+    }
+
+    /// True if the template takes tool declarations from the system message (the official form).
+    fn reads_message_tools(&self) -> bool {
+        self.source.contains("message['tools']") || self.source.contains("message.tools")
+    }
+
+    /// Renders `messages` (and OpenAI-style `tools`, see the module docs) to prompt text.
+    pub fn render(
+        &self,
+        messages: &[Message],
+        tools: Option<&[Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        if messages.is_empty() {
+            bail!("a chat needs at least one message");
+        }
+        let mut msgs = messages.to_vec();
+        let mut top_level_tools = None;
+        if let Some(tools) = tools.filter(|t| !t.is_empty()) {
+            if self.reads_message_tools() {
+                let functions: Vec<Value> = tools
+                    .iter()
+                    .map(|t| t.get("function").cloned().unwrap_or_else(|| t.clone()))
+                    .collect();
+                if msgs[0].role != "system" {
+                    msgs.insert(0, Message::new("system", DEFAULT_TOOLS_SYSTEM));
+                }
+                msgs[0]
+                    .extra
+                    .insert("tools".into(), Value::String(pyjson::dumps(&functions)));
+            } else {
+                top_level_tools = Some(tools.to_vec());
+            }
+        }
+        let tmpl = self.env.get_template("chat").expect("added in new()");
+        let out = tmpl
+            .render(context! {
+                messages => minijinja::Value::from(minijinja::value::Serde(&msgs)),
+                tools => minijinja::Value::from(minijinja::value::Serde(&top_level_tools)),
+                add_generation_prompt => add_generation_prompt,
+                eos_token => &self.eos_token,
+                bos_token => &self.bos_token,
+            })
+            .context("rendering the chat template failed")?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,8 @@
+//! Text side: the tokenizer, the chat template and Python-compatible JSON for prompts.
+
+pub mod chat;
+pub mod pyjson;
+pub mod tokenizer;
+
+pub use chat::{ChatTemplate, Message};
+pub use tokenizer::{IncrementalDecoder, Tokenizer};
