@@ -362,3 +362,45 @@ mod tests {
         assert!(err(v).contains("hidden_size"));
     }
 }
+
+/// The published Phi-4-mini-instruct `config.json` (spec §1.1), for synthetic full-size weights.
+pub const PHI4_MINI_CONFIG: &str = r#"{
+  "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": 200064,
+  "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
+  "num_attention_heads": 24, "num_key_value_heads": 8, "hidden_act": "silu",
+  "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+  "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+  "sliding_window": 262144, "tie_word_embeddings": true, "attention_bias": false,
+  "mlp_bias": false, "bos_token_id": 199999, "eos_token_id": 199999, "pad_token_id": 199999,
+  "torch_dtype": "bfloat16",
+  "rope_scaling": {"type": "longrope",
+    "short_factor": [1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0],
+    "long_factor": [1, 1.118320672, 1.250641126, 1.398617824, 1.564103225, 1.74916897, 1.956131817, 2.187582649, 2.446418898, 2.735880826, 3.059592084, 3.421605075, 3.826451687, 4.279200023, 4.785517845, 5.351743533, 5.984965424, 6.693110555, 7.485043894, 8.370679318, 9.36110372, 10.4687158, 11.70738129, 13.09260651, 14.64173252, 16.37415215, 18.31155283, 20.47818807, 22.90118105, 25.61086418, 28.64115884, 32.03, 32.1, 32.13, 32.23, 32.6, 32.61, 32.64, 32.66, 32.7, 32.71, 32.93, 32.97, 33.28, 33.49, 33.5, 44.16, 47.77]}
+}"#;
+
+impl Phi3Config {
+    /// The real Phi-4-mini-instruct configuration.
+    pub fn phi4_mini() -> Phi3Config {
+        Phi3Config::from_json(PHI4_MINI_CONFIG).expect("the built-in config is valid")
+    }
+
+    /// Parameters of the decoder (embedding counted once when tied).
+    pub fn num_parameters(&self) -> usize {
+        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let attn = self.num_attention_heads * self.head_dim();
+        let layer = 2 * h + self.qkv_dim() * h + h * attn + 2 * i * h + h * i;
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        v * h + self.num_hidden_layers * layer + h + head
+    }
+}
+
+#[cfg(test)]
+mod phi4_mini_tests {
+    #[test]
+    fn parameter_count_matches_the_published_model() {
+        assert_eq!(
+            super::Phi3Config::phi4_mini().num_parameters(),
+            3_836_021_760
+        );
+    }
+}

@@ -3,8 +3,10 @@
 //! Layers, lowest first (a lower layer never imports a higher one):
 //! `kernels` → `weights`/`config` → `model` → `text` → `engine` → `cli` (the `phi4` binary).
 
+pub mod bench;
 pub mod config;
 pub mod engine;
+pub mod hub;
 pub mod kernels;
 pub mod model;
 pub mod text;

@@ -1,1 +1,444 @@
-fn main() {}
+//! The `phi4` command: run, chat, tokenize, bench.
+
+use std::io::{BufRead, IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use phi4::bench::{self, BenchOptions};
+use phi4::config::Phi3Config;
+use phi4::engine::{RopePolicy, StreamEvent};
+use phi4::hub::{resolve_model, DEFAULT_MODEL};
+use phi4::model::Phi3ForCausalLM;
+use phi4::{Engine, Message, SamplingParams};
+
+#[derive(Parser)]
+#[command(
+    name = "phi4",
+    version,
+    about = "Run Microsoft's Phi-4-mini on your CPU"
+)]
+struct Cli {
+    /// Worker threads (default: every core).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate once from a prompt, streaming to stdout.
+    Run(RunArgs),
+    /// Interactive multi-turn chat.
+    Chat(ChatArgs),
+    /// Print the token ids of the text on stdin.
+    Tokenize(TokenizeArgs),
+    /// Measure prefill and decode speed, time to first token and peak memory.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct ModelArg {
+    /// A local model directory or a Hugging Face repo id (downloaded to the hub cache if missing).
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RopePolicyArg {
+    /// transformers' rule: short factors up to the original context, then re-prefill with long.
+    Dynamic,
+    /// Long factors from the first token (vLLM's rule for long-context serving).
+    StaticLong,
+}
+
+#[derive(Args)]
+struct Sampling {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    frequency_penalty: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop before this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    #[arg(long, value_enum, default_value = "dynamic")]
+    rope_policy: RopePolicyArg,
+}
+
+impl Sampling {
+    fn params(&self) -> Result<SamplingParams> {
+        let p = SamplingParams {
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed,
+            stop: self.stop.clone(),
+            ignore_eos: false,
+        };
+        p.validate()?;
+        Ok(p)
+    }
+
+    fn policy(&self) -> RopePolicy {
+        match self.rope_policy {
+            RopePolicyArg::Dynamic => RopePolicy::Dynamic,
+            RopePolicyArg::StaticLong => RopePolicy::StaticLong,
+        }
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// The prompt text.
+    #[arg(long, conflicts_with = "prompt_file")]
+    prompt: Option<String>,
+    /// Read the prompt from a UTF-8 file ("-" for stdin).
+    #[arg(long)]
+    prompt_file: Option<PathBuf>,
+    /// Use the prompt as-is, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    /// System message (chat mode).
+    #[arg(long, conflicts_with = "raw")]
+    system: Option<String>,
+    /// Print one JSON object (prompt_ids, generated_ids, text, finish_reason, timings).
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    sampling: Sampling,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    sampling: Sampling,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Print {"ids": [...]}.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Benchmark this checkpoint (directory or repo id).
+    #[arg(long, conflicts_with = "synthetic")]
+    model: Option<String>,
+    /// Random weights of the real Phi-4-mini shapes (bf16); no files needed.
+    #[arg(long)]
+    synthetic: bool,
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("setting up the thread pool")?;
+    }
+    match cli.command {
+        Command::Run(a) => run(a),
+        Command::Chat(a) => chat(a),
+        Command::Tokenize(a) => tokenize(a),
+        Command::Bench(a) => bench_cmd(a),
+    }
+}
+
+fn load_engine(spec: &str) -> Result<Engine> {
+    let dir = resolve_model(spec)?;
+    load_dir(&dir)
+}
+
+fn load_dir(dir: &Path) -> Result<Engine> {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("loading {msg} [{bar:30}] {bytes}/{total_bytes}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(dir.display().to_string());
+    let mut shown = false;
+    let engine = Engine::load_with_progress(dir, &mut |done, total| {
+        // Small checkpoints load instantly; a bar would only flicker.
+        if total >= 256 << 20 {
+            if !shown {
+                bar.set_length(total);
+                shown = true;
+            }
+            bar.set_position(done);
+        }
+    });
+    bar.finish_and_clear();
+    engine
+}
+
+fn read_prompt(a: &RunArgs) -> Result<String> {
+    match (&a.prompt, &a.prompt_file) {
+        (Some(p), _) => Ok(p.clone()),
+        (None, Some(f)) => {
+            let bytes = if f.as_os_str() == "-" {
+                let mut b = Vec::new();
+                std::io::stdin()
+                    .read_to_end(&mut b)
+                    .context("reading the prompt from stdin")?;
+                b
+            } else {
+                std::fs::read(f).with_context(|| format!("reading prompt file {}", f.display()))?
+            };
+            String::from_utf8(bytes).map_err(|e| {
+                anyhow::anyhow!("prompt file {} is not valid UTF-8 ({e})", f.display())
+            })
+        }
+        (None, None) => bail!("give a prompt with --prompt TEXT or --prompt-file FILE"),
+    }
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    let params = a.sampling.params()?;
+    let prompt = read_prompt(&a)?;
+    let mut engine = load_engine(&a.model.model)?;
+    engine.rope_policy = a.sampling.policy();
+    let ids = if a.raw {
+        engine.tokenizer.encode(&prompt)?
+    } else {
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(Message::new("system", s));
+        }
+        msgs.push(Message::new("user", &prompt));
+        engine.tokenizer.encode(&engine.render_chat(&msgs, None)?)?
+    };
+    let mut stdout = std::io::stdout().lock();
+    let stream = !a.json;
+    let out = engine.generate_ids(&ids, &params, &mut |ev: &StreamEvent| {
+        if stream {
+            // A closed pipe (e.g. `| head`) ends generation instead of panicking.
+            write!(stdout, "{}", ev.text)
+                .and_then(|_| stdout.flush())
+                .is_ok()
+        } else {
+            true
+        }
+    })?;
+    if a.json {
+        let v = json!({
+            "prompt_ids": out.prompt_ids,
+            "generated_ids": out.generated_ids,
+            "text": out.text,
+            "finish_reason": out.finish_reason,
+            "timings": out.timings,
+        });
+        writeln!(stdout, "{v}")?;
+    } else {
+        writeln!(stdout).ok();
+        eprintln!(
+            "[{} prompt tokens, {} generated, finish: {:?}, prefill {:.1} tok/s, decode {:.1} tok/s]",
+            out.prompt_ids.len(),
+            out.generated_ids.len(),
+            out.finish_reason,
+            out.timings.prefill_tokens_per_s,
+            out.timings.decode_tokens_per_s
+        );
+    }
+    Ok(())
+}
+
+fn chat(a: ChatArgs) -> Result<()> {
+    let params = a.sampling.params()?;
+    let mut engine = load_engine(&a.model.model)?;
+    engine.rope_policy = a.sampling.policy();
+    let interactive = std::io::stdin().is_terminal();
+    let mut history: Vec<Message> = Vec::new();
+    let reset = |h: &mut Vec<Message>| {
+        h.clear();
+        if let Some(s) = &a.system {
+            h.push(Message::new("system", s));
+        }
+    };
+    reset(&mut history);
+    if interactive {
+        eprintln!(
+            "phi4 chat: type a message; /reset clears the conversation, /exit or Ctrl-D quits."
+        );
+    }
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.context("reading stdin (is it UTF-8?)")?;
+        let msg = line.trim();
+        match msg {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                reset(&mut history);
+                continue;
+            }
+            _ => {}
+        }
+        history.push(Message::new("user", msg));
+        let mut stdout = std::io::stdout().lock();
+        let out = engine.chat_stream(&history, None, &params, &mut |ev| {
+            write!(stdout, "{}", ev.text)
+                .and_then(|_| stdout.flush())
+                .is_ok()
+        });
+        match out {
+            Ok(out) => {
+                writeln!(stdout)?;
+                history.push(Message::new("assistant", &out.text));
+            }
+            Err(e) => {
+                // A turn that cannot run (context full, say) is reported; the chat goes on.
+                history.pop();
+                eprintln!("error: {e:#}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn tokenize(a: TokenizeArgs) -> Result<()> {
+    let dir = resolve_model(&a.model.model)?;
+    let tok = phi4::text::Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut bytes)
+        .context("reading stdin")?;
+    let text =
+        String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("stdin is not valid UTF-8 ({e})"))?;
+    let ids = tok.encode(&text)?;
+    if a.json {
+        println!("{}", json!({ "ids": ids }));
+    } else {
+        println!(
+            "{}",
+            ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn bench_cmd(a: BenchArgs) -> Result<()> {
+    if a.prompt_tokens == 0 || a.gen_tokens == 0 || a.runs == 0 {
+        bail!("--prompt-tokens, --gen-tokens and --runs must be at least 1");
+    }
+    let engine;
+    let synthetic;
+    let (model, label): (&Phi3ForCausalLM, String) = match (&a.model, a.synthetic) {
+        (Some(m), _) => {
+            engine = load_engine(m)?;
+            (&engine.model, m.clone())
+        }
+        (None, true) => {
+            eprintln!("building synthetic Phi-4-mini weights (bf16, random)...");
+            synthetic = Phi3ForCausalLM::synthetic(Phi3Config::phi4_mini(), 1);
+            (&synthetic, "synthetic Phi-4-mini bf16".into())
+        }
+        (None, false) => bail!("give --model M or --synthetic"),
+    };
+    let ctx = model.config.max_position_embeddings;
+    if a.prompt_tokens + a.gen_tokens > ctx {
+        bail!("--prompt-tokens plus --gen-tokens exceed the model's context ({ctx})");
+    }
+    let report = bench::run(
+        model,
+        &BenchOptions {
+            prompt_tokens: a.prompt_tokens,
+            gen_tokens: a.gen_tokens,
+            runs: a.runs,
+        },
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("model: {label}, threads: {}", report.threads);
+        println!(
+            "prefill ({} tokens): {:.2} tok/s   time to first token: {:.0} ms",
+            report.prompt_tokens, report.prefill_tokens_per_s, report.time_to_first_token_ms
+        );
+        println!(
+            "decode ({} tokens): {:.2} tok/s   ceiling {:.2} tok/s ({:.1} GB/s over {:.2} GB of weights) = {:.0}%",
+            report.gen_tokens,
+            report.decode_tokens_per_s,
+            report.decode_ceiling_tokens_per_s,
+            report.memory_bandwidth_gb_s,
+            report.weight_bytes_per_token as f64 / 1e9,
+            100.0 * report.decode_fraction_of_ceiling
+        );
+        if let Some(rss) = report.peak_rss_mb {
+            println!("peak RSS: {rss:.0} MB");
+        }
+        println!(
+            "runs (median reported): {:?}",
+            report
+                .runs
+                .iter()
+                .map(|r| (r.prefill_tokens_per_s * 10.0).round() / 10.0)
+                .collect::<Vec<_>>()
+        );
+    }
+    Ok(())
+}

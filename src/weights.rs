@@ -75,6 +75,18 @@ impl Tensor {
         }
     }
 
+    /// An owned bf16 tensor whose values `fill` writes in place (no second copy of big data).
+    pub fn bf16_with(shape: Vec<usize>, fill: impl FnOnce(&mut [bf16])) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut words = vec![0u32; n.div_ceil(2)];
+        fill(&mut bytemuck::cast_slice_mut::<u32, bf16>(&mut words)[..n]);
+        Tensor {
+            dtype: DType::BF16,
+            shape,
+            bytes: Bytes::Owned(Arc::new(words), n * 2),
+        }
+    }
+
     pub fn from_f32(shape: Vec<usize>, data: &[f32]) -> Tensor {
         Tensor::from_bytes(DType::F32, shape, bytemuck::cast_slice(data))
     }
@@ -120,6 +132,7 @@ impl Tensor {
 pub struct Checkpoint {
     pub tensors: HashMap<String, Tensor>,
     pub files: Vec<PathBuf>,
+    maps: Vec<Arc<Mmap>>,
 }
 
 impl Checkpoint {
@@ -164,8 +177,11 @@ impl Checkpoint {
             v
         };
         let mut tensors = HashMap::new();
+        let mut maps = Vec::new();
         for f in &files {
-            for (name, t) in open_safetensors(f)? {
+            let (map, list) = map_safetensors(f)?;
+            maps.push(map);
+            for (name, t) in list {
                 if tensors.insert(name.clone(), t).is_some() {
                     bail!(
                         "tensor {name} appears in more than one shard ({})",
@@ -174,12 +190,45 @@ impl Checkpoint {
                 }
             }
         }
-        Ok(Checkpoint { tensors, files })
+        Ok(Checkpoint {
+            tensors,
+            files,
+            maps,
+        })
+    }
+
+    /// Total bytes of the mapped files.
+    pub fn mapped_bytes(&self) -> u64 {
+        self.maps.iter().map(|m| m.len() as u64).sum()
+    }
+
+    /// Reads every page of the mapped files once, so the first forward pass does not stall on
+    /// disk; `progress` receives the bytes done so far.
+    pub fn prefault(&self, mut progress: impl FnMut(u64)) {
+        const STEP: usize = 64 << 20;
+        let mut done = 0u64;
+        for m in &self.maps {
+            #[cfg(unix)]
+            let _ = m.advise(memmap2::Advice::WillNeed);
+            for chunk in m.chunks(STEP) {
+                let mut acc = 0u8;
+                for page in chunk.chunks(4096) {
+                    acc ^= page[0];
+                }
+                std::hint::black_box(acc);
+                done += chunk.len() as u64;
+                progress(done);
+            }
+        }
     }
 }
 
 /// Maps one safetensors file and returns views of its tensors.
 pub fn open_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    Ok(map_safetensors(path)?.1)
+}
+
+fn map_safetensors(path: &Path) -> Result<(Arc<Mmap>, Vec<(String, Tensor)>)> {
     let file =
         std::fs::File::open(path).with_context(|| format!("opening weights {}", path.display()))?;
     // SAFETY: the mapping is read-only; a checkpoint modified while we run is outside our contract.
@@ -225,7 +274,7 @@ pub fn open_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
         }
         out.push((name, t));
     }
-    Ok(out)
+    Ok((map, out))
 }
 
 /// One expected tensor: name and shape. `optional` entries may be absent (tied LM head).

@@ -94,6 +94,11 @@ impl Sequence {
 impl Engine {
     /// Loads a model directory in the Hugging Face layout.
     pub fn load(dir: &Path) -> Result<Engine> {
+        Self::load_with_progress(dir, &mut |_, _| {})
+    }
+
+    /// As [`Engine::load`], reporting (bytes read, total bytes) while the weights are paged in.
+    pub fn load_with_progress(dir: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<Engine> {
         for f in ["config.json", "tokenizer.json"] {
             if !dir.join(f).exists() {
                 bail!(
@@ -112,8 +117,10 @@ impl Engine {
         let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
         let template = ChatTemplate::from_model_dir(dir)?;
         let ckpt = Checkpoint::open_dir(dir)?;
+        let total = ckpt.mapped_bytes();
         let model = Phi3ForCausalLM::load(config, &ckpt)
             .with_context(|| format!("loading weights from {}", dir.display()))?;
+        ckpt.prefault(|done| progress(done, total));
         Ok(Engine::new(model, tokenizer, template, &gen))
     }
 

@@ -3,6 +3,7 @@
 pub mod linear;
 pub mod phi3;
 pub mod rope;
+pub mod synthetic;
 
 pub use linear::Linear;
 pub use phi3::{KvCache, Logits, Phi3ForCausalLM};

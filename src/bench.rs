@@ -1,0 +1,135 @@
+//! `phi4 bench`: prefill and decode speed, time to first token and peak memory, next to the
+//! machine's measured memory-bandwidth ceiling for the same weights.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::engine::sampling::argmax;
+use crate::model::{Logits, Phi3ForCausalLM};
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub prompt_tokens: usize,
+    pub gen_tokens: usize,
+    pub runs: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchRun {
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+    pub time_to_first_token_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub threads: usize,
+    pub prompt_tokens: usize,
+    pub gen_tokens: usize,
+    pub runs: Vec<BenchRun>,
+    /// Medians over `runs`.
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+    pub time_to_first_token_ms: f64,
+    pub weight_bytes_per_token: usize,
+    pub memory_bandwidth_gb_s: f64,
+    /// Decode speed if every weight byte streamed at the measured bandwidth.
+    pub decode_ceiling_tokens_per_s: f64,
+    pub decode_fraction_of_ceiling: f64,
+    pub peak_rss_mb: Option<f64>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Read bandwidth of this machine with all threads: best of several passes over 1 GiB.
+pub fn memory_bandwidth_gb_s() -> f64 {
+    let words = (1usize << 30) / 8;
+    let buf: Vec<u64> = (0..words as u64)
+        .into_par_iter()
+        .map(|i| i ^ 0x5555)
+        .collect();
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        // Integer sums vectorise (no float reassociation needed), so the loop is load-bound.
+        let s: u64 = buf
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().fold(0u64, |a, b| a.wrapping_add(*b)))
+            .reduce(|| 0, u64::wrapping_add);
+        std::hint::black_box(s);
+        best = best.max((words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+/// Peak resident memory of this process (Linux), in MB.
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+pub fn run(model: &Phi3ForCausalLM, opts: &BenchOptions) -> Result<BenchReport> {
+    let vocab = model.config.vocab_size as u64;
+    let mut s = 0x1234_5678u64;
+    let prompt: Vec<u32> = (0..opts.prompt_tokens)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) % vocab.min(199_999)) as u32
+        })
+        .collect();
+    let table = model
+        .rope
+        .table_for_len(opts.prompt_tokens + opts.gen_tokens);
+    let mut runs = Vec::new();
+    for _ in 0..opts.runs {
+        let mut cache = model.new_cache();
+        let t0 = Instant::now();
+        let logits = model.forward(&prompt, &mut cache, table, Logits::Last, None)?;
+        let ttft = t0.elapsed().as_secs_f64();
+        let mut tok = argmax(&logits);
+        let t1 = Instant::now();
+        for _ in 0..opts.gen_tokens {
+            let l = model.forward(&[tok], &mut cache, table, Logits::Last, None)?;
+            tok = argmax(&l);
+        }
+        let dt = t1.elapsed().as_secs_f64();
+        runs.push(BenchRun {
+            prefill_tokens_per_s: opts.prompt_tokens as f64 / ttft,
+            decode_tokens_per_s: opts.gen_tokens as f64 / dt,
+            time_to_first_token_ms: ttft * 1e3,
+        });
+    }
+    let bw = memory_bandwidth_gb_s();
+    let bytes = model.weight_bytes();
+    let ceiling = bw * 1e9 / bytes as f64;
+    let decode = median(runs.iter().map(|r| r.decode_tokens_per_s).collect());
+    Ok(BenchReport {
+        threads: rayon::current_num_threads(),
+        prompt_tokens: opts.prompt_tokens,
+        gen_tokens: opts.gen_tokens,
+        prefill_tokens_per_s: median(runs.iter().map(|r| r.prefill_tokens_per_s).collect()),
+        decode_tokens_per_s: decode,
+        time_to_first_token_ms: median(runs.iter().map(|r| r.time_to_first_token_ms).collect()),
+        runs,
+        weight_bytes_per_token: bytes,
+        memory_bandwidth_gb_s: bw,
+        decode_ceiling_tokens_per_s: ceiling,
+        decode_fraction_of_ceiling: decode / ceiling,
+        peak_rss_mb: peak_rss_mb(),
+    })
+}

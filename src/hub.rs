@@ -1,0 +1,154 @@
+//! Finding a model: a local directory, or a Hugging Face repo id looked up in the local hub cache
+//! and downloaded (with a progress bar) when missing.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use hf_hub::api::sync::ApiBuilder;
+use hf_hub::{Cache, Repo};
+
+pub const DEFAULT_MODEL: &str = "microsoft/Phi-4-mini-instruct";
+
+/// Files every checkpoint directory needs, besides its weights.
+const REQUIRED: &[&str] = &["config.json", "tokenizer.json"];
+/// Files used when present.
+const OPTIONAL: &[&str] = &[
+    "generation_config.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+];
+
+fn cache() -> Cache {
+    match std::env::var("HF_HUB_CACHE") {
+        Ok(p) => Cache::new(PathBuf::from(p)),
+        Err(_) => Cache::from_env(),
+    }
+}
+
+fn looks_like_repo_id(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p != &"."
+                && p != &".."
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
+}
+
+/// Resolves `--model` to a directory holding the checkpoint.
+pub fn resolve_model(spec: &str) -> Result<PathBuf> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    if path.exists() {
+        bail!(
+            "--model {spec} is a file; pass the directory that holds config.json and the weights"
+        );
+    }
+    if !looks_like_repo_id(spec) {
+        bail!("--model {spec}: no such directory, and not a Hugging Face repo id (owner/name)");
+    }
+    if let Some(dir) = cached_snapshot(spec) {
+        return Ok(dir);
+    }
+    download(spec)
+}
+
+/// The snapshot directory of `repo` in the local hub cache, if it holds a complete checkpoint.
+fn cached_snapshot(repo: &str) -> Option<PathBuf> {
+    let c = cache().model(repo.to_string());
+    let config = c.get("config.json")?;
+    let dir = config.parent()?.to_path_buf();
+    let complete = REQUIRED.iter().all(|f| dir.join(f).exists())
+        && match c.get("model.safetensors.index.json") {
+            Some(index) => shard_names(&index)
+                .ok()?
+                .iter()
+                .all(|s| dir.join(s).exists()),
+            None => dir.join("model.safetensors").exists(),
+        };
+    complete.then_some(dir)
+}
+
+fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index)?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let mut names: Vec<String> = v["weight_map"]
+        .as_object()
+        .context("index has no weight_map")?
+        .values()
+        .filter_map(|f| f.as_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+fn offline_help(repo: &str, why: &str) -> String {
+    format!(
+        "could not download {repo} from the Hugging Face hub ({why}).\n\
+         If this machine is offline, download the model elsewhere (for example \
+         `huggingface-cli download {repo} --local-dir Phi-4-mini-instruct`), copy the directory \
+         here and pass it with --model /path/to/Phi-4-mini-instruct"
+    )
+}
+
+/// Downloads the checkpoint files of `repo` into the hub cache and returns the snapshot dir.
+fn download(repo: &str) -> Result<PathBuf> {
+    if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true") {
+        bail!(offline_help(
+            repo,
+            "HF_HUB_OFFLINE is set and the model is not in the local cache"
+        ));
+    }
+    let api = ApiBuilder::from_cache(cache())
+        .with_progress(true)
+        .build()
+        .map_err(|e| anyhow::anyhow!(offline_help(repo, &e.to_string())))?;
+    let r = api.repo(Repo::model(repo.to_string()));
+    let fetch = |f: &str| -> Result<PathBuf> {
+        r.get(f)
+            .map_err(|e| anyhow::anyhow!(offline_help(repo, &format!("{f}: {e}"))))
+    };
+    let config = fetch("config.json")?;
+    for f in REQUIRED {
+        fetch(f)?;
+    }
+    for f in OPTIONAL {
+        let _ = r.get(f); // absent optional files are fine
+    }
+    match r.get("model.safetensors.index.json") {
+        Ok(index) => {
+            for shard in shard_names(&index)? {
+                fetch(&shard)?;
+            }
+        }
+        Err(_) => {
+            fetch("model.safetensors")?;
+        }
+    }
+    Ok(config
+        .parent()
+        .context("cache path has no parent")?
+        .to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_ids_and_paths_are_told_apart() {
+        assert!(looks_like_repo_id("microsoft/Phi-4-mini-instruct"));
+        assert!(!looks_like_repo_id("./models/phi"));
+        assert!(!looks_like_repo_id("/abs/path"));
+        assert!(!looks_like_repo_id("a/b/c"));
+        let e = resolve_model("/definitely/not/here")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no such directory"), "{e}");
+    }
+}
