@@ -119,8 +119,11 @@ impl Phi3Config {
     }
 
     pub fn from_json(text: &str) -> Result<Self> {
-        let mut cfg: Phi3Config =
-            serde_json::from_str(text).context("config.json is not a valid Phi-3 config")?;
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let mut cfg: Phi3Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            anyhow::anyhow!("config field `{field}`: {}", e.into_inner())
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -168,7 +171,7 @@ impl Phi3Config {
                 bail!("config field `{name}` must be positive");
             }
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             bail!(
                 "config field `hidden_size` ({}) is not a multiple of `num_attention_heads` ({}): head_dim is not integral",
                 self.hidden_size,
@@ -176,13 +179,13 @@ impl Phi3Config {
             );
         }
         let kv = self.num_kv_heads();
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             bail!(
                 "config field `num_key_value_heads` ({kv}) must divide `num_attention_heads` ({})",
                 self.num_attention_heads
             );
         }
-        if !(self.rms_norm_eps > 0.0) {
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
             bail!("config field `rms_norm_eps` must be positive");
         }
         self.rope = self.resolve_rope()?;
@@ -208,7 +211,7 @@ impl Phi3Config {
         let theta = get_f64("rope_theta")?
             .or(self.rope_theta)
             .unwrap_or(10000.0);
-        if !(theta > 0.0) {
+        if theta.is_nan() || theta <= 0.0 {
             bail!("config field `rope_theta` must be positive");
         }
         let partial = get_f64("partial_rotary_factor")?
@@ -216,7 +219,10 @@ impl Phi3Config {
             .unwrap_or(1.0);
         let head_dim = self.head_dim();
         let rotary = head_dim as f64 * partial;
-        if !(partial > 0.0 && partial <= 1.0) || rotary.fract() != 0.0 || rotary as usize % 2 != 0 {
+        if !(partial > 0.0 && partial <= 1.0)
+            || rotary.fract() != 0.0
+            || !(rotary as usize).is_multiple_of(2)
+        {
             bail!(
                 "config field `partial_rotary_factor` ({partial}) must give an even whole number of rotary dims of head_dim {head_dim}"
             );
@@ -245,7 +251,7 @@ impl Phi3Config {
                             rotary_dim / 2
                         );
                     }
-                    if v.iter().any(|x| !(*x > 0.0)) {
+                    if v.iter().any(|x| x.is_nan() || *x <= 0.0) {
                         bail!("config field `{field}.{key}` must hold positive values");
                     }
                     Ok(v)

@@ -228,7 +228,10 @@ pub fn open_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     Ok(map_safetensors(path)?.1)
 }
 
-fn map_safetensors(path: &Path) -> Result<(Arc<Mmap>, Vec<(String, Tensor)>)> {
+/// A mapped file and the tensors viewing into it.
+type Mapped = (Arc<Mmap>, Vec<(String, Tensor)>);
+
+fn map_safetensors(path: &Path) -> Result<Mapped> {
     let file =
         std::fs::File::open(path).with_context(|| format!("opening weights {}", path.display()))?;
     // SAFETY: the mapping is read-only; a checkpoint modified while we run is outside our contract.
@@ -268,7 +271,7 @@ fn map_safetensors(path: &Path) -> Result<(Arc<Mmap>, Vec<(String, Tensor)>)> {
             shape: info.shape.clone(),
             bytes,
         };
-        if t.raw().as_ptr() as usize % dtype.size() != 0 {
+        if !(t.raw().as_ptr() as usize).is_multiple_of(dtype.size()) {
             // Unaligned in the file: a copy is the only safe way to read it as typed values.
             t = Tensor::from_bytes(dtype, t.shape.clone(), t.raw());
         }

@@ -1,0 +1,250 @@
+//! The `phi4` binary as scripts use it: JSON output names, exit codes and error messages.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use common::{tiny_dir, Reference};
+use serde_json::Value;
+
+fn phi4(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_phi4"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut pipe = child.stdin.take().unwrap();
+        if let Some(b) = stdin {
+            pipe.write_all(b).unwrap();
+        }
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn tiny() -> String {
+    tiny_dir().display().to_string()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn run_json_reproduces_the_reference_chat() {
+    let r = Reference::load();
+    let msgs = &r.meta["chat"]["messages"];
+    let want = r.ids("chat", "generated");
+    let n = want.len().to_string();
+    let o = phi4(
+        &[
+            "run",
+            "--model",
+            &tiny(),
+            "--system",
+            msgs[0]["content"].as_str().unwrap(),
+            "--prompt",
+            msgs[1]["content"].as_str().unwrap(),
+            "--max-tokens",
+            &n,
+            "--json",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let ids = |k: &str| -> Vec<u32> {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    assert_eq!(ids("prompt_ids"), r.ids("chat", "prompt"));
+    assert_eq!(ids("generated_ids"), want);
+    assert_eq!(v["text"], r.meta["chat"]["text"]);
+    assert!(v["finish_reason"].is_string());
+    assert!(v["timings"]["prefill_tokens_per_s"].is_number());
+}
+
+#[test]
+fn run_streams_text_and_raw_skips_the_template() {
+    let o = phi4(
+        &[
+            "run",
+            "--model",
+            &tiny(),
+            "--prompt",
+            "Hello",
+            "--raw",
+            "--max-tokens",
+            "5",
+            "--json",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    // "Hello" alone: no role tags around it.
+    assert!(v["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|x| x.as_u64().unwrap() < 500));
+    let o = phi4(
+        &[
+            "run",
+            "--model",
+            &tiny(),
+            "--prompt",
+            "Hello",
+            "--raw",
+            "--max-tokens",
+            "5",
+        ],
+        None,
+    );
+    assert!(o.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim_end_matches('\n'),
+        v["text"].as_str().unwrap()
+    );
+}
+
+#[test]
+fn tokenize_prints_ids() {
+    let o = phi4(
+        &["tokenize", "--model", &tiny(), "--json"],
+        Some(b"<|user|>Hi<|end|>"),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let user = 504; // tiny tokenizer ids: specials follow the 500 BPE ranks
+    assert_eq!(v["ids"][0], user);
+    assert_eq!(v["ids"].as_array().unwrap().last().unwrap(), 503);
+}
+
+#[test]
+fn bad_input_exits_non_zero_with_a_reason() {
+    let bad_prompt = std::env::temp_dir().join(format!("phi4-bad-{}.txt", std::process::id()));
+    std::fs::write(&bad_prompt, b"\xff\xfe not utf8").unwrap();
+    let long = "word ".repeat(600);
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "run".into(),
+                "--model".into(),
+                "/no/such/dir".into(),
+                "--prompt".into(),
+                "x".into(),
+            ],
+            "no such directory",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--model".into(),
+                tiny(),
+                "--prompt-file".into(),
+                bad_prompt.display().to_string(),
+            ],
+            "not valid UTF-8",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--model".into(),
+                tiny(),
+                "--prompt".into(),
+                "x".into(),
+                "--temperature".into(),
+                "-1".into(),
+            ],
+            "temperature",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--model".into(),
+                tiny(),
+                "--prompt".into(),
+                "x".into(),
+                "--top-p".into(),
+                "1.5".into(),
+            ],
+            "top_p",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--model".into(),
+                tiny(),
+                "--prompt".into(),
+                long,
+                "--raw".into(),
+            ],
+            "context",
+        ),
+        (vec!["run".into(), "--model".into(), tiny()], "--prompt"),
+        (
+            vec!["run".into(), "--prompt".into(), "x".into()],
+            "HF_HUB_OFFLINE",
+        ),
+        (vec!["bench".into()], "--synthetic"),
+    ];
+    for (args, needle) in cases {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = phi4(&a, None);
+        assert!(!o.status.success(), "{a:?} should fail");
+        let e = stderr(&o);
+        assert!(e.contains(needle), "{a:?}: {e}");
+        assert!(!e.contains("panicked"), "{a:?} panicked: {e}");
+    }
+    let o = phi4(&["tokenize", "--model", &tiny()], Some(b"\xc3\x28"));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("UTF-8"));
+}
+
+#[test]
+fn chat_repl_answers_each_turn() {
+    let o = phi4(
+        &["chat", "--model", &tiny(), "--max-tokens", "4"],
+        Some(b"Hello\n/reset\nAgain\n/exit\nnever read\n"),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    // One answer line per user turn.
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 2);
+}
+
+#[test]
+fn bench_runs_on_the_tiny_checkpoint() {
+    let o = phi4(
+        &[
+            "bench",
+            "--model",
+            &tiny(),
+            "--prompt-tokens",
+            "16",
+            "--gen-tokens",
+            "4",
+            "--runs",
+            "1",
+            "--json",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    for k in [
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+        "time_to_first_token_ms",
+        "decode_ceiling_tokens_per_s",
+    ] {
+        assert!(v[k].as_f64().unwrap() > 0.0, "{k}");
+    }
+}
