@@ -14,3 +14,8 @@ pub mod weights;
 
 pub use engine::{Engine, FinishReason, Output, RopePolicy, SamplingParams, StreamEvent};
 pub use text::Message;
+
+/// The README's Rust example runs as a doctest, so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -248,3 +248,45 @@ fn bench_runs_on_the_tiny_checkpoint() {
         assert!(v[k].as_f64().unwrap() > 0.0, "{k}");
     }
 }
+
+#[test]
+fn repo_id_is_found_in_the_local_hub_cache() {
+    // The hub cache layout: models--{org}--{name}/refs/main -> snapshots/{commit}/files.
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("models--acme--tiny-phi4");
+    let snap = repo.join("snapshots/0123456789abcdef");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123456789abcdef").unwrap();
+    for e in std::fs::read_dir(tiny_dir()).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, snap.join(p.file_name().unwrap())).unwrap();
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_phi4"))
+        .args([
+            "run",
+            "--model",
+            "acme/tiny-phi4",
+            "--prompt",
+            "Hi",
+            "--max-tokens",
+            "3",
+            "--json",
+        ])
+        .env("HF_HUB_CACHE", cache.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["generated_ids"].as_array().unwrap().len(), 3);
+    // A repo that is not cached, offline: a clear message, no hang.
+    let o = Command::new(env!("CARGO_BIN_EXE_phi4"))
+        .args(["run", "--model", "acme/other", "--prompt", "Hi"])
+        .env("HF_HUB_CACHE", cache.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--model /path/to"), "{}", stderr(&o));
+}
