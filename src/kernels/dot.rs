@@ -1,55 +1,76 @@
-//! Dot products of one weight row (bf16 / f16 / f32) with f32 activations.
+//! Dot products of one weight row (bf16 / f16 / f32) with one to eight f32 activation rows.
 //!
 //! These are the inner loops of decoding: one pass over every weight per token, so they must run
-//! at memory bandwidth. The AVX2 versions keep four independent accumulators to hide FMA latency
-//! and widen bf16 by a 16-bit shift (bf16 is the top half of an f32).
+//! at memory bandwidth. Taking several activation rows at once (a short prompt, or a batch of
+//! sequences decoding together) reads each weight once for all of them. The AVX2 versions keep
+//! up to eight independent accumulators to hide FMA latency and widen bf16 by a 16-bit shift
+//! (bf16 is the top half of an f32).
 
 use half::{bf16, f16};
 
 use super::{cpu, Isa};
 
-pub fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
-    assert_eq!(w.len(), x.len());
-    match cpu() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: cpu() returned Avx2 only after detecting avx2, fma and f16c.
-        Isa::Avx2 => unsafe { avx2::dot_bf16(w, x) },
-        _ => scalar_dot_bf16(w, x),
+/// Most activation rows one call takes.
+pub const MAX_ROWS: usize = 8;
+
+/// A weight element type the kernels read directly.
+pub trait WeightElem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+
+    /// `out[j] = w · xs[j]` for every j (`xs.len() <= MAX_ROWS`), with the CPU's best kernel.
+    fn dot_rows(w: &[Self], xs: &[&[f32]], out: &mut [f32]);
+
+    /// The scalar reference of [`WeightElem::dot_rows`].
+    fn scalar_dot_rows(w: &[Self], xs: &[&[f32]], out: &mut [f32]) {
+        for (o, x) in out.iter_mut().zip(xs) {
+            *o = w.iter().zip(x.iter()).map(|(a, b)| a.to_f32() * b).sum();
+        }
     }
 }
 
-pub fn dot_f16(w: &[f16], x: &[f32]) -> f32 {
-    assert_eq!(w.len(), x.len());
-    match cpu() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Isa::Avx2 => unsafe { avx2::dot_f16(w, x) },
-        _ => scalar_dot_f16(w, x),
-    }
+fn check(len: usize, xs: &[&[f32]], out: &[f32]) {
+    assert!(xs.len() <= MAX_ROWS && out.len() == xs.len());
+    assert!(
+        xs.iter().all(|x| x.len() == len),
+        "activation width differs from the weight row"
+    );
+}
+
+macro_rules! weight_elem {
+    ($t:ty, $to:expr, $avx:path) => {
+        impl WeightElem for $t {
+            #[inline(always)]
+            fn to_f32(self) -> f32 {
+                $to(self)
+            }
+
+            fn dot_rows(w: &[Self], xs: &[&[f32]], out: &mut [f32]) {
+                check(w.len(), xs, out);
+                match cpu() {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: cpu() returns Avx2 only after detecting avx2, fma and f16c.
+                    Isa::Avx2 => unsafe { $avx(w, xs, out) },
+                    _ => Self::scalar_dot_rows(w, xs, out),
+                }
+            }
+        }
+    };
+}
+
+weight_elem!(bf16, bf16::to_f32, avx2::dot_rows_bf16);
+weight_elem!(f16, f16::to_f32, avx2::dot_rows_f16);
+weight_elem!(f32, |x: f32| x, avx2::dot_rows_f32);
+
+/// `w · x` for one activation row.
+#[inline]
+pub fn dot<T: WeightElem>(w: &[T], x: &[f32]) -> f32 {
+    let mut out = [0f32];
+    T::dot_rows(w, &[x], &mut out);
+    out[0]
 }
 
 pub fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
-    assert_eq!(w.len(), x.len());
-    match cpu() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Isa::Avx2 => unsafe { avx2::dot_f32(w, x) },
-        _ => scalar_dot_f32(w, x),
-    }
-}
-
-/// Reference: sequential f32 accumulation in four lanes (the same association as the SIMD
-/// versions would use per lane is not promised; tests compare with a tolerance).
-pub fn scalar_dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
-    w.iter().zip(x).map(|(a, b)| a.to_f32() * b).sum()
-}
-
-pub fn scalar_dot_f16(w: &[f16], x: &[f32]) -> f32 {
-    w.iter().zip(x).map(|(a, b)| a.to_f32() * b).sum()
-}
-
-pub fn scalar_dot_f32(w: &[f32], x: &[f32]) -> f32 {
-    w.iter().zip(x).map(|(a, b)| a * b).sum()
+    dot(w, x)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -67,133 +88,128 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
+    /// N activation rows, U steps of 8 weights in flight: N·U accumulators (at most 8, leaving
+    /// registers for the weight and activation loads). Inlined into the `target_feature`
+    /// functions below, so every instantiation is compiled with AVX2/FMA enabled.
     #[inline(always)]
-    unsafe fn load_bf16(p: *const bf16) -> __m256 {
-        let h = _mm_loadu_si128(p as *const __m128i);
-        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+    unsafe fn dot_n<T, const N: usize, const U: usize>(
+        w: &[T],
+        xs: &[&[f32]],
+        out: &mut [f32],
+        load: impl Fn(*const T) -> __m256,
+        one: impl Fn(&T) -> f32,
+    ) {
+        let n = w.len();
+        let wp = w.as_ptr();
+        let xp: [*const f32; N] = std::array::from_fn(|j| xs[j].as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); N]; U];
+        let mut i = 0;
+        while i + 8 * U <= n {
+            for (u, a) in acc.iter_mut().enumerate() {
+                let o = i + 8 * u;
+                let wv = load(wp.add(o));
+                for j in 0..N {
+                    a[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp[j].add(o)), a[j]);
+                }
+            }
+            i += 8 * U;
+        }
+        while i + 8 <= n {
+            let wv = load(wp.add(i));
+            for j in 0..N {
+                acc[0][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp[j].add(i)), acc[0][j]);
+            }
+            i += 8;
+        }
+        for j in 0..N {
+            let mut s = acc[0][j];
+            for a in acc.iter().skip(1) {
+                s = _mm256_add_ps(s, a[j]);
+            }
+            let mut sum = hsum(s);
+            for k in i..n {
+                sum += one(&w[k]) * xs[j][k];
+            }
+            out[j] = sum;
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dispatch<T>(
+        w: &[T],
+        xs: &[&[f32]],
+        out: &mut [f32],
+        load: impl Fn(*const T) -> __m256 + Copy,
+        one: impl Fn(&T) -> f32 + Copy,
+    ) {
+        match xs.len() {
+            0 => {}
+            1 => dot_n::<T, 1, 4>(w, xs, out, load, one),
+            2 => dot_n::<T, 2, 4>(w, xs, out, load, one),
+            3 => dot_n::<T, 3, 2>(w, xs, out, load, one),
+            4 => dot_n::<T, 4, 2>(w, xs, out, load, one),
+            5 => dot_n::<T, 5, 1>(w, xs, out, load, one),
+            6 => dot_n::<T, 6, 1>(w, xs, out, load, one),
+            7 => dot_n::<T, 7, 1>(w, xs, out, load, one),
+            _ => dot_n::<T, 8, 1>(w, xs, out, load, one),
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
-        let n = w.len();
-        let (wp, xp) = (w.as_ptr(), x.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 32 <= n {
-            for (j, a) in acc.iter_mut().enumerate() {
-                let o = i + 8 * j;
-                *a = _mm256_fmadd_ps(load_bf16(wp.add(o)), _mm256_loadu_ps(xp.add(o)), *a);
-            }
-            i += 32;
-        }
-        while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(load_bf16(wp.add(i)), _mm256_loadu_ps(xp.add(i)), acc[0]);
-            i += 8;
-        }
-        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let mut sum = hsum(s);
-        while i < n {
-            sum += w[i].to_f32() * x[i];
-            i += 1;
-        }
-        sum
+    pub unsafe fn dot_rows_bf16(w: &[bf16], xs: &[&[f32]], out: &mut [f32]) {
+        let load = |p: *const bf16| {
+            let h = _mm_loadu_si128(p as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+        };
+        dispatch(w, xs, out, load, |v: &bf16| v.to_f32())
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_f16(w: &[f16], x: &[f32]) -> f32 {
-        let n = w.len();
-        let (wp, xp) = (w.as_ptr(), x.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 32 <= n {
-            for (j, a) in acc.iter_mut().enumerate() {
-                let o = i + 8 * j;
-                let wv = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(o) as *const __m128i));
-                *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(o)), *a);
-            }
-            i += 32;
-        }
-        while i + 8 <= n {
-            let wv = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(i) as *const __m128i));
-            acc[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(i)), acc[0]);
-            i += 8;
-        }
-        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let mut sum = hsum(s);
-        while i < n {
-            sum += w[i].to_f32() * x[i];
-            i += 1;
-        }
-        sum
+    pub unsafe fn dot_rows_f16(w: &[f16], xs: &[&[f32]], out: &mut [f32]) {
+        let load = |p: *const f16| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+        dispatch(w, xs, out, load, |v: &f16| v.to_f32())
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
-        let n = w.len();
-        let (wp, xp) = (w.as_ptr(), x.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 32 <= n {
-            for (j, a) in acc.iter_mut().enumerate() {
-                let o = i + 8 * j;
-                *a = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(o)), _mm256_loadu_ps(xp.add(o)), *a);
-            }
-            i += 32;
-        }
-        while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(
-                _mm256_loadu_ps(wp.add(i)),
-                _mm256_loadu_ps(xp.add(i)),
-                acc[0],
-            );
-            i += 8;
-        }
-        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let mut sum = hsum(s);
-        while i < n {
-            sum += w[i] * x[i];
-            i += 1;
-        }
-        sum
+    pub unsafe fn dot_rows_f32(w: &[f32], xs: &[&[f32]], out: &mut [f32]) {
+        dispatch(w, xs, out, |p: *const f32| _mm256_loadu_ps(p), |v: &f32| *v)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::test_data as data;
 
-    fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
+    fn compare<T: WeightElem>(w: &[T], xs: &[&[f32]]) {
+        let mut got = vec![0f32; xs.len()];
+        let mut want = vec![0f32; xs.len()];
+        T::dot_rows(w, xs, &mut got);
+        T::scalar_dot_rows(w, xs, &mut want);
+        let tol = 1e-5 * (w.len() as f32).max(1.0);
+        for (g, r) in got.iter().zip(&want) {
+            assert!(
+                (g - r).abs() <= tol,
+                "n={} rows={}: {g} vs {r}",
+                w.len(),
+                xs.len()
+            );
+        }
     }
 
     #[test]
     fn simd_matches_scalar_reference() {
-        for n in [0, 1, 7, 8, 31, 32, 33, 100, 3072, 8193] {
+        for n in [0, 1, 7, 8, 15, 16, 31, 32, 33, 100, 3072, 8193] {
             let w = data(n, 1);
-            let x = data(n, 2);
             let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
             let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
-            let tol = 1e-5 * (n as f32).max(1.0);
-            assert!(
-                (dot_bf16(&wb, &x) - scalar_dot_bf16(&wb, &x)).abs() <= tol,
-                "bf16 n={n}"
-            );
-            assert!(
-                (dot_f16(&wh, &x) - scalar_dot_f16(&wh, &x)).abs() <= tol,
-                "f16 n={n}"
-            );
-            assert!(
-                (dot_f32(&w, &x) - scalar_dot_f32(&w, &x)).abs() <= tol,
-                "f32 n={n}"
-            );
+            let rows: Vec<Vec<f32>> = (0..MAX_ROWS as u64).map(|s| data(n, 10 + s)).collect();
+            for k in 1..=MAX_ROWS {
+                let xs: Vec<&[f32]> = rows[..k].iter().map(Vec::as_slice).collect();
+                compare(&wb, &xs);
+                compare(&wh, &xs);
+                compare(&w, &xs);
+            }
         }
     }
 }

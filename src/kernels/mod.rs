@@ -41,3 +41,17 @@ pub fn cpu() -> Isa {
         Isa::Scalar
     })
 }
+
+/// Deterministic values in [-0.5, 0.5) for kernel tests.
+#[cfg(test)]
+pub(crate) fn test_data(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect()
+}
