@@ -4,7 +4,8 @@
 //! at memory bandwidth. Taking several activation rows at once (a short prompt, or a batch of
 //! sequences decoding together) reads each weight once for all of them. The AVX2 versions keep
 //! up to eight independent accumulators to hide FMA latency and widen bf16 by a 16-bit shift
-//! (bf16 is the top half of an f32).
+//! (bf16 is the top half of an f32); the NEON versions on aarch64 do the same with 4-lane
+//! vectors.
 
 use half::{bf16, f16};
 
@@ -37,7 +38,7 @@ fn check(len: usize, xs: &[&[f32]], out: &[f32]) {
 }
 
 macro_rules! weight_elem {
-    ($t:ty, $to:expr, $avx:path) => {
+    ($t:ty, $to:expr, $avx:path, $neon:path) => {
         impl WeightElem for $t {
             #[inline(always)]
             fn to_f32(self) -> f32 {
@@ -50,6 +51,9 @@ macro_rules! weight_elem {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: cpu() returns Avx2 only after detecting avx2, fma and f16c.
                     Isa::Avx2 => unsafe { $avx(w, xs, out) },
+                    #[cfg(target_arch = "aarch64")]
+                    // SAFETY: cpu() returns Neon only after detecting it.
+                    Isa::Neon => unsafe { $neon(w, xs, out) },
                     _ => Self::scalar_dot_rows(w, xs, out),
                 }
             }
@@ -57,9 +61,9 @@ macro_rules! weight_elem {
     };
 }
 
-weight_elem!(bf16, bf16::to_f32, avx2::dot_rows_bf16);
-weight_elem!(f16, f16::to_f32, avx2::dot_rows_f16);
-weight_elem!(f32, |x: f32| x, avx2::dot_rows_f32);
+weight_elem!(bf16, bf16::to_f32, avx2::dot_rows_bf16, neon::dot_rows_bf16);
+weight_elem!(f16, f16::to_f32, avx2::dot_rows_f16, neon::dot_rows_f16);
+weight_elem!(f32, |x: f32| x, avx2::dot_rows_f32, neon::dot_rows_f32);
 
 /// `w · x` for one activation row.
 #[inline]
@@ -173,6 +177,113 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_rows_f32(w: &[f32], xs: &[&[f32]], out: &mut [f32]) {
         dispatch(w, xs, out, |p: *const f32| _mm256_loadu_ps(p), |v: &f32| *v)
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use half::slice::HalfFloatSliceExt;
+    use half::{bf16, f16};
+    use std::arch::aarch64::*;
+
+    /// As the AVX2 version, with 8 weights as two 4-lane vectors: N rows × U steps × 2
+    /// accumulators (at most 16 of the 32 vector registers).
+    #[inline(always)]
+    unsafe fn dot_n<T, const N: usize, const U: usize>(
+        w: &[T],
+        xs: &[&[f32]],
+        out: &mut [f32],
+        load: impl Fn(*const T) -> (float32x4_t, float32x4_t),
+        one: impl Fn(&T) -> f32,
+    ) {
+        let n = w.len();
+        let wp = w.as_ptr();
+        let xp: [*const f32; N] = std::array::from_fn(|j| xs[j].as_ptr());
+        let zero = vdupq_n_f32(0.0);
+        let mut acc = [[(zero, zero); N]; U];
+        let mut i = 0;
+        while i + 8 * U <= n {
+            for (u, a) in acc.iter_mut().enumerate() {
+                let o = i + 8 * u;
+                let (w0, w1) = load(wp.add(o));
+                for j in 0..N {
+                    a[j].0 = vfmaq_f32(a[j].0, w0, vld1q_f32(xp[j].add(o)));
+                    a[j].1 = vfmaq_f32(a[j].1, w1, vld1q_f32(xp[j].add(o + 4)));
+                }
+            }
+            i += 8 * U;
+        }
+        while i + 8 <= n {
+            let (w0, w1) = load(wp.add(i));
+            for j in 0..N {
+                acc[0][j].0 = vfmaq_f32(acc[0][j].0, w0, vld1q_f32(xp[j].add(i)));
+                acc[0][j].1 = vfmaq_f32(acc[0][j].1, w1, vld1q_f32(xp[j].add(i + 4)));
+            }
+            i += 8;
+        }
+        for j in 0..N {
+            let mut s = vaddq_f32(acc[0][j].0, acc[0][j].1);
+            for a in acc.iter().skip(1) {
+                s = vaddq_f32(s, vaddq_f32(a[j].0, a[j].1));
+            }
+            let mut sum = vaddvq_f32(s);
+            for k in i..n {
+                sum += one(&w[k]) * xs[j][k];
+            }
+            out[j] = sum;
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dispatch<T>(
+        w: &[T],
+        xs: &[&[f32]],
+        out: &mut [f32],
+        load: impl Fn(*const T) -> (float32x4_t, float32x4_t) + Copy,
+        one: impl Fn(&T) -> f32 + Copy,
+    ) {
+        match xs.len() {
+            0 => {}
+            1 => dot_n::<T, 1, 4>(w, xs, out, load, one),
+            2 => dot_n::<T, 2, 4>(w, xs, out, load, one),
+            3 => dot_n::<T, 3, 2>(w, xs, out, load, one),
+            4 => dot_n::<T, 4, 2>(w, xs, out, load, one),
+            5 => dot_n::<T, 5, 1>(w, xs, out, load, one),
+            6 => dot_n::<T, 6, 1>(w, xs, out, load, one),
+            7 => dot_n::<T, 7, 1>(w, xs, out, load, one),
+            _ => dot_n::<T, 8, 1>(w, xs, out, load, one),
+        }
+    }
+
+    #[target_feature(enable = "neon")]
+    pub unsafe fn dot_rows_bf16(w: &[bf16], xs: &[&[f32]], out: &mut [f32]) {
+        // bf16 is the top half of an f32: widen each u16 lane to u32 shifted left by 16.
+        let load = |p: *const bf16| {
+            let h = vld1q_u16(p as *const u16);
+            (
+                vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(h))),
+                vreinterpretq_f32_u32(vshll_high_n_u16::<16>(h)),
+            )
+        };
+        dispatch(w, xs, out, load, |v: &bf16| v.to_f32())
+    }
+
+    #[target_feature(enable = "neon")]
+    pub unsafe fn dot_rows_f16(w: &[f16], xs: &[&[f32]], out: &mut [f32]) {
+        // Rust's f16 vector intrinsics are not stable yet: `half` widens 8 at a time (with the
+        // fp16 conversion instructions where the CPU has them) and NEON does the arithmetic.
+        let load = |p: *const f16| {
+            let mut buf = [0f32; 8];
+            std::slice::from_raw_parts(p, 8).convert_to_f32_slice(&mut buf);
+            (vld1q_f32(buf.as_ptr()), vld1q_f32(buf.as_ptr().add(4)))
+        };
+        dispatch(w, xs, out, load, |v: &f16| v.to_f32())
+    }
+
+    #[target_feature(enable = "neon")]
+    pub unsafe fn dot_rows_f32(w: &[f32], xs: &[&[f32]], out: &mut [f32]) {
+        let load = |p: *const f32| (vld1q_f32(p), vld1q_f32(p.add(4)));
+        dispatch(w, xs, out, load, |v: &f32| *v)
     }
 }
 

@@ -19,6 +19,8 @@ pub enum Isa {
     Scalar,
     /// AVX2 + FMA + F16C (every x86-64 since Haswell).
     Avx2,
+    /// Advanced SIMD (every aarch64).
+    Neon,
 }
 
 static ISA: OnceLock<Isa> = OnceLock::new();
@@ -36,6 +38,12 @@ pub fn cpu() -> Isa {
                 && is_x86_feature_detected!("f16c")
             {
                 return Isa::Avx2;
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            if std::arch::is_aarch64_feature_detected!("neon") {
+                return Isa::Neon;
             }
         }
         Isa::Scalar
