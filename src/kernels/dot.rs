@@ -77,6 +77,25 @@ pub fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
     dot(w, x)
 }
 
+/// Picks the kernel instantiation for the number of activation rows: N rows, U steps in flight,
+/// keeping N·U accumulators within the register file (shared by the AVX2 and NEON modules).
+#[allow(unused_macros)]
+macro_rules! rows_dispatch {
+    ($dot:ident, $w:expr, $xs:expr, $out:expr, $load:expr, $one:expr) => {
+        match $xs.len() {
+            0 => {}
+            1 => $dot::<T, 1, 4>($w, $xs, $out, $load, $one),
+            2 => $dot::<T, 2, 4>($w, $xs, $out, $load, $one),
+            3 => $dot::<T, 3, 2>($w, $xs, $out, $load, $one),
+            4 => $dot::<T, 4, 2>($w, $xs, $out, $load, $one),
+            5 => $dot::<T, 5, 1>($w, $xs, $out, $load, $one),
+            6 => $dot::<T, 6, 1>($w, $xs, $out, $load, $one),
+            7 => $dot::<T, 7, 1>($w, $xs, $out, $load, $one),
+            _ => $dot::<T, 8, 1>($w, $xs, $out, $load, $one),
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use half::{bf16, f16};
@@ -146,17 +165,7 @@ mod avx2 {
         load: impl Fn(*const T) -> __m256 + Copy,
         one: impl Fn(&T) -> f32 + Copy,
     ) {
-        match xs.len() {
-            0 => {}
-            1 => dot_n::<T, 1, 4>(w, xs, out, load, one),
-            2 => dot_n::<T, 2, 4>(w, xs, out, load, one),
-            3 => dot_n::<T, 3, 2>(w, xs, out, load, one),
-            4 => dot_n::<T, 4, 2>(w, xs, out, load, one),
-            5 => dot_n::<T, 5, 1>(w, xs, out, load, one),
-            6 => dot_n::<T, 6, 1>(w, xs, out, load, one),
-            7 => dot_n::<T, 7, 1>(w, xs, out, load, one),
-            _ => dot_n::<T, 8, 1>(w, xs, out, load, one),
-        }
+        rows_dispatch!(dot_n, w, xs, out, load, one)
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -242,17 +251,7 @@ mod neon {
         load: impl Fn(*const T) -> (float32x4_t, float32x4_t) + Copy,
         one: impl Fn(&T) -> f32 + Copy,
     ) {
-        match xs.len() {
-            0 => {}
-            1 => dot_n::<T, 1, 4>(w, xs, out, load, one),
-            2 => dot_n::<T, 2, 4>(w, xs, out, load, one),
-            3 => dot_n::<T, 3, 2>(w, xs, out, load, one),
-            4 => dot_n::<T, 4, 2>(w, xs, out, load, one),
-            5 => dot_n::<T, 5, 1>(w, xs, out, load, one),
-            6 => dot_n::<T, 6, 1>(w, xs, out, load, one),
-            7 => dot_n::<T, 7, 1>(w, xs, out, load, one),
-            _ => dot_n::<T, 8, 1>(w, xs, out, load, one),
-        }
+        rows_dispatch!(dot_n, w, xs, out, load, one)
     }
 
     #[target_feature(enable = "neon")]
