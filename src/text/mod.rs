@@ -3,6 +3,7 @@
 pub mod chat;
 pub mod pyjson;
 pub mod tokenizer;
+pub mod tool_calls;
 
 pub use chat::{ChatTemplate, Message};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};
