@@ -81,3 +81,22 @@ fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+#[test]
+fn earlier_tool_calls_and_results_render_in_the_documented_format() {
+    let msgs: Vec<Message> = serde_json::from_value(serde_json::json!([
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp\": 21}"},
+    ]))
+    .unwrap();
+    let t = ChatTemplate::new(PHI4_CHAT_TEMPLATE, "<|endoftext|>", "<|endoftext|>").unwrap();
+    assert_eq!(
+        t.render(&msgs, None, true).unwrap(),
+        "<|user|>Weather in Paris?<|end|>\
+         <|assistant|><|tool_call|>[{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}]<|/tool_call|><|end|>\
+         <|tool_response|>{\"temp\": 21}<|end|><|assistant|>"
+    );
+}

@@ -189,6 +189,11 @@ impl ChatTemplate {
                 top_level_tools = Some(tools.to_vec());
             }
         }
+        if self.reads_message_tools() {
+            for m in msgs.iter_mut() {
+                render_tool_turn(m);
+            }
+        }
         let tmpl = self.env.get_template("chat").expect("added in new()");
         let out = tmpl
             .render(context! {
@@ -200,5 +205,47 @@ impl ChatTemplate {
             })
             .context("rendering the chat template failed")?;
         Ok(out)
+    }
+}
+
+/// Earlier tool use, in the one format this engine documents for the official template (which
+/// has no tool-role handling of its own; a `tool` message would render as `<|tool|>`, the
+/// declaration marker):
+/// - an assistant message's OpenAI `tool_calls` are appended to its content as
+///   `<|tool_call|>` + `[{"name": ..., "arguments": {...}}, ...]` (Python `json.dumps` form) +
+///   `<|/tool_call|>`, the shape the model emits;
+/// - a `tool` message becomes `<|tool_response|>{content}<|end|>` (its role renamed, so the
+///   template's `<|role|>` prefix writes the `<|tool_response|>` token), as llama.cpp renders it.
+fn render_tool_turn(m: &mut Message) {
+    if m.role == "tool" {
+        m.role = "tool_response".into();
+        m.extra.remove("tool_call_id");
+        m.extra.remove("name");
+        return;
+    }
+    if m.role != "assistant" {
+        return;
+    }
+    let Some(Value::Array(calls)) = m.extra.remove("tool_calls") else {
+        return;
+    };
+    let calls: Vec<Value> = calls
+        .iter()
+        .map(|c| {
+            let f = c.get("function").unwrap_or(c);
+            let args = match f.get("arguments") {
+                Some(Value::String(s)) => {
+                    serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.clone()))
+                }
+                Some(v) => v.clone(),
+                None => Value::Object(Map::new()),
+            };
+            serde_json::json!({"name": f.get("name").cloned().unwrap_or(Value::Null), "arguments": args})
+        })
+        .collect();
+    if !calls.is_empty() {
+        m.content.push_str("<|tool_call|>");
+        m.content.push_str(&pyjson::dumps(&calls));
+        m.content.push_str("<|/tool_call|>");
     }
 }
