@@ -7,6 +7,8 @@ use anyhow::{bail, Context, Result};
 use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Cache, Repo};
 
+use crate::weights::shard_files;
+
 pub const DEFAULT_MODEL: &str = "microsoft/Phi-4-mini-instruct";
 
 /// Files every checkpoint directory needs, besides its weights.
@@ -64,27 +66,13 @@ fn cached_snapshot(repo: &str) -> Option<PathBuf> {
     let dir = config.parent()?.to_path_buf();
     let complete = REQUIRED.iter().all(|f| dir.join(f).exists())
         && match c.get("model.safetensors.index.json") {
-            Some(index) => shard_names(&index)
+            Some(index) => shard_files(&index)
                 .ok()?
                 .iter()
                 .all(|s| dir.join(s).exists()),
             None => dir.join("model.safetensors").exists(),
         };
     complete.then_some(dir)
-}
-
-fn shard_names(index: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(index)?;
-    let v: serde_json::Value = serde_json::from_str(&text)?;
-    let mut names: Vec<String> = v["weight_map"]
-        .as_object()
-        .context("index has no weight_map")?
-        .values()
-        .filter_map(|f| f.as_str().map(str::to_owned))
-        .collect();
-    names.sort();
-    names.dedup();
-    Ok(names)
 }
 
 fn offline_help(repo: &str, why: &str) -> String {
@@ -113,16 +101,16 @@ fn download(repo: &str) -> Result<PathBuf> {
         r.get(f)
             .map_err(|e| anyhow::anyhow!(offline_help(repo, &format!("{f}: {e}"))))
     };
-    let config = fetch("config.json")?;
+    let mut dir = None;
     for f in REQUIRED {
-        fetch(f)?;
+        dir = fetch(f)?.parent().map(Path::to_path_buf);
     }
     for f in OPTIONAL {
         let _ = r.get(f); // absent optional files are fine
     }
     match r.get("model.safetensors.index.json") {
         Ok(index) => {
-            for shard in shard_names(&index)? {
+            for shard in shard_files(&index)? {
                 fetch(&shard)?;
             }
         }
@@ -130,10 +118,7 @@ fn download(repo: &str) -> Result<PathBuf> {
             fetch("model.safetensors")?;
         }
     }
-    Ok(config
-        .parent()
-        .context("cache path has no parent")?
-        .to_path_buf())
+    dir.context("cache path has no parent")
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use memmap2::Mmap;
 
@@ -91,10 +92,6 @@ impl Tensor {
         Tensor::from_bytes(DType::F32, shape, bytemuck::cast_slice(data))
     }
 
-    pub fn from_bf16(shape: Vec<usize>, data: &[bf16]) -> Tensor {
-        Tensor::from_bytes(DType::BF16, shape, bytemuck::cast_slice(data))
-    }
-
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -120,10 +117,18 @@ impl Tensor {
 
     /// The values as f32 (copies; for vectors and tests, never for the big matrices).
     pub fn to_f32_vec(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.numel()];
+        self.read_f32(0, &mut out);
+        out
+    }
+
+    /// Elements `start..start + out.len()` (flat index) widened to f32.
+    pub fn read_f32(&self, start: usize, out: &mut [f32]) {
+        let span = start..start + out.len();
         match self.dtype {
-            DType::F32 => self.as_f32().to_vec(),
-            DType::BF16 => self.as_bf16().iter().map(|x| x.to_f32()).collect(),
-            DType::F16 => self.as_f16().iter().map(|x| x.to_f32()).collect(),
+            DType::F32 => out.copy_from_slice(&self.as_f32()[span]),
+            DType::BF16 => self.as_bf16()[span].convert_to_f32_slice(out),
+            DType::F16 => self.as_f16()[span].convert_to_f32_slice(out),
         }
     }
 }
@@ -141,24 +146,10 @@ impl Checkpoint {
     pub fn open_dir(dir: &Path) -> Result<Checkpoint> {
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
-            let text = std::fs::read_to_string(&index)
-                .with_context(|| format!("reading {}", index.display()))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not valid JSON", index.display()))?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .with_context(|| format!("{} has no `weight_map` object", index.display()))?;
-            let mut names: Vec<String> = map
-                .values()
-                .map(|f| f.as_str().map(str::to_owned))
-                .collect::<Option<_>>()
-                .with_context(|| {
-                    format!("{}: weight_map values must be file names", index.display())
-                })?;
-            names.sort();
-            names.dedup();
-            names.into_iter().map(|n| dir.join(n)).collect()
+            shard_files(&index)?
+                .into_iter()
+                .map(|n| dir.join(n))
+                .collect()
         } else if dir.join("model.safetensors").exists() {
             vec![dir.join("model.safetensors")]
         } else {
@@ -221,6 +212,26 @@ impl Checkpoint {
             }
         }
     }
+}
+
+/// The shard file names an index (`model.safetensors.index.json`) lists, sorted, each once.
+pub fn shard_files(index: &Path) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(index).with_context(|| format!("reading {}", index.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", index.display()))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .with_context(|| format!("{} has no `weight_map` object", index.display()))?;
+    let mut names: Vec<String> = map
+        .values()
+        .map(|f| f.as_str().map(str::to_owned))
+        .collect::<Option<_>>()
+        .with_context(|| format!("{}: weight_map values must be file names", index.display()))?;
+    names.sort();
+    names.dedup();
+    Ok(names)
 }
 
 /// Maps one safetensors file and returns views of its tensors.

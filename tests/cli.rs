@@ -9,9 +9,15 @@ use common::{tiny_dir, Reference};
 use serde_json::Value;
 
 fn phi4(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    phi4_env(args, stdin, &[])
+}
+
+/// Runs the binary offline with extra environment variables.
+fn phi4_env(args: &[&str], stdin: Option<&[u8]>, env: &[(&str, &std::path::Path)]) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_phi4"))
         .args(args)
         .env("HF_HUB_OFFLINE", "1")
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -262,8 +268,8 @@ fn repo_id_is_found_in_the_local_hub_cache() {
         let p = e.unwrap().path();
         std::fs::copy(&p, snap.join(p.file_name().unwrap())).unwrap();
     }
-    let o = Command::new(env!("CARGO_BIN_EXE_phi4"))
-        .args([
+    let o = phi4_env(
+        &[
             "run",
             "--model",
             "acme/tiny-phi4",
@@ -272,21 +278,19 @@ fn repo_id_is_found_in_the_local_hub_cache() {
             "--max-tokens",
             "3",
             "--json",
-        ])
-        .env("HF_HUB_CACHE", cache.path())
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap();
+        ],
+        None,
+        &[("HF_HUB_CACHE", cache.path())],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["generated_ids"].as_array().unwrap().len(), 3);
     // A repo that is not cached, offline: a clear message, no hang.
-    let o = Command::new(env!("CARGO_BIN_EXE_phi4"))
-        .args(["run", "--model", "acme/other", "--prompt", "Hi"])
-        .env("HF_HUB_CACHE", cache.path())
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap();
+    let o = phi4_env(
+        &["run", "--model", "acme/other", "--prompt", "Hi"],
+        None,
+        &[("HF_HUB_CACHE", cache.path())],
+    );
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--model /path/to"), "{}", stderr(&o));
 }

@@ -281,7 +281,6 @@ impl Engine {
         let mut text = String::new();
         let mut emitted = 0;
         let mut generated = Vec::new();
-        let max_stop = params.stop.iter().map(String::len).max().unwrap_or(0);
         let finish = loop {
             let tok = sampler.sample(&mut logits);
             sampler.accept(tok);
@@ -290,7 +289,7 @@ impl Engine {
             let mut stopped = is_eos;
             if !is_eos {
                 text.push_str(&decoder.push(&self.tokenizer, tok)?);
-                if max_stop > 0 {
+                if !params.stop.is_empty() {
                     // Text before `emitted` cannot hold the start of a stop string: any such
                     // start would have been held back.
                     if let Some(cut) = find_stop(&text, emitted, &params.stop) {

@@ -215,20 +215,7 @@ impl Phi3ForCausalLM {
                     self.config.vocab_size
                 );
             }
-            let span = t * h..(t + 1) * h;
-            match e.dtype {
-                crate::weights::DType::F32 => row.copy_from_slice(&e.as_f32()[span]),
-                crate::weights::DType::BF16 => {
-                    for (o, v) in row.iter_mut().zip(&e.as_bf16()[span]) {
-                        *o = v.to_f32();
-                    }
-                }
-                crate::weights::DType::F16 => {
-                    for (o, v) in row.iter_mut().zip(&e.as_f16()[span]) {
-                        *o = v.to_f32();
-                    }
-                }
-            }
+            e.read_f32(t * h, row);
         }
         Ok(())
     }
