@@ -2,9 +2,13 @@
 //! caches, the LongRoPE policy, stopping rules and the public Rust API, shaped like vLLM's
 //! offline API (`generate`, `chat`, and streaming forms taking a callback).
 
+pub mod batcher;
+pub mod constraint;
+pub mod generation;
 pub mod sampling;
 
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -12,9 +16,12 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::config::{GenerationConfig, Phi3Config};
-use crate::model::{KvCache, Logits, Phi3ForCausalLM, RopeTable};
-use crate::text::{ChatTemplate, IncrementalDecoder, Message, Tokenizer};
+use crate::model::{BatchItem, KvCache, Logits, Phi3ForCausalLM, RopeTable};
+use crate::text::{ChatTemplate, Message, Tokenizer};
 use crate::weights::Checkpoint;
+pub use batcher::{Batcher, BatcherConfig, Event, SubmitError};
+pub use constraint::{ConstraintFactory, Grammar};
+pub use generation::{Generation, Request, Step, TokenLogprob, TopLogprob};
 pub use sampling::{Sampler, SamplingParams};
 
 /// Which LongRoPE table a sequence uses.
@@ -76,6 +83,8 @@ pub struct Engine {
     pub rope_policy: RopePolicy,
     /// Longest sequence (prompt + output) accepted; defaults to the model's context.
     pub max_model_len: usize,
+    /// Built on first use: indexing a 200K vocabulary for grammars takes a moment.
+    constraints: OnceLock<std::result::Result<ConstraintFactory, String>>,
 }
 
 /// One sequence being generated: its tokens and its cache.
@@ -156,6 +165,7 @@ impl Engine {
             stop_ids,
             rope_policy: RopePolicy::Dynamic,
             max_model_len,
+            constraints: OnceLock::new(),
         }
     }
 
@@ -193,6 +203,21 @@ impl Engine {
         self.generate_ids(&ids, params, on_event)
     }
 
+    /// The grammar engine for this vocabulary.
+    pub fn constraint_factory(&self) -> Result<&ConstraintFactory> {
+        self.constraints
+            .get_or_init(|| {
+                ConstraintFactory::new(
+                    &self.tokenizer,
+                    self.model.config.vocab_size,
+                    &self.stop_ids,
+                )
+                .map_err(|e| format!("{e:#}"))
+            })
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("constrained decoding is unavailable: {e}"))
+    }
+
     /// The table a sequence of `len` tokens uses under the current policy.
     fn table_for(&self, len: usize) -> RopeTable {
         match self.rope_policy {
@@ -212,34 +237,43 @@ impl Engine {
             tokens: prompt.to_vec(),
             cache: self.model.new_cache(),
         };
-        let logits = self.step(&mut seq, prompt.len())?;
+        let table = self.table_for(prompt.len());
+        let logits = self
+            .model
+            .forward(prompt, &mut seq.cache, table, Logits::Last, None)?;
         Ok((seq, logits))
     }
 
     /// Appends one token and returns the logits that follow it. Applies the LongRoPE policy.
     pub fn extend(&self, seq: &mut Sequence, tok: u32) -> Result<Vec<f32>> {
         seq.tokens.push(tok);
-        self.step(seq, 1)
+        let mut out = self.forward_pending(&mut [seq])?;
+        Ok(out.pop().expect("one sequence in, one out"))
     }
 
-    /// Feeds `new` (already appended to `seq.tokens`) and returns the last position's logits.
-    fn step(&self, seq: &mut Sequence, new: usize) -> Result<Vec<f32>> {
-        let table = self.table_for(seq.tokens.len());
-        if seq.cache.table.is_some_and(|t| t != table) {
-            // The LongRoPE switch: keys rotated with the short table cannot be reused.
-            seq.cache.clear();
-            return self
-                .model
-                .forward(&seq.tokens, &mut seq.cache, table, Logits::Last, None);
+    /// Runs the last token of each sequence (already appended to its `tokens`) through one
+    /// batched forward pass and returns the logits that follow, one vector per sequence. A
+    /// sequence that just crossed the LongRoPE threshold has its cache dropped and joins the
+    /// pass with all its tokens (the same re-prefill transformers does).
+    pub fn forward_pending(&self, seqs: &mut [&mut Sequence]) -> Result<Vec<Vec<f32>>> {
+        let mut items: Vec<BatchItem> = Vec::with_capacity(seqs.len());
+        for seq in seqs.iter_mut() {
+            let table = self.table_for(seq.tokens.len());
+            let Sequence { tokens, cache } = &mut **seq;
+            let new = if cache.table.is_some_and(|t| t != table) {
+                // Keys rotated with the short table cannot be reused.
+                cache.clear();
+                &tokens[..]
+            } else {
+                &tokens[tokens.len() - 1..]
+            };
+            items.push(BatchItem {
+                tokens: new,
+                cache,
+                table,
+            });
         }
-        let start = seq.tokens.len() - new;
-        self.model.forward(
-            &seq.tokens[start..],
-            &mut seq.cache,
-            table,
-            Logits::Last,
-            None,
-        )
+        self.model.forward_batch(&mut items)
     }
 
     /// Generates from prompt ids.
@@ -249,26 +283,12 @@ impl Engine {
         params: &SamplingParams,
         on_event: &mut dyn FnMut(&StreamEvent) -> bool,
     ) -> Result<Output> {
-        params.validate()?;
-        if prompt.is_empty() {
-            bail!("the prompt is empty");
-        }
-        if prompt.len() >= self.max_model_len {
-            bail!(
-                "the prompt has {} tokens; the context holds {} (prompt plus at least one generated token)",
-                prompt.len(),
-                self.max_model_len
-            );
-        }
-        if let Some(&bad) = prompt
-            .iter()
-            .find(|&&t| t as usize >= self.model.config.vocab_size)
-        {
-            bail!("prompt token id {bad} is outside the model's vocabulary");
-        }
         let t0 = Instant::now();
-        let mut sampler = Sampler::new(params, prompt);
-        let (mut seq, mut logits) = self.start(prompt)?;
+        let (mut g, mut logits) = self.begin(Request {
+            prompt: prompt.to_vec(),
+            params: params.clone(),
+            ..Default::default()
+        })?;
         let prefill = t0.elapsed();
         let mut timings = Timings {
             prefill_ms: prefill.as_secs_f64() * 1e3,
@@ -277,111 +297,38 @@ impl Engine {
             ..Default::default()
         };
         let t1 = Instant::now();
-        let mut decoder = IncrementalDecoder::new(true);
-        let mut text = String::new();
-        let mut emitted = 0;
-        let mut generated = Vec::new();
-        let finish = loop {
-            let tok = sampler.sample(&mut logits);
-            sampler.accept(tok);
-            generated.push(tok);
-            let is_eos = !params.ignore_eos && self.stop_ids.contains(&tok);
-            let mut stopped = is_eos;
-            if !is_eos {
-                text.push_str(&decoder.push(&self.tokenizer, tok)?);
-                if !params.stop.is_empty() {
-                    // Text before `emitted` cannot hold the start of a stop string: any such
-                    // start would have been held back.
-                    if let Some(cut) = find_stop(&text, emitted, &params.stop) {
-                        text.truncate(cut);
-                        stopped = true;
-                    }
-                }
-            }
-            // Hold back a tail that may still become a stop string.
-            let safe = if stopped {
-                text.len()
-            } else {
-                text.len() - held_back(&text, &params.stop)
-            };
-            let piece = &text[emitted..safe];
+        loop {
+            let step = self.sample_next(&mut g, &mut logits)?;
             let keep_going = on_event(&StreamEvent {
-                token: tok,
-                text: piece,
+                token: step.token,
+                text: &step.text,
             });
-            emitted = safe;
-            if stopped {
-                break FinishReason::Stop;
+            if step.finish.is_some() {
+                break;
             }
             if !keep_going {
-                break FinishReason::Cancelled;
+                let rest = g.cancel(&self.tokenizer)?;
+                if !rest.is_empty() {
+                    on_event(&StreamEvent {
+                        token: step.token,
+                        text: &rest,
+                    });
+                }
+                break;
             }
-            if generated.len() >= params.max_tokens || seq.tokens.len() + 1 >= self.max_model_len {
-                break FinishReason::Length;
-            }
-            logits = self.extend(&mut seq, tok)?;
-        };
-        if finish != FinishReason::Stop {
-            let rest = decoder.flush(&self.tokenizer)?;
-            text.push_str(&rest);
-            if emitted < text.len() {
-                on_event(&StreamEvent {
-                    token: *generated.last().unwrap(),
-                    text: &text[emitted..],
-                });
-            }
+            logits = self.extend_generation(&mut g)?;
         }
         let decode = t1.elapsed();
         timings.decode_ms = decode.as_secs_f64() * 1e3;
-        if generated.len() > 1 {
-            timings.decode_tokens_per_s = (generated.len() - 1) as f64 / decode.as_secs_f64();
+        if g.generated.len() > 1 {
+            timings.decode_tokens_per_s = (g.generated.len() - 1) as f64 / decode.as_secs_f64();
         }
         Ok(Output {
             prompt_ids: prompt.to_vec(),
-            generated_ids: generated,
-            text,
-            finish_reason: finish,
+            finish_reason: g.finish.unwrap_or(FinishReason::Cancelled),
+            text: g.text,
+            generated_ids: g.generated,
             timings,
         })
-    }
-}
-
-/// Byte offset of the earliest stop string starting at or after `from`.
-fn find_stop(text: &str, from: usize, stops: &[String]) -> Option<usize> {
-    stops
-        .iter()
-        .filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i))
-        .min()
-}
-
-/// Length of the longest tail of `text` that is a proper prefix of some stop string.
-fn held_back(text: &str, stops: &[String]) -> usize {
-    let mut best = 0;
-    for s in stops {
-        for k in (1..s.len()).rev() {
-            if k <= best {
-                break;
-            }
-            if s.is_char_boundary(k) && text.ends_with(&s[..k]) {
-                best = k;
-                break;
-            }
-        }
-    }
-    best
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stop_string_helpers() {
-        let stops = vec!["END".to_string(), "\n\n".to_string()];
-        assert_eq!(find_stop("abc END x", 0, &stops), Some(4));
-        assert_eq!(find_stop("a\n\nEND", 0, &stops), Some(1));
-        assert_eq!(held_back("hello EN", &stops), 2);
-        assert_eq!(held_back("hello\n", &stops), 1);
-        assert_eq!(held_back("hello", &stops), 0);
     }
 }

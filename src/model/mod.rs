@@ -6,5 +6,5 @@ pub mod rope;
 pub mod synthetic;
 
 pub use linear::Linear;
-pub use phi3::{KvCache, Logits, Phi3ForCausalLM};
+pub use phi3::{BatchItem, KvCache, Logits, Phi3ForCausalLM};
 pub use rope::{Rope, RopeTable};

@@ -234,52 +234,113 @@ impl Phi3ForCausalLM {
         want: Logits,
         mut hidden: Option<&mut Vec<Vec<f32>>>,
     ) -> Result<Vec<f32>> {
-        let cfg = &self.config;
+        let h = self.config.hidden_size;
         let n = tokens.len();
-        if n == 0 {
-            bail!("forward pass needs at least one token");
-        }
-        if let Some(t) = cache.table {
-            if t != table {
-                bail!("KV cache was built with the {t:?} rotary table; clear it before using {table:?}");
-            }
-        }
-        let total = cache.len + n;
-        if total > cfg.max_position_embeddings {
-            bail!(
-                "sequence of {total} tokens exceeds the model's context of {} tokens",
-                cfg.max_position_embeddings
-            );
-        }
-        let h = cfg.hidden_size;
-        let mut x = vec![0f32; n * h];
-        self.embed(tokens, &mut x)?;
-        let mut scratch = Scratch::new(cfg, n);
-        for (l, layer) in self.model.layers.iter().enumerate() {
-            if let Some(hs) = hidden.as_deref_mut() {
-                hs.push(x.clone());
-            }
-            self.layer_forward(l, layer, &mut x, cache, table, &mut scratch);
-        }
-        cache.len = total;
-        cache.table = Some(table);
-        let eps = cfg.rms_norm_eps as f32;
+        let mut items = [BatchItem {
+            tokens,
+            cache,
+            table,
+        }];
+        let x = self.run(&mut items, hidden.as_deref_mut())?;
         let rows: &[f32] = match want {
             Logits::Last => &x[(n - 1) * h..],
             Logits::All => &x,
         };
-        let mut normed = vec![0f32; rows.len()];
-        for (o, r) in normed.chunks_mut(h).zip(rows.chunks(h)) {
-            rms_norm(r, &self.model.norm, eps, o);
-        }
+        let normed = self.final_norm(rows.chunks(h));
         if let Some(hs) = hidden {
             if want == Logits::All {
                 hs.push(normed.clone());
             }
         }
-        let mut logits = vec![0f32; (normed.len() / h) * cfg.vocab_size];
+        let mut logits = vec![0f32; (normed.len() / h) * self.config.vocab_size];
         self.lm_head.forward(&normed, &mut logits);
         Ok(logits)
+    }
+
+    /// Runs several sequences through the decoder in one pass and returns the logits of each
+    /// one's last token. Every weight matrix is read once for all rows together (what makes
+    /// batched decode cheaper than one pass per sequence); attention stays per sequence.
+    ///
+    /// A row's result can differ from the solo pass in the last bits (the dot kernels order
+    /// their sums by how many rows they take at once), never by more than rounding.
+    pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>> {
+        let h = self.config.hidden_size;
+        let x = self.run(items, None)?;
+        let mut last = Vec::with_capacity(items.len());
+        let mut end = 0;
+        for it in items.iter() {
+            end += it.tokens.len();
+            last.push(&x[(end - 1) * h..end * h]);
+        }
+        let normed = self.final_norm(last.into_iter());
+        let v = self.config.vocab_size;
+        let mut logits = vec![0f32; items.len() * v];
+        self.lm_head.forward(&normed, &mut logits);
+        Ok(logits.chunks(v).map(<[f32]>::to_vec).collect())
+    }
+
+    fn final_norm<'a>(&self, rows: impl Iterator<Item = &'a [f32]>) -> Vec<f32> {
+        let eps = self.config.rms_norm_eps as f32;
+        let mut out = Vec::new();
+        for r in rows {
+            let at = out.len();
+            out.resize(at + r.len(), 0.0);
+            rms_norm(r, &self.model.norm, eps, &mut out[at..]);
+        }
+        out
+    }
+
+    /// The decoder layers over the rows of every item; returns the last layer's output rows
+    /// (before the final norm) and advances each cache.
+    fn run(
+        &self,
+        items: &mut [BatchItem<'_>],
+        mut hidden: Option<&mut Vec<Vec<f32>>>,
+    ) -> Result<Vec<f32>> {
+        let cfg = &self.config;
+        if items.is_empty() {
+            bail!("forward pass needs at least one sequence");
+        }
+        for it in items.iter() {
+            if it.tokens.is_empty() {
+                bail!("forward pass needs at least one token");
+            }
+            if let Some(t) = it.cache.table {
+                if t != it.table {
+                    bail!(
+                        "KV cache was built with the {t:?} rotary table; clear it before using {:?}",
+                        it.table
+                    );
+                }
+            }
+            let total = it.cache.len + it.tokens.len();
+            if total > cfg.max_position_embeddings {
+                bail!(
+                    "sequence of {total} tokens exceeds the model's context of {} tokens",
+                    cfg.max_position_embeddings
+                );
+            }
+        }
+        let h = cfg.hidden_size;
+        let n: usize = items.iter().map(|it| it.tokens.len()).sum();
+        let mut x = vec![0f32; n * h];
+        let mut at = 0;
+        for it in items.iter() {
+            self.embed(it.tokens, &mut x[at * h..(at + it.tokens.len()) * h])?;
+            at += it.tokens.len();
+        }
+        let mut scratch = Scratch::new(cfg, n);
+        for (l, layer) in self.model.layers.iter().enumerate() {
+            if let Some(hs) = hidden.as_deref_mut() {
+                hs.push(x.clone());
+            }
+            self.layer_forward(l, layer, &mut x, items, &mut scratch);
+        }
+        for it in items.iter_mut() {
+            it.cache.len += it.tokens.len();
+            it.cache.table = Some(it.table);
+        }
+        Ok(x)
     }
 
     fn layer_forward(
@@ -287,19 +348,17 @@ impl Phi3ForCausalLM {
         l: usize,
         layer: &DecoderLayer,
         x: &mut [f32],
-        cache: &mut KvCache,
-        table: RopeTable,
+        items: &mut [BatchItem<'_>],
         s: &mut Scratch,
     ) {
         let cfg = &self.config;
         let h = cfg.hidden_size;
-        let n = x.len() / h;
         let eps = cfg.rms_norm_eps as f32;
         for (o, r) in s.normed.chunks_mut(h).zip(x.chunks(h)) {
             rms_norm(r, &layer.input_layernorm, eps, o);
         }
         layer.self_attn.qkv_proj.forward(&s.normed, &mut s.qkv);
-        self.attention(l, cache, table, s, n);
+        self.attention(l, items, s);
         layer.self_attn.o_proj.forward(&s.attn, &mut s.proj);
         for (a, b) in x.iter_mut().zip(&s.proj) {
             *a += b;
@@ -320,34 +379,34 @@ impl Phi3ForCausalLM {
         }
     }
 
-    /// Rotates q and k of the new tokens, appends k and v to the cache, and writes the causal
-    /// attention output of every new token to `s.attn`.
-    fn attention(
-        &self,
-        l: usize,
-        cache: &mut KvCache,
-        table: RopeTable,
-        s: &mut Scratch,
-        n: usize,
-    ) {
+    /// Rotates q and k of the new tokens, appends k and v to each item's cache, and writes the
+    /// causal attention output of every new token to `s.attn`.
+    fn attention(&self, l: usize, items: &mut [BatchItem<'_>], s: &mut Scratch) {
         let cfg = &self.config;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
         let group = nh / nkv;
         let qkv_dim = cfg.qkv_dim();
         let half = self.rope.half_dim();
-        let start = cache.len;
         let mut cos = vec![0f32; half];
         let mut sin = vec![0f32; half];
-        for t in 0..n {
-            self.rope.cos_sin(table, start + t, &mut cos, &mut sin);
-            let row = &mut s.qkv[t * qkv_dim..(t + 1) * qkv_dim];
-            for head in row[..(nh + nkv) * hd].chunks_mut(hd) {
-                rope_neox(head, &cos, &sin);
+        // (item, position) of every row.
+        let mut rows = Vec::with_capacity(s.qkv.len() / qkv_dim);
+        let mut r = 0;
+        for (i, it) in items.iter_mut().enumerate() {
+            let start = it.cache.len;
+            for t in 0..it.tokens.len() {
+                self.rope.cos_sin(it.table, start + t, &mut cos, &mut sin);
+                let row = &mut s.qkv[r * qkv_dim..(r + 1) * qkv_dim];
+                for head in row[..(nh + nkv) * hd].chunks_mut(hd) {
+                    rope_neox(head, &cos, &sin);
+                }
+                it.cache.k[l].extend_from_slice(&row[nh * hd..(nh + nkv) * hd]);
+                it.cache.v[l].extend_from_slice(&row[(nh + nkv) * hd..]);
+                rows.push((i, start + t));
+                r += 1;
             }
-            cache.k[l].extend_from_slice(&row[nh * hd..(nh + nkv) * hd]);
-            cache.v[l].extend_from_slice(&row[(nh + nkv) * hd..]);
         }
-        let (kc, vc) = (&cache.k[l], &cache.v[l]);
+        let caches: Vec<&KvCache> = items.iter().map(|it| &*it.cache).collect();
         let scale = 1.0 / (hd as f32).sqrt();
         let qkv = &s.qkv;
         let kv_w = nkv * hd;
@@ -356,9 +415,11 @@ impl Phi3ForCausalLM {
             .enumerate()
             .for_each(|(idx, out)| {
                 let (t, head) = (idx / nh, idx % nh);
+                let (item, pos) = rows[t];
+                let (kc, vc) = (&caches[item].k[l], &caches[item].v[l]);
                 let kvh = head / group;
                 let q = &qkv[t * qkv_dim + head * hd..t * qkv_dim + (head + 1) * hd];
-                let upto = start + t + 1;
+                let upto = pos + 1;
                 let mut scores: Vec<f32> = (0..upto)
                     .map(|p| {
                         dot_f32(q, &kc[p * kv_w + kvh * hd..p * kv_w + (kvh + 1) * hd]) * scale
@@ -374,6 +435,14 @@ impl Phi3ForCausalLM {
                 }
             });
     }
+}
+
+/// One sequence's share of a batched forward pass: its new tokens, its cache and the rotary
+/// table that cache uses.
+pub struct BatchItem<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    pub table: RopeTable,
 }
 
 /// Activation buffers of one forward pass, sized once for its token count.

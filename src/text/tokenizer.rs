@@ -8,6 +8,8 @@ use anyhow::{anyhow, Context, Result};
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The bytes each id stands for; special tokens carry a leading 0xFF (toktrie's marker).
+    token_bytes: Vec<Vec<u8>>,
 }
 
 impl Tokenizer {
@@ -20,7 +22,10 @@ impl Tokenizer {
     pub fn from_bytes(bytes: &[u8]) -> Result<Tokenizer> {
         let inner = tokenizers::Tokenizer::from_bytes(bytes)
             .map_err(|e| anyhow!("not a valid tokenizer.json: {e}"))?;
-        Ok(Tokenizer { inner })
+        let json: serde_json::Value = serde_json::from_slice(bytes)?;
+        let token_bytes = llguidance::token_bytes_from_tokenizer_json(&json)
+            .map_err(|e| anyhow!("reading token bytes from tokenizer.json: {e}"))?;
+        Ok(Tokenizer { inner, token_bytes })
     }
 
     /// Token ids of `text`. Phi-4 adds no BOS: prompts start at `<|system|>` or `<|user|>`.
@@ -42,6 +47,20 @@ impl Tokenizer {
 
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
+    }
+
+    /// Bytes of every token id (index = id), special tokens prefixed with 0xFF.
+    pub fn token_bytes(&self) -> &[Vec<u8>] {
+        &self.token_bytes
+    }
+
+    /// The bytes `id` stands for, without the special marker (empty if unknown).
+    pub fn bytes_of(&self, id: u32) -> &[u8] {
+        match self.token_bytes.get(id as usize).map(Vec::as_slice) {
+            Some([0xFF, rest @ ..]) => rest,
+            Some(b) => b,
+            None => &[],
+        }
     }
 
     pub fn vocab_size(&self) -> usize {
