@@ -133,3 +133,139 @@ pub fn run(model: &Phi3ForCausalLM, opts: &BenchOptions) -> Result<BenchReport> 
         peak_rss_mb: peak_rss_mb(),
     })
 }
+
+/// Aggregate decode speed with `concurrency` requests decoding together.
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchBench {
+    pub concurrency: usize,
+    /// Tokens per second summed over all requests while every one of them was decoding.
+    pub aggregate_decode_tokens_per_s: f64,
+    /// Each request's own decode speed over the same window.
+    pub per_request_decode_tokens_per_s: f64,
+    /// Wall time of the whole level, prefills included.
+    pub wall_s: f64,
+}
+
+/// A tokenizer with no vocabulary to speak of: enough for engines over synthetic weights, whose
+/// outputs are never read as text (unknown ids decode to nothing).
+const PLACEHOLDER_TOKENIZER: &str = r#"{"version":"1.0","truncation":null,"padding":null,
+"added_tokens":[],"normalizer":null,
+"pre_tokenizer":{"type":"ByteLevel","add_prefix_space":false,"trim_offsets":true,"use_regex":true},
+"post_processor":null,
+"decoder":{"type":"ByteLevel","add_prefix_space":true,"trim_offsets":true,"use_regex":true},
+"model":{"type":"BPE","dropout":null,"unk_token":null,"continuing_subword_prefix":null,
+"end_of_word_suffix":null,"fuse_unk":false,"byte_fallback":false,"ignore_merges":false,
+"vocab":{"a":0},"merges":[]}}"#;
+
+/// An engine over `model` for benchmarks (placeholder tokenizer, default chat template).
+pub fn bench_engine(model: Phi3ForCausalLM) -> Result<crate::Engine> {
+    let tokenizer = crate::text::Tokenizer::from_bytes(PLACEHOLDER_TOKENIZER.as_bytes())?;
+    let template = crate::text::ChatTemplate::new(
+        crate::text::chat::PHI4_CHAT_TEMPLATE,
+        "<|endoftext|>",
+        "<|endoftext|>",
+    )?;
+    Ok(crate::Engine::new(
+        model,
+        tokenizer,
+        template,
+        &Default::default(),
+    ))
+}
+
+/// Submits `concurrency` greedy requests at once to a continuous batcher and measures the
+/// decode throughput while all of them run (the window from the last first token to the first
+/// last token), so prefill time does not dilute the figure.
+pub fn run_batched(
+    engine: std::sync::Arc<crate::Engine>,
+    concurrency: usize,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+) -> Result<BatchBench> {
+    use crate::engine::{Batcher, BatcherConfig, Event, Request, SamplingParams};
+    let vocab = engine.model.config.vocab_size as u64;
+    let batcher = Batcher::spawn(
+        engine,
+        BatcherConfig {
+            max_batch: concurrency,
+            max_queue: concurrency,
+        },
+    );
+    let t0 = Instant::now();
+    let mut rxs = Vec::new();
+    for r in 0..concurrency {
+        let mut s = 0x9E37_79B9u64 + r as u64;
+        let prompt = (0..prompt_tokens)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) % vocab.min(199_999)) as u32
+            })
+            .collect();
+        let params = SamplingParams {
+            max_tokens: gen_tokens,
+            ignore_eos: true,
+            ..SamplingParams::greedy(gen_tokens)
+        };
+        rxs.push(
+            batcher
+                .submit(Request {
+                    prompt,
+                    params,
+                    ..Default::default()
+                })
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        );
+    }
+    // Token arrival times per request.
+    let stamps: Vec<Vec<Instant>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = rxs
+            .into_iter()
+            .map(|mut rx| {
+                scope.spawn(move || -> Result<Vec<Instant>> {
+                    let mut t = Vec::new();
+                    while let Some(ev) = rx.blocking_recv() {
+                        match ev {
+                            Event::Step(s) => {
+                                t.push(Instant::now());
+                                if s.finish.is_some() {
+                                    break;
+                                }
+                            }
+                            Event::Error(e) => anyhow::bail!("{e}"),
+                            Event::Started => {}
+                        }
+                    }
+                    Ok(t)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("collector thread"))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let wall_s = t0.elapsed().as_secs_f64();
+    let start = stamps.iter().map(|t| t[0]).max().expect("requests");
+    let end = stamps
+        .iter()
+        .map(|t| *t.last().unwrap())
+        .min()
+        .expect("requests");
+    let window = end.duration_since(start).as_secs_f64();
+    let tokens: usize = stamps
+        .iter()
+        .map(|t| t.iter().filter(|&&x| x > start && x <= end).count())
+        .sum();
+    if window <= 0.0 || tokens == 0 {
+        anyhow::bail!("no steady decoding window; raise the number of generated tokens");
+    }
+    let aggregate = tokens as f64 / window;
+    Ok(BatchBench {
+        concurrency,
+        aggregate_decode_tokens_per_s: aggregate,
+        per_request_decode_tokens_per_s: aggregate / concurrency as f64,
+        wall_s,
+    })
+}

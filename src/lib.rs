@@ -9,6 +9,7 @@ pub mod engine;
 pub mod hub;
 pub mod kernels;
 pub mod model;
+pub mod server;
 pub mod text;
 pub mod weights;
 

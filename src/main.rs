@@ -1,4 +1,4 @@
-//! The `phi4` command: run, chat, tokenize, bench.
+//! The `phi4` command: run, chat, serve, tokenize, bench.
 
 use std::io::{BufRead, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -11,9 +11,10 @@ use serde_json::json;
 
 use phi4::bench::{self, BenchOptions};
 use phi4::config::Phi3Config;
-use phi4::engine::{RopePolicy, StreamEvent};
+use phi4::engine::{BatcherConfig, RopePolicy, StreamEvent};
 use phi4::hub::{resolve_model, DEFAULT_MODEL};
 use phi4::model::Phi3ForCausalLM;
+use phi4::server::ServerOptions;
 use phi4::{Engine, Message, SamplingParams};
 
 #[derive(Parser)]
@@ -36,6 +37,8 @@ enum Command {
     Run(RunArgs),
     /// Interactive multi-turn chat.
     Chat(ChatArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
     /// Print the token ids of the text on stdin.
     Tokenize(TokenizeArgs),
     /// Measure prefill and decode speed, time to first token and peak memory.
@@ -148,6 +151,40 @@ struct ChatArgs {
 }
 
 #[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// 0 picks a free port (the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Name clients use for the model (default: the --model value).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// A key clients must send as `Authorization: Bearer KEY` on /v1 (repeatable). Keys also
+    /// come from PHI4_API_KEY (comma-separated) and --api-key-file (one per line).
+    #[arg(long)]
+    api_key: Vec<String>,
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
+    /// Most sequences decoded together.
+    #[arg(long, default_value_t = 32)]
+    max_batch: usize,
+    /// Most requests waiting for a slot; more get 429 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, default_value_t = 4 << 20)]
+    max_body_bytes: usize,
+    /// Longest prompt plus output per request (default: the model's context).
+    #[arg(long)]
+    max_model_len: Option<usize>,
+    #[arg(long, value_enum, default_value = "dynamic")]
+    rope_policy: RopePolicyArg,
+}
+
+#[derive(Args)]
 struct TokenizeArgs {
     #[command(flatten)]
     model: ModelArg,
@@ -172,6 +209,10 @@ struct BenchArgs {
     runs: usize,
     #[arg(long)]
     json: bool,
+    /// Measure aggregate decode throughput of the continuous batcher at these numbers of
+    /// simultaneous requests (e.g. 1,4,16) instead of the single-stream figures.
+    #[arg(long, value_delimiter = ',')]
+    concurrency: Vec<usize>,
 }
 
 fn main() -> ExitCode {
@@ -198,6 +239,7 @@ fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(a) => run(a),
         Command::Chat(a) => chat(a),
+        Command::Serve(a) => serve(a),
         Command::Tokenize(a) => tokenize(a),
         Command::Bench(a) => bench_cmd(a),
     }
@@ -360,6 +402,81 @@ fn chat(a: ChatArgs) -> Result<()> {
     Ok(())
 }
 
+fn api_keys(a: &ServeArgs) -> Result<Vec<String>> {
+    let mut keys = a.api_key.clone();
+    if let Ok(v) = std::env::var("PHI4_API_KEY") {
+        keys.extend(v.split(',').map(str::to_string));
+    }
+    if let Some(f) = &a.api_key_file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("reading API key file {}", f.display()))?;
+        keys.extend(text.lines().map(str::to_string));
+    }
+    let keys: Vec<String> = keys
+        .into_iter()
+        .map(|k| k.trim().to_string())
+        .filter(|k| !k.is_empty())
+        .collect();
+    if a.api_key_file.is_some() && keys.is_empty() {
+        bail!("the API key file holds no key");
+    }
+    Ok(keys)
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    if a.max_batch == 0 || a.max_queue == 0 {
+        bail!("--max-batch and --max-queue must be at least 1");
+    }
+    let keys = api_keys(&a)?;
+    let addr = format!("{}:{}", a.host, a.port);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    // Bind before loading so a taken port fails fast.
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(&addr))
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let mut engine = load_engine(&a.model.model)?;
+    engine.rope_policy = match a.rope_policy {
+        RopePolicyArg::Dynamic => RopePolicy::Dynamic,
+        RopePolicyArg::StaticLong => RopePolicy::StaticLong,
+    };
+    if let Some(n) = a.max_model_len {
+        let ctx = engine.model.config.max_position_embeddings;
+        if n < 2 || n > ctx {
+            bail!("--max-model-len must be between 2 and the model's context ({ctx})");
+        }
+        engine.max_model_len = n;
+    }
+    let model_id = a.served_model_name.clone().unwrap_or(a.model.model.clone());
+    let app = phi4::server::engine_router(
+        std::sync::Arc::new(engine),
+        BatcherConfig {
+            max_batch: a.max_batch,
+            max_queue: a.max_queue,
+        },
+        ServerOptions {
+            model_id: model_id.clone(),
+            api_keys: keys.clone(),
+            max_body_bytes: a.max_body_bytes,
+        },
+    );
+    let local = listener.local_addr()?;
+    eprintln!(
+        "phi4 serve: listening on http://{local} (model {model_id:?}, {})",
+        if keys.is_empty() {
+            "no API key".to_string()
+        } else {
+            format!("{} API key(s)", keys.len())
+        }
+    );
+    runtime
+        .block_on(phi4::server::serve(listener, app))
+        .context("serving")
+}
+
 fn tokenize(a: TokenizeArgs) -> Result<()> {
     let dir = resolve_model(&a.model.model)?;
     let tok = phi4::text::Tokenizer::from_file(&dir.join("tokenizer.json"))?;
@@ -385,23 +502,27 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     if a.prompt_tokens == 0 || a.gen_tokens == 0 || a.runs == 0 {
         bail!("--prompt-tokens, --gen-tokens and --runs must be at least 1");
     }
-    let engine;
-    let synthetic;
+    let mut engine = None;
+    let mut synthetic = None;
     let (model, label): (&Phi3ForCausalLM, String) = match (&a.model, a.synthetic) {
         (Some(m), _) => {
-            engine = load_engine(m)?;
-            (&engine.model, m.clone())
+            let e: &Engine = engine.insert(load_engine(m)?);
+            (&e.model, m.clone())
         }
         (None, true) => {
             eprintln!("building synthetic Phi-4-mini weights (bf16, random)...");
-            synthetic = Phi3ForCausalLM::synthetic(Phi3Config::phi4_mini(), 1);
-            (&synthetic, "synthetic Phi-4-mini bf16".into())
+            let s: &Phi3ForCausalLM =
+                synthetic.insert(Phi3ForCausalLM::synthetic(Phi3Config::phi4_mini(), 1));
+            (s, "synthetic Phi-4-mini bf16".into())
         }
         (None, false) => bail!("give --model M or --synthetic"),
     };
     let ctx = model.config.max_position_embeddings;
     if a.prompt_tokens + a.gen_tokens > ctx {
         bail!("--prompt-tokens plus --gen-tokens exceed the model's context ({ctx})");
+    }
+    if !a.concurrency.is_empty() {
+        return bench_batched(a, engine_for_batching(engine, synthetic)?);
     }
     let report = bench::run(
         model,
@@ -439,6 +560,66 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
                 .map(|r| (r.prefill_tokens_per_s * 10.0).round() / 10.0)
                 .collect::<Vec<_>>()
         );
+    }
+    Ok(())
+}
+
+fn engine_for_batching(
+    engine: Option<Engine>,
+    synthetic: Option<Phi3ForCausalLM>,
+) -> Result<Engine> {
+    match (engine, synthetic) {
+        (Some(e), _) => Ok(e),
+        (None, Some(m)) => bench::bench_engine(m),
+        (None, None) => bail!("no model to benchmark"),
+    }
+}
+
+fn bench_batched(a: BenchArgs, engine: Engine) -> Result<()> {
+    if a.concurrency.contains(&0) {
+        bail!("--concurrency levels must be at least 1");
+    }
+    let engine = std::sync::Arc::new(engine);
+    let mut results = Vec::new();
+    for &c in &a.concurrency {
+        let mut runs = Vec::new();
+        for _ in 0..a.runs {
+            runs.push(bench::run_batched(
+                engine.clone(),
+                c,
+                a.prompt_tokens,
+                a.gen_tokens,
+            )?);
+        }
+        runs.sort_by(|x, y| {
+            x.aggregate_decode_tokens_per_s
+                .total_cmp(&y.aggregate_decode_tokens_per_s)
+        });
+        let median = runs[runs.len() / 2].clone();
+        if !a.json {
+            println!(
+                "concurrency {c:>3}: aggregate decode {:.2} tok/s ({:.2} per request), runs {:?}",
+                median.aggregate_decode_tokens_per_s,
+                median.per_request_decode_tokens_per_s,
+                runs.iter()
+                    .map(|r| (r.aggregate_decode_tokens_per_s * 100.0).round() / 100.0)
+                    .collect::<Vec<_>>()
+            );
+        }
+        results.push(median);
+    }
+    let base = results[0].aggregate_decode_tokens_per_s;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        for r in &results[1..] {
+            println!(
+                "concurrency {} / concurrency {}: {:.2}x",
+                r.concurrency,
+                results[0].concurrency,
+                r.aggregate_decode_tokens_per_s / base
+            );
+        }
     }
     Ok(())
 }

@@ -1,0 +1,233 @@
+//! The OpenAI-compatible HTTP server (`phi4 serve`). HTTP, validation and templating live here;
+//! the engine is seen only through [`Backend`], so HTTP behaviour is testable with a scripted
+//! backend and no model.
+
+pub mod error;
+pub mod metrics;
+pub mod openai;
+mod routes;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::{DefaultBodyLimit, Request as HttpRequest, State};
+use axum::http::header;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::Value;
+use subtle::ConstantTimeEq;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::engine::{Batcher, Engine, Event, Request, SubmitError};
+use crate::text::Message;
+pub use error::ApiError;
+use metrics::Metrics;
+
+/// What the server needs from an engine.
+pub trait Backend: Send + Sync + 'static {
+    /// Longest prompt plus output, in tokens.
+    fn max_model_len(&self) -> usize;
+    fn render_chat(&self, messages: &[Message], tools: Option<&[Value]>) -> anyhow::Result<String>;
+    fn tokenize(&self, text: &str) -> anyhow::Result<Vec<u32>>;
+    fn detokenize(&self, ids: &[u32]) -> anyhow::Result<String>;
+    /// Rejects what the engine could not run (bad ids, a grammar that does not compile…).
+    fn check(&self, req: &Request) -> anyhow::Result<()>;
+    /// Queues a request; dropping the receiver cancels it.
+    fn submit(&self, req: Request) -> Result<UnboundedReceiver<Event>, SubmitError>;
+    /// (waiting, running) sequences.
+    fn load(&self) -> (usize, usize);
+}
+
+/// The real engine behind the continuous batcher.
+pub struct EngineBackend {
+    pub batcher: Batcher,
+}
+
+impl Backend for EngineBackend {
+    fn max_model_len(&self) -> usize {
+        self.batcher.engine.max_model_len
+    }
+
+    fn render_chat(&self, messages: &[Message], tools: Option<&[Value]>) -> anyhow::Result<String> {
+        self.batcher.engine.render_chat(messages, tools)
+    }
+
+    fn tokenize(&self, text: &str) -> anyhow::Result<Vec<u32>> {
+        self.batcher.engine.tokenizer.encode(text)
+    }
+
+    fn detokenize(&self, ids: &[u32]) -> anyhow::Result<String> {
+        self.batcher.engine.tokenizer.decode(ids, true)
+    }
+
+    fn check(&self, req: &Request) -> anyhow::Result<()> {
+        let engine = &self.batcher.engine;
+        engine.check_request(req)?;
+        if let Some(g) = &req.grammar {
+            engine.constraint_factory()?.constraint(g)?;
+        }
+        Ok(())
+    }
+
+    fn submit(&self, req: Request) -> Result<UnboundedReceiver<Event>, SubmitError> {
+        self.batcher.submit(req)
+    }
+
+    fn load(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering;
+        let s = &self.batcher.stats;
+        (
+            s.waiting.load(Ordering::SeqCst),
+            s.running.load(Ordering::SeqCst),
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// The id `/v1/models` lists and requests must name.
+    pub model_id: String,
+    /// Accepted Bearer keys; empty = no authentication.
+    pub api_keys: Vec<String>,
+    /// Largest request body accepted (413 beyond).
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            model_id: "phi4".into(),
+            api_keys: Vec::new(),
+            max_body_bytes: 4 << 20,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub backend: Arc<dyn Backend>,
+    pub opts: Arc<ServerOptions>,
+    pub metrics: Arc<Metrics>,
+    pub created: u64,
+}
+
+/// The application: `/v1/*` (behind the API keys, if any), `/health`, `/metrics`.
+pub fn router(backend: Arc<dyn Backend>, opts: ServerOptions) -> Router {
+    let state = AppState {
+        backend,
+        metrics: Arc::new(Metrics::default()),
+        created: unix_now(),
+        opts: Arc::new(opts),
+    };
+    let v1 = Router::new()
+        .route("/v1/chat/completions", post(routes::chat_completions))
+        .route("/v1/completions", post(routes::completions))
+        .route("/v1/models", get(routes::models))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .merge(v1)
+        .route(
+            "/health",
+            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .route("/metrics", get(metrics_text))
+        .fallback(|req: HttpRequest| async move {
+            ApiError::not_found(format!(
+                "no route for {} {}",
+                req.method(),
+                req.uri().path()
+            ))
+        })
+        .method_not_allowed_fallback(|req: HttpRequest| async move {
+            ApiError::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                format!("{} is not allowed on {}", req.method(), req.uri().path()),
+            )
+        })
+        .layer(DefaultBodyLimit::max(state.opts.max_body_bytes))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
+        .with_state(state)
+}
+
+async fn authenticate(State(st): State<AppState>, req: HttpRequest, next: Next) -> Response {
+    if st.opts.api_keys.is_empty() {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+        .trim()
+        .as_bytes();
+    // Compare against every key without stopping early, each in constant time.
+    let mut ok = subtle::Choice::from(0);
+    for key in &st.opts.api_keys {
+        ok |= key.as_bytes().ct_eq(given);
+    }
+    if bool::from(ok) {
+        next.run(req).await
+    } else {
+        ApiError::unauthorized().into_response()
+    }
+}
+
+async fn count_requests(State(st): State<AppState>, req: HttpRequest, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    let r = next.run(req).await;
+    let endpoint = match path.as_str() {
+        "/v1/chat/completions" | "/v1/completions" | "/v1/models" | "/health" | "/metrics" => {
+            path.as_str()
+        }
+        _ => "other",
+    };
+    st.metrics.count_request(endpoint, r.status().as_u16());
+    r
+}
+
+async fn metrics_text(State(st): State<AppState>) -> Response {
+    let (waiting, running) = st.backend.load();
+    st.metrics.queue_depth.set(waiting as i64);
+    st.metrics.running.set(running as i64);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        st.metrics.render(),
+    )
+        .into_response()
+}
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Runs the server until Ctrl-C.
+pub async fn serve(listener: tokio::net::TcpListener, app: Router) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+}
+
+/// Wraps an engine in a batcher and the HTTP application.
+pub fn engine_router(
+    engine: Arc<Engine>,
+    batch: crate::engine::BatcherConfig,
+    opts: ServerOptions,
+) -> Router {
+    let batcher = Batcher::spawn(engine, batch);
+    router(Arc::new(EngineBackend { batcher }), opts)
+}

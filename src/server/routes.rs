@@ -1,0 +1,640 @@
+//! The endpoint handlers: validate, template, submit to the backend, and answer with one JSON
+//! body or a server-sent event stream.
+
+use std::convert::Infallible;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event as Sse, KeepAlive};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::stream::{self, BoxStream, StreamExt};
+use rand::RngExt;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::error::ApiError;
+use super::openai::{parse, ChatRequest, CompletionRequest, Prompt, SamplingFields, ToolChoice};
+use super::AppState;
+use crate::engine::{Event, FinishReason, Request, SubmitError, TokenLogprob};
+use crate::text::tool_calls::{ToolCall, ToolCallParser, ToolEvent};
+
+/// The JSON object of a request body; a body over the size limit is a 413.
+fn json_object(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+    let bytes = body.map_err(|r| {
+        let status = r.status();
+        let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "request body is larger than the server accepts".to_string()
+        } else {
+            r.body_text()
+        };
+        ApiError::new(status, "invalid_request_error", msg)
+    })?;
+    let v: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::invalid(format!("request body is not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(ApiError::invalid("request body must be a JSON object"));
+    }
+    Ok(v)
+}
+
+fn check_model(st: &AppState, model: &Option<String>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if m != &st.opts.model_id => Err(ApiError::not_found(format!(
+            "The model `{m}` does not exist; this server serves `{}`.",
+            st.opts.model_id
+        ))
+        .code("model_not_found")),
+        _ => Ok(()),
+    }
+}
+
+/// Output budget: the request's, or whatever the context leaves; an over-long request is a 400.
+fn max_tokens(
+    st: &AppState,
+    prompt_len: usize,
+    asked: Option<usize>,
+    param: &str,
+) -> Result<usize, ApiError> {
+    let ctx = st.backend.max_model_len();
+    let too_long = |wanted: usize| {
+        ApiError::param(
+            param,
+            format!(
+                "This model's maximum context length is {ctx} tokens. However, you requested \
+                 {wanted} tokens ({prompt_len} in the prompt, {} for the completion). Please \
+                 reduce the length of the prompt or of the completion.",
+                wanted - prompt_len
+            ),
+        )
+        .code("context_length_exceeded")
+    };
+    if prompt_len == 0 {
+        return Err(ApiError::param(param, "the prompt is empty"));
+    }
+    if prompt_len >= ctx {
+        return Err(too_long(prompt_len + asked.unwrap_or(1)));
+    }
+    match asked {
+        Some(n) if prompt_len + n > ctx => Err(too_long(prompt_len + n)),
+        Some(n) => Ok(n),
+        None => Ok(ctx - prompt_len),
+    }
+}
+
+/// Submits `n` copies (seeds advanced per copy so choices differ but stay reproducible).
+fn submit(
+    st: &AppState,
+    base: &Request,
+    n: usize,
+) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
+    st.backend
+        .check(base)
+        .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
+    let mut rxs = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut r = base.clone();
+        if let Some(s) = r.params.seed {
+            r.params.seed = Some(s.wrapping_add(i as u64));
+        }
+        match st.backend.submit(r) {
+            Ok(rx) => rxs.push(rx),
+            // Receivers already taken are dropped here, which cancels those copies.
+            Err(SubmitError::QueueFull) => return Err(ApiError::overloaded()),
+            Err(SubmitError::Stopped) => {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "the engine has stopped",
+                ))
+            }
+        }
+    }
+    st.metrics.prompt_tokens.inc_by(base.prompt.len() as u64);
+    Ok(rxs)
+}
+
+/// One finished choice.
+struct Collected {
+    text: String,
+    tokens: usize,
+    finish: FinishReason,
+    logprobs: Vec<TokenLogprob>,
+}
+
+async fn collect(
+    st: &AppState,
+    mut rx: UnboundedReceiver<Event>,
+    t0: Instant,
+) -> Result<Collected, ApiError> {
+    let mut c = Collected {
+        text: String::new(),
+        tokens: 0,
+        finish: FinishReason::Stop,
+        logprobs: Vec::new(),
+    };
+    loop {
+        match rx.recv().await {
+            Some(Event::Started) => {}
+            Some(Event::Step(s)) => {
+                if c.tokens == 0 {
+                    st.metrics
+                        .time_to_first_token
+                        .observe(t0.elapsed().as_secs_f64());
+                }
+                c.tokens += 1;
+                st.metrics.generation_tokens.inc();
+                c.text.push_str(&s.text);
+                c.logprobs.extend(s.logprob);
+                if let Some(f) = s.finish {
+                    c.finish = f;
+                    return Ok(c);
+                }
+            }
+            Some(Event::Error(e)) => return Err(ApiError::internal(e)),
+            None => return Err(ApiError::internal("the engine dropped the request")),
+        }
+    }
+}
+
+fn finish_str(f: FinishReason, called: bool) -> &'static str {
+    match f {
+        FinishReason::Stop if called => "tool_calls",
+        FinishReason::Stop | FinishReason::Cancelled => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+fn new_id(prefix: &str) -> String {
+    let mut rng = rand::rng();
+    let s: String = (0..24)
+        .map(|_| {
+            let c = rng.random_range(0..36u32);
+            char::from_digit(c, 36).unwrap()
+        })
+        .collect();
+    format!("{prefix}{s}")
+}
+
+fn tool_call_json(call: &ToolCall, index: Option<usize>) -> Value {
+    let mut v = json!({
+        "id": new_id("call_"),
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments.to_string()},
+    });
+    if let Some(i) = index {
+        v["index"] = json!(i);
+    }
+    v
+}
+
+fn chat_logprobs(lps: &[TokenLogprob]) -> Value {
+    let content: Vec<Value> = lps
+        .iter()
+        .map(|lp| {
+            json!({
+                "token": lp.token, "logprob": lp.logprob, "bytes": lp.bytes,
+                "top_logprobs": lp.top.iter()
+                    .map(|t| json!({"token": t.token, "logprob": t.logprob, "bytes": t.bytes}))
+                    .collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({ "content": content })
+}
+
+fn sse_json(v: &Value) -> Result<Sse, Infallible> {
+    Ok(Sse::default().data(v.to_string()))
+}
+
+/// The events of all choices, each tagged with its index, as they come.
+fn merged(rxs: Vec<UnboundedReceiver<Event>>) -> BoxStream<'static, (usize, Event)> {
+    stream::select_all(rxs.into_iter().enumerate().map(|(i, rx)| {
+        stream::unfold(rx, move |mut rx| async move {
+            rx.recv().await.map(|e| ((i, e), rx))
+        })
+        .boxed()
+    }))
+    .boxed()
+}
+
+fn sse_response(events: impl futures_util::Stream<Item = Vec<Value>> + Send + 'static) -> Response {
+    let body = events
+        .flat_map(|vs| stream::iter(vs.into_iter().map(|v| sse_json(&v))))
+        .chain(stream::once(async { Ok(Sse::default().data("[DONE]")) }));
+    axum::response::Sse::new(body)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+pub async fn chat_completions(
+    State(st): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match chat(st, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn chat(st: AppState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let t0 = Instant::now();
+    let v = json_object(body)?;
+    let req: ChatRequest = parse(&v)?;
+    let sf: SamplingFields = parse(&v)?;
+    check_model(&st, &req.model)?;
+    req.check_messages()?;
+    let choice = req.tool_choice()?;
+    let tools = match choice {
+        ToolChoice::None => Vec::new(),
+        _ => req.template_tools()?,
+    };
+    let prompt = st
+        .backend
+        .render_chat(&req.messages, (!tools.is_empty()).then_some(&tools[..]))
+        .map_err(|e| ApiError::param("messages", format!("{e:#}")))?;
+    let ids = st
+        .backend
+        .tokenize(&prompt)
+        .map_err(|e| ApiError::param("messages", format!("{e:#}")))?;
+    let mut params = sf.params()?;
+    let asked = req.max_completion_tokens.or(sf.max_tokens);
+    params.max_tokens = max_tokens(&st, ids.len(), asked, "messages")?;
+    let base = Request {
+        prompt: ids,
+        params,
+        grammar: req.grammar(&choice)?,
+        logprobs: req.logprobs()?,
+    };
+    let parse_tools = !tools.is_empty();
+    let prompt_tokens = base.prompt.len();
+    let rxs = submit(&st, &base, sf.n())?;
+    let id = new_id("chatcmpl-");
+    let model = st.opts.model_id.clone();
+    let created = super::unix_now();
+    if sf.stream() {
+        let mut s = ChatStream {
+            st: st.clone(),
+            t0,
+            id,
+            model,
+            created,
+            parsers: (0..rxs.len())
+                .map(|_| parse_tools.then(ToolCallParser::new))
+                .collect(),
+            calls: vec![0; rxs.len()],
+            open: rxs.len(),
+            completion_tokens: 0,
+            prompt_tokens,
+            include_usage: sf.include_usage(),
+            first: true,
+        };
+        return Ok(sse_response(merged(rxs).map(move |(i, ev)| s.on(i, ev))));
+    }
+    let all = futures_util::future::join_all(rxs.into_iter().map(|rx| collect(&st, rx, t0))).await;
+    let mut choices = Vec::new();
+    let mut completion_tokens = 0;
+    for (i, c) in all.into_iter().enumerate() {
+        let c = c?;
+        completion_tokens += c.tokens;
+        let (content, calls) = if parse_tools {
+            ToolCallParser::parse(&c.text)
+        } else {
+            (c.text, Vec::new())
+        };
+        let mut message = json!({"role": "assistant", "content": content});
+        if !calls.is_empty() {
+            if content.trim().is_empty() {
+                message["content"] = Value::Null;
+            }
+            message["tool_calls"] = calls.iter().map(|c| tool_call_json(c, None)).collect();
+        }
+        choices.push(json!({
+            "index": i,
+            "message": message,
+            "logprobs": base.logprobs.map(|_| chat_logprobs(&c.logprobs)),
+            "finish_reason": finish_str(c.finish, !calls.is_empty()),
+        }));
+    }
+    st.metrics.latency.observe(t0.elapsed().as_secs_f64());
+    Ok(Json(json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage(prompt_tokens, completion_tokens),
+    }))
+    .into_response())
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion,
+           "total_tokens": prompt + completion})
+}
+
+/// Turns engine events into `chat.completion.chunk` objects.
+struct ChatStream {
+    st: AppState,
+    t0: Instant,
+    id: String,
+    model: String,
+    created: u64,
+    parsers: Vec<Option<ToolCallParser>>,
+    /// Tool calls streamed so far per choice (their delta index).
+    calls: Vec<usize>,
+    open: usize,
+    completion_tokens: usize,
+    prompt_tokens: usize,
+    include_usage: bool,
+    first: bool,
+}
+
+impl ChatStream {
+    fn chunk(
+        &self,
+        i: usize,
+        delta: Value,
+        logprobs: Option<Value>,
+        finish: Option<&str>,
+    ) -> Value {
+        let mut c = json!({
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": self.model,
+            "choices": [{"index": i, "delta": delta, "logprobs": logprobs,
+                         "finish_reason": finish}],
+        });
+        if self.include_usage {
+            c["usage"] = Value::Null;
+        }
+        c
+    }
+
+    fn tool_events(&mut self, i: usize, events: Vec<ToolEvent>, out: &mut Vec<Value>) {
+        for ev in events {
+            match ev {
+                ToolEvent::Content(text) if !text.is_empty() => {
+                    out.push(self.chunk(i, json!({"content": text}), None, None))
+                }
+                ToolEvent::Content(_) => {}
+                ToolEvent::Call(call) => {
+                    let idx = self.calls[i];
+                    self.calls[i] += 1;
+                    let delta = json!({"tool_calls": [tool_call_json(&call, Some(idx))]});
+                    out.push(self.chunk(i, delta, None, None));
+                }
+            }
+        }
+    }
+
+    fn on(&mut self, i: usize, ev: Event) -> Vec<Value> {
+        let mut out = Vec::new();
+        match ev {
+            Event::Started => {
+                out.push(self.chunk(i, json!({"role": "assistant", "content": ""}), None, None))
+            }
+            Event::Step(s) => {
+                if self.first {
+                    self.first = false;
+                    self.st
+                        .metrics
+                        .time_to_first_token
+                        .observe(self.t0.elapsed().as_secs_f64());
+                }
+                self.completion_tokens += 1;
+                self.st.metrics.generation_tokens.inc();
+                let lp = s
+                    .logprob
+                    .as_ref()
+                    .map(|l| chat_logprobs(std::slice::from_ref(l)));
+                match self.parsers[i].as_mut() {
+                    Some(p) => {
+                        let evs = p.push(&s.text);
+                        self.tool_events(i, evs, &mut out);
+                        if let Some(lp) = lp {
+                            out.push(self.chunk(i, json!({}), Some(lp), None));
+                        }
+                    }
+                    None if !s.text.is_empty() || lp.is_some() => {
+                        out.push(self.chunk(i, json!({"content": s.text}), lp, None))
+                    }
+                    None => {}
+                }
+                if let Some(f) = s.finish {
+                    if let Some(evs) = self.parsers[i].as_mut().map(ToolCallParser::finish) {
+                        self.tool_events(i, evs, &mut out);
+                    }
+                    let called = self.calls[i] > 0;
+                    out.push(self.chunk(i, json!({}), None, Some(finish_str(f, called))));
+                    self.close(&mut out);
+                }
+            }
+            Event::Error(e) => {
+                out.push(ApiError::internal(e).body());
+                self.close(&mut out);
+            }
+        }
+        out
+    }
+
+    fn close(&mut self, out: &mut Vec<Value>) {
+        self.open -= 1;
+        if self.open == 0 {
+            self.st
+                .metrics
+                .latency
+                .observe(self.t0.elapsed().as_secs_f64());
+            if self.include_usage {
+                out.push(json!({
+                    "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                    "model": self.model, "choices": [],
+                    "usage": usage(self.prompt_tokens, self.completion_tokens),
+                }));
+            }
+        }
+    }
+}
+
+pub async fn completions(
+    State(st): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match complete(st, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn legacy_logprobs(lps: &[TokenLogprob], offset0: usize) -> Value {
+    let mut offset = offset0;
+    let mut offsets = Vec::new();
+    for lp in lps {
+        offsets.push(offset);
+        offset += lp.token.len();
+    }
+    json!({
+        "tokens": lps.iter().map(|l| l.token.clone()).collect::<Vec<_>>(),
+        "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
+        "top_logprobs": lps.iter().map(|l| {
+            l.top.iter().map(|t| (t.token.clone(), json!(t.logprob)))
+                .collect::<serde_json::Map<_, _>>()
+        }).collect::<Vec<_>>(),
+        "text_offset": offsets,
+    })
+}
+
+async fn complete(st: AppState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let t0 = Instant::now();
+    let v = json_object(body)?;
+    let req: CompletionRequest = parse(&v)?;
+    let sf: SamplingFields = parse(&v)?;
+    check_model(&st, &req.model)?;
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::param("suffix", "suffix is not supported"));
+    }
+    if req
+        .logprobs
+        .is_some_and(|n| n > crate::engine::generation::MAX_TOP_LOGPROBS)
+    {
+        return Err(ApiError::param("logprobs", "logprobs must be at most 20"));
+    }
+    let prompts: Vec<Vec<u32>> = match req.prompt {
+        Prompt::Text(t) => vec![tokenize(&st, &t)?],
+        Prompt::Texts(ts) => ts
+            .iter()
+            .map(|t| tokenize(&st, t))
+            .collect::<Result<_, _>>()?,
+        Prompt::Ids(ids) => vec![ids],
+        Prompt::IdLists(l) => l,
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::param("prompt", "prompt must not be empty"));
+    }
+    let mut params = sf.params()?;
+    let n = sf.n();
+    let echo = req.echo.unwrap_or(false);
+    let mut rxs = Vec::new();
+    let mut echoes = Vec::new();
+    let mut prompt_tokens = 0;
+    for ids in prompts {
+        // The legacy endpoint's default output budget is 16 tokens.
+        params.max_tokens =
+            max_tokens(&st, ids.len(), Some(sf.max_tokens.unwrap_or(16)), "prompt")?;
+        prompt_tokens += ids.len();
+        let echo_text = if echo {
+            st.backend
+                .detokenize(&ids)
+                .map_err(|e| ApiError::param("prompt", format!("{e:#}")))?
+        } else {
+            String::new()
+        };
+        let base = Request {
+            prompt: ids,
+            params: params.clone(),
+            grammar: None,
+            logprobs: req.logprobs,
+        };
+        for rx in submit(&st, &base, n)? {
+            rxs.push(rx);
+            echoes.push(echo_text.clone());
+        }
+    }
+    let id = new_id("cmpl-");
+    let model = st.opts.model_id.clone();
+    let created = super::unix_now();
+    let chunk = move |i: usize, text: &str, lp: Option<Value>, finish: Option<&str>| {
+        json!({"id": id, "object": "text_completion", "created": created, "model": model,
+               "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]})
+    };
+    if sf.stream() {
+        let mut open = rxs.len();
+        let mut completion_tokens = 0;
+        let include_usage = sf.include_usage();
+        let want_lp = req.logprobs.is_some();
+        let events = merged(rxs).map(move |(i, ev)| {
+            let mut out = Vec::new();
+            let mut closed = false;
+            match ev {
+                Event::Started if !echoes[i].is_empty() => {
+                    out.push(chunk(i, &echoes[i], None, None))
+                }
+                Event::Started => {}
+                Event::Step(s) => {
+                    completion_tokens += 1;
+                    let lp = s
+                        .logprob
+                        .as_ref()
+                        .filter(|_| want_lp)
+                        .map(|l| legacy_logprobs(std::slice::from_ref(l), 0));
+                    if !s.text.is_empty() || lp.is_some() {
+                        out.push(chunk(i, &s.text, lp, None));
+                    }
+                    if let Some(f) = s.finish {
+                        out.push(chunk(i, "", None, Some(finish_str(f, false))));
+                        closed = true;
+                    }
+                }
+                Event::Error(e) => {
+                    out.push(ApiError::internal(e).body());
+                    closed = true;
+                }
+            }
+            if closed {
+                open -= 1;
+                if open == 0 && include_usage {
+                    let mut u = chunk(0, "", None, None);
+                    u["choices"] = json!([]);
+                    u["usage"] = usage(prompt_tokens, completion_tokens);
+                    out.push(u);
+                }
+            }
+            out
+        });
+        return Ok(sse_response(events));
+    }
+    let all = futures_util::future::join_all(rxs.into_iter().map(|rx| collect(&st, rx, t0))).await;
+    let mut choices = Vec::new();
+    let mut completion_tokens = 0;
+    for (i, c) in all.into_iter().enumerate() {
+        let c = c?;
+        completion_tokens += c.tokens;
+        let lp = req
+            .logprobs
+            .map(|_| legacy_logprobs(&c.logprobs, echoes[i].len()));
+        let mut one = chunk(
+            i,
+            &format!("{}{}", echoes[i], c.text),
+            lp,
+            Some(finish_str(c.finish, false)),
+        );
+        choices.push(one["choices"][0].take());
+    }
+    st.metrics.latency.observe(t0.elapsed().as_secs_f64());
+    let mut body = chunk(0, "", None, None);
+    body["choices"] = Value::Array(choices);
+    body["usage"] = usage(prompt_tokens, completion_tokens);
+    Ok(Json(body).into_response())
+}
+
+fn tokenize(st: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
+    st.backend
+        .tokenize(text)
+        .map_err(|e| ApiError::param("prompt", format!("{e:#}")))
+}
+
+pub async fn models(State(st): State<AppState>) -> Response {
+    Json(json!({
+        "object": "list",
+        "data": [{
+            "id": st.opts.model_id,
+            "object": "model",
+            "created": st.created,
+            "owned_by": "phi4",
+            "max_model_len": st.backend.max_model_len(),
+        }]
+    }))
+    .into_response()
+}
