@@ -19,8 +19,12 @@ pub enum Grammar {
     /// One JSON value matching this JSON Schema.
     JsonSchema(Value),
     /// One Phi-4 tool-call block, `<|tool_call|>[{"name": …, "arguments": {…}}, …]<|/tool_call|>`,
-    /// calling only these functions (name, JSON Schema of the arguments).
-    ToolCalls(Vec<(String, Value)>),
+    /// calling only these functions (name, JSON Schema of the arguments), at most `max_calls`
+    /// of them: a bound keeps even a degenerate model from listing calls forever.
+    ToolCalls {
+        tools: Vec<(String, Value)>,
+        max_calls: usize,
+    },
     /// A grammar in llguidance's Lark dialect.
     Lark(String),
 }
@@ -34,9 +38,9 @@ impl Grammar {
     fn to_llguidance(&self) -> Result<TopLevelGrammar> {
         Ok(match self {
             Grammar::JsonSchema(schema) => TopLevelGrammar::from_json_schema(with_style(schema)?),
-            Grammar::ToolCalls(tools) => {
-                if tools.is_empty() {
-                    bail!("a forced tool call needs at least one tool");
+            Grammar::ToolCalls { tools, max_calls } => {
+                if tools.is_empty() || *max_calls == 0 {
+                    bail!("a forced tool call needs at least one tool and one call");
                 }
                 let calls: Vec<Value> = tools
                     .iter()
@@ -52,7 +56,8 @@ impl Grammar {
                 let list = with_style(&json!({
                     "type": "array",
                     "items": {"anyOf": calls},
-                    "minItems": 1
+                    "minItems": 1,
+                    "maxItems": max_calls
                 }))?;
                 TopLevelGrammar::from_lark(format!(
                     "start: \"<|tool_call|>\" calls \"<|/tool_call|>\"\ncalls: %json {list}\n"

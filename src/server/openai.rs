@@ -173,7 +173,11 @@ pub struct ChatRequest {
     pub max_completion_tokens: Option<usize>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<usize>,
+    pub parallel_tool_calls: Option<bool>,
 }
+
+/// Most calls a forced tool-call reply may hold when parallel calls are allowed.
+pub const MAX_FORCED_CALLS: usize = 4;
 
 /// How the reply may use tools.
 #[derive(Debug, Clone, PartialEq)]
@@ -291,20 +295,29 @@ impl ChatRequest {
                     .unwrap_or_else(|| serde_json::json!({"type": "object"})),
             )
         };
+        let max_calls = if self.parallel_tool_calls.unwrap_or(true) {
+            MAX_FORCED_CALLS
+        } else {
+            1
+        };
         match choice {
             ToolChoice::Required => {
-                return Ok(Some(Grammar::ToolCalls(
-                    self.tool_defs().iter().map(tool).collect(),
-                )))
+                return Ok(Some(Grammar::ToolCalls {
+                    tools: self.tool_defs().iter().map(tool).collect(),
+                    max_calls,
+                }))
             }
+            // Naming a function asks for a call of it: one.
             ToolChoice::Named(name) => {
-                return Ok(Some(Grammar::ToolCalls(
-                    self.tool_defs()
+                return Ok(Some(Grammar::ToolCalls {
+                    tools: self
+                        .tool_defs()
                         .iter()
                         .filter(|t| &t.function.name == name)
                         .map(tool)
                         .collect(),
-                )))
+                    max_calls: 1,
+                }))
             }
             _ => {}
         }

@@ -1,0 +1,170 @@
+//! `phi4 serve` on the tiny fixture model, driven by real clients: the official openai Python
+//! SDK (tests/openai_sdk/client_test.py, installed into target/openai-sdk-venv on first use),
+//! and a raw socket that walks away mid-stream.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::tiny_dir;
+
+const KEY: &str = "sk-phi4-test";
+const MODEL: &str = "tiny-phi4";
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server() -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_phi4"))
+        .args(["serve", "--model"])
+        .arg(tiny_dir())
+        .args([
+            "--port",
+            "0",
+            "--served-model-name",
+            MODEL,
+            "--api-key",
+            KEY,
+        ])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("starting phi4 serve");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("phi4 serve exited before listening")
+            .unwrap();
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Server { child, addr }
+}
+
+/// A Python with the pinned openai SDK, made on first use.
+fn sdk_python() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let venv = root.join("target/openai-sdk-venv");
+    let python = venv.join("bin/python");
+    let stamp = venv.join("requirements.installed");
+    let reqs = root.join("tests/openai_sdk/requirements.txt");
+    let wanted = std::fs::read_to_string(&reqs).unwrap();
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
+        return python;
+    }
+    let ok = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .expect("python3 is needed for the openai SDK test (apt-get install python3-venv)");
+    assert!(ok.success(), "python3 -m venv failed");
+    let ok = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-r",
+        ])
+        .arg(&reqs)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "installing the openai SDK failed");
+    std::fs::write(&stamp, wanted).unwrap();
+    python
+}
+
+#[test]
+fn openai_python_sdk_against_phi4_serve() {
+    let python = sdk_python();
+    let server = start_server();
+    let out = Command::new(python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_sdk/client_test.py"))
+        .env("PHI4_BASE_URL", format!("http://{}/v1", server.addr))
+        .env("PHI4_API_KEY", KEY)
+        .env("PHI4_MODEL", MODEL)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "SDK checks failed:\n{stdout}");
+    assert!(stdout.contains(" 0 failed"));
+}
+
+fn http(addr: &str, method: &str, path: &str, body: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    s
+}
+
+fn metric(addr: &str, name: &str) -> f64 {
+    let mut s = http(addr, "GET", "/metrics", "");
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name}"))
+}
+
+#[test]
+fn a_client_that_disconnects_mid_stream_frees_its_sequence() {
+    let server = start_server();
+    let body = serde_json::json!({
+        "model": MODEL, "stream": true, "max_tokens": 450, "ignore_eos": true,
+        "messages": [{"role": "user", "content": "go on forever"}],
+    })
+    .to_string();
+    let mut s = http(&server.addr, "POST", "/v1/chat/completions", &body);
+    // Read until a few content chunks have arrived, then hang up.
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while seen.matches("\"content\"").count() < 4 {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    drop(s);
+    let t = Instant::now();
+    loop {
+        if metric(&server.addr, "phi4_running_sequences") == 0.0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "sequence kept running"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let generated = metric(&server.addr, "phi4_generation_tokens_total");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        metric(&server.addr, "phi4_generation_tokens_total"),
+        generated
+    );
+    assert!(generated < 450.0, "ran to the end: {generated} tokens");
+}
