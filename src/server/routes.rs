@@ -86,13 +86,17 @@ fn max_tokens(
 }
 
 /// Submits `n` copies (seeds advanced per copy so choices differ but stay reproducible).
-fn submit(
+async fn submit(
     st: &AppState,
     base: &Request,
     n: usize,
 ) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
-    st.backend
-        .check(base)
+    // Compiling a grammar (and, the first time, indexing the vocabulary) is CPU work: keep it
+    // off the async workers.
+    let (backend, req) = (st.backend.clone(), base.clone());
+    tokio::task::spawn_blocking(move || backend.check(&req))
+        .await
+        .map_err(|e| ApiError::internal(format!("request check failed: {e}")))?
         .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
     let mut rxs = Vec::with_capacity(n);
     for i in 0..n {
@@ -271,7 +275,7 @@ async fn chat(st: AppState, body: Result<Bytes, BytesRejection>) -> Result<Respo
     };
     let parse_tools = !tools.is_empty();
     let prompt_tokens = base.prompt.len();
-    let rxs = submit(&st, &base, sf.n())?;
+    let rxs = submit(&st, &base, sf.n()).await?;
     let id = new_id("chatcmpl-");
     let model = st.opts.model_id.clone();
     let created = super::unix_now();
@@ -537,7 +541,7 @@ async fn complete(st: AppState, body: Result<Bytes, BytesRejection>) -> Result<R
             grammar: None,
             logprobs: req.logprobs,
         };
-        for rx in submit(&st, &base, n)? {
+        for rx in submit(&st, &base, n).await? {
             rxs.push(rx);
             echoes.push(echo_text.clone());
         }
