@@ -81,17 +81,21 @@ pub fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-pub fn run(model: &Phi3ForCausalLM, opts: &BenchOptions) -> Result<BenchReport> {
-    let vocab = model.config.vocab_size as u64;
-    let mut s = 0x1234_5678u64;
-    let prompt: Vec<u32> = (0..opts.prompt_tokens)
+/// Reproducible ids below the special tokens (an LCG; the values do not matter for speed).
+fn random_prompt(seed: u64, len: usize, vocab: usize) -> Vec<u32> {
+    let mut s = seed;
+    (0..len)
         .map(|_| {
             s = s
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            ((s >> 33) % vocab.min(199_999)) as u32
+            ((s >> 33) % (vocab as u64).min(199_999)) as u32
         })
-        .collect();
+        .collect()
+}
+
+pub fn run(model: &Phi3ForCausalLM, opts: &BenchOptions) -> Result<BenchReport> {
+    let prompt = random_prompt(0x1234_5678, opts.prompt_tokens, model.config.vocab_size);
     let table = model
         .rope
         .table_for_len(opts.prompt_tokens + opts.gen_tokens);
@@ -183,7 +187,7 @@ pub fn run_batched(
     gen_tokens: usize,
 ) -> Result<BatchBench> {
     use crate::engine::{Batcher, BatcherConfig, Event, Request, SamplingParams};
-    let vocab = engine.model.config.vocab_size as u64;
+    let vocab = engine.model.config.vocab_size;
     let batcher = Batcher::spawn(
         engine,
         BatcherConfig {
@@ -194,15 +198,7 @@ pub fn run_batched(
     let t0 = Instant::now();
     let mut rxs = Vec::new();
     for r in 0..concurrency {
-        let mut s = 0x9E37_79B9u64 + r as u64;
-        let prompt = (0..prompt_tokens)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) % vocab.min(199_999)) as u32
-            })
-            .collect();
+        let prompt = random_prompt(0x9E37_79B9 + r as u64, prompt_tokens, vocab);
         let params = SamplingParams {
             max_tokens: gen_tokens,
             ignore_eos: true,

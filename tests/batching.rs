@@ -55,6 +55,25 @@ fn drain(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Event>) -> (Vec<u32>, Str
     }
 }
 
+/// Submits one request per prompt, all at once.
+fn submit_all(
+    b: &Batcher,
+    ps: &[Vec<u32>],
+    params: impl Fn(usize) -> SamplingParams,
+) -> Vec<tokio::sync::mpsc::UnboundedReceiver<Event>> {
+    ps.iter()
+        .enumerate()
+        .map(|(i, p)| {
+            b.submit(Request {
+                prompt: p.clone(),
+                params: params(i),
+                ..Default::default()
+            })
+            .unwrap()
+        })
+        .collect()
+}
+
 #[test]
 fn batched_forward_equals_one_sequence_at_a_time() {
     let e = engine();
@@ -121,18 +140,7 @@ fn thirty_two_concurrent_greedy_requests_equal_their_sequential_results() {
         "no request crosses the LongRoPE switch"
     );
     let b = Batcher::spawn(e.clone(), BatcherConfig::default());
-    let mut rxs: Vec<_> = ps
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            b.submit(Request {
-                prompt: p.clone(),
-                params: SamplingParams::greedy(max_tokens(i)),
-                ..Default::default()
-            })
-            .unwrap()
-        })
-        .collect();
+    let mut rxs = submit_all(&b, &ps, |i| SamplingParams::greedy(max_tokens(i)));
     for (i, rx) in rxs.iter_mut().enumerate() {
         let (ids, _, _) = drain(rx);
         assert_eq!(ids, sequential[i], "request {i}");
@@ -167,18 +175,7 @@ fn sampled_requests_keep_their_own_seeds_in_a_batch() {
         })
         .collect();
     let b = Batcher::spawn(e.clone(), BatcherConfig::default());
-    let mut rxs: Vec<_> = ps
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            b.submit(Request {
-                prompt: p.clone(),
-                params: params(i),
-                ..Default::default()
-            })
-            .unwrap()
-        })
-        .collect();
+    let mut rxs = submit_all(&b, &ps, params);
     for (i, rx) in rxs.iter_mut().enumerate() {
         assert_eq!(drain(rx).0, want[i], "request {i}");
     }

@@ -237,14 +237,7 @@ fn sse_response(events: impl futures_util::Stream<Item = Vec<Value>> + Send + 's
 pub async fn chat_completions(
     State(st): State<AppState>,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    match chat(st, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn chat(st: AppState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+) -> Result<Response, ApiError> {
     let t0 = Instant::now();
     let v = json_object(body)?;
     let req: ChatRequest = parse(&v)?;
@@ -462,16 +455,6 @@ impl ChatStream {
     }
 }
 
-pub async fn completions(
-    State(st): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    match complete(st, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
 fn legacy_logprobs(lps: &[TokenLogprob], offset0: usize) -> Value {
     let mut offset = offset0;
     let mut offsets = Vec::new();
@@ -490,7 +473,10 @@ fn legacy_logprobs(lps: &[TokenLogprob], offset0: usize) -> Value {
     })
 }
 
-async fn complete(st: AppState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+pub async fn completions(
+    State(st): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let t0 = Instant::now();
     let v = json_object(body)?;
     let req: CompletionRequest = parse(&v)?;
