@@ -127,6 +127,8 @@ struct Collected {
     tokens: usize,
     finish: FinishReason,
     logprobs: Vec<TokenLogprob>,
+    /// Seconds from the request to this choice's first token.
+    first_token_s: f64,
 }
 
 async fn collect(
@@ -139,15 +141,14 @@ async fn collect(
         tokens: 0,
         finish: FinishReason::Stop,
         logprobs: Vec::new(),
+        first_token_s: 0.0,
     };
     loop {
         match rx.recv().await {
             Some(Event::Started) => {}
             Some(Event::Step(s)) => {
                 if c.tokens == 0 {
-                    st.metrics
-                        .time_to_first_token
-                        .observe(t0.elapsed().as_secs_f64());
+                    c.first_token_s = t0.elapsed().as_secs_f64();
                 }
                 c.tokens += 1;
                 st.metrics.generation_tokens.inc();
@@ -162,6 +163,27 @@ async fn collect(
             None => return Err(ApiError::internal("the engine dropped the request")),
         }
     }
+}
+
+/// Every choice of a non-streamed request, with the request's timings recorded (time to first
+/// token once per request, as the streaming path does) and the completion tokens of all choices.
+async fn collect_all(
+    st: &AppState,
+    rxs: Vec<UnboundedReceiver<Event>>,
+    t0: Instant,
+) -> Result<(Vec<Collected>, usize), ApiError> {
+    let all = futures_util::future::join_all(rxs.into_iter().map(|rx| collect(st, rx, t0)))
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    let first = all
+        .iter()
+        .map(|c| c.first_token_s)
+        .fold(f64::INFINITY, f64::min);
+    st.metrics.time_to_first_token.observe(first);
+    st.metrics.latency.observe(t0.elapsed().as_secs_f64());
+    let tokens = all.iter().map(|c| c.tokens).sum();
+    Ok((all, tokens))
 }
 
 fn finish_str(f: FinishReason, called: bool) -> &'static str {
@@ -291,12 +313,9 @@ pub async fn chat_completions(
         };
         return Ok(sse_response(merged(rxs).map(move |(i, ev)| s.on(i, ev))));
     }
-    let all = futures_util::future::join_all(rxs.into_iter().map(|rx| collect(&st, rx, t0))).await;
+    let (all, completion_tokens) = collect_all(&st, rxs, t0).await?;
     let mut choices = Vec::new();
-    let mut completion_tokens = 0;
     for (i, c) in all.into_iter().enumerate() {
-        let c = c?;
-        completion_tokens += c.tokens;
         let (content, calls) = if parse_tools {
             ToolCallParser::parse(&c.text)
         } else {
@@ -316,7 +335,6 @@ pub async fn chat_completions(
             "finish_reason": finish_str(c.finish, !calls.is_empty()),
         }));
     }
-    st.metrics.latency.observe(t0.elapsed().as_secs_f64());
     Ok(Json(json!({
         "id": id,
         "object": "chat.completion",
@@ -585,12 +603,9 @@ pub async fn completions(
         });
         return Ok(sse_response(events));
     }
-    let all = futures_util::future::join_all(rxs.into_iter().map(|rx| collect(&st, rx, t0))).await;
+    let (all, completion_tokens) = collect_all(&st, rxs, t0).await?;
     let mut choices = Vec::new();
-    let mut completion_tokens = 0;
     for (i, c) in all.into_iter().enumerate() {
-        let c = c?;
-        completion_tokens += c.tokens;
         let lp = req
             .logprobs
             .map(|_| legacy_logprobs(&c.logprobs, echoes[i].len()));
@@ -602,7 +617,6 @@ pub async fn completions(
         );
         choices.push(one["choices"][0].take());
     }
-    st.metrics.latency.observe(t0.elapsed().as_secs_f64());
     let mut body = chunk(0, "", None, None);
     body["choices"] = Value::Array(choices);
     body["usage"] = usage(prompt_tokens, completion_tokens);
