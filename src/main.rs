@@ -60,6 +60,15 @@ enum RopePolicyArg {
     StaticLong,
 }
 
+impl From<RopePolicyArg> for RopePolicy {
+    fn from(a: RopePolicyArg) -> RopePolicy {
+        match a {
+            RopePolicyArg::Dynamic => RopePolicy::Dynamic,
+            RopePolicyArg::StaticLong => RopePolicy::StaticLong,
+        }
+    }
+}
+
 #[derive(Args)]
 struct Sampling {
     /// Most tokens to generate.
@@ -110,10 +119,7 @@ impl Sampling {
     }
 
     fn policy(&self) -> RopePolicy {
-        match self.rope_policy {
-            RopePolicyArg::Dynamic => RopePolicy::Dynamic,
-            RopePolicyArg::StaticLong => RopePolicy::StaticLong,
-        }
+        self.rope_policy.into()
     }
 }
 
@@ -439,10 +445,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         .block_on(tokio::net::TcpListener::bind(&addr))
         .with_context(|| format!("cannot listen on {addr}"))?;
     let mut engine = load_engine(&a.model.model)?;
-    engine.rope_policy = match a.rope_policy {
-        RopePolicyArg::Dynamic => RopePolicy::Dynamic,
-        RopePolicyArg::StaticLong => RopePolicy::StaticLong,
-    };
+    engine.rope_policy = a.rope_policy.into();
     if let Some(n) = a.max_model_len {
         let ctx = engine.model.config.max_position_embeddings;
         if n < 2 || n > ctx {

@@ -45,7 +45,6 @@ impl Default for BatcherConfig {
 pub struct BatcherStats {
     pub waiting: AtomicUsize,
     pub running: AtomicUsize,
-    pub prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
     pub decode_steps: AtomicU64,
 }
@@ -153,7 +152,6 @@ impl Worker {
             return;
         }
         let engine = &self.engine;
-        let prompt_len = s.request.prompt.len() as u64;
         let result = catch_unwind(AssertUnwindSafe(|| -> anyhow::Result<_> {
             let (mut gen, mut logits) = engine.begin(s.request)?;
             let step = engine.sample_next(&mut gen, &mut logits)?;
@@ -161,9 +159,6 @@ impl Worker {
         }));
         match flatten(result) {
             Ok((gen, step)) => {
-                self.stats
-                    .prompt_tokens
-                    .fetch_add(prompt_len, Ordering::Relaxed);
                 self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
                 let done = step.finish.is_some();
                 let _ = s.events.send(Event::Started);
