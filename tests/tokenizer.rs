@@ -111,3 +111,32 @@ fn tiny_fixture_tokenizer_encodes_the_reference_prompt() {
     let text = r.meta["chat"]["rendered"].as_str().unwrap();
     assert_eq!(tok.encode(text).unwrap(), r.ids("chat", "prompt"));
 }
+
+#[test]
+fn token_bytes_equal_those_read_from_the_tokenizer_file() {
+    // The engine derives token bytes from the loaded tokenizer on first use; they must be what
+    // llguidance reads from the file itself.
+    let path = tiny_dir().join("tokenizer.json");
+    let file: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let want = llguidance::token_bytes_from_tokenizer_json(&file).unwrap();
+    let tok = Tokenizer::from_file(&path).unwrap();
+    assert_eq!(tok.token_bytes().unwrap(), &want[..]);
+    assert_eq!(
+        tok.bytes_of(503).unwrap(),
+        b"<|end|>",
+        "special marker stripped"
+    );
+    assert_eq!(tok.bytes_of(508).unwrap(), b"<|tool_call|>");
+    assert_eq!(tok.token_bytes().unwrap()[503][0], 0xFF);
+    let full = full();
+    let v = full.token_bytes().unwrap();
+    assert!(v.len() >= 200_029, "{}", v.len());
+    let text = "Hello wörld, 你好";
+    let joined: Vec<u8> = full
+        .encode(text)
+        .unwrap()
+        .iter()
+        .flat_map(|&id| full.bytes_of(id).unwrap().to_vec())
+        .collect();
+    assert_eq!(joined, text.as_bytes());
+}

@@ -114,7 +114,7 @@ pub struct ConstraintFactory {
 impl ConstraintFactory {
     /// `stop_ids` are the ids that end a sequence; a finished grammar allows only those.
     pub fn new(tokenizer: &Tokenizer, vocab_size: usize, stop_ids: &[u32]) -> Result<Self> {
-        let mut words: Vec<Vec<u8>> = tokenizer.token_bytes().to_vec();
+        let mut words: Vec<Vec<u8>> = tokenizer.token_bytes()?.to_vec();
         if words.len() > vocab_size {
             bail!(
                 "the tokenizer has {} tokens but the model only {vocab_size}",

@@ -150,7 +150,7 @@ impl Engine {
         }
         g.generated.push(tok);
         let logprob = match (raw, g.logprobs) {
-            (Some(raw), Some(n)) => Some(self.logprobs_of(&raw, tok, n)),
+            (Some(raw), Some(n)) => Some(self.logprobs_of(&raw, tok, n)?),
             _ => None,
         };
         let stops = &g.params.stop;
@@ -219,16 +219,16 @@ impl Engine {
         self.forward_pending(&mut seqs)
     }
 
-    fn logprobs_of(&self, raw: &[f32], tok: u32, n_top: usize) -> TokenLogprob {
+    fn logprobs_of(&self, raw: &[f32], tok: u32, n_top: usize) -> Result<TokenLogprob> {
         let max = raw.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let lse = max + raw.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
-        let entry = |id: u32| {
-            let bytes = self.tokenizer.bytes_of(id).to_vec();
-            TopLogprob {
+        let entry = |id: u32| -> Result<TopLogprob> {
+            let bytes = self.tokenizer.bytes_of(id)?.to_vec();
+            Ok(TopLogprob {
                 token: String::from_utf8_lossy(&bytes).into_owned(),
                 bytes,
                 logprob: raw[id as usize] - lse,
-            }
+            })
         };
         let mut top = Vec::new();
         if n_top > 0 {
@@ -237,15 +237,15 @@ impl Engine {
             ids.select_nth_unstable_by(k - 1, |&a, &b| raw[b as usize].total_cmp(&raw[a as usize]));
             ids.truncate(k);
             ids.sort_by(|&a, &b| raw[b as usize].total_cmp(&raw[a as usize]));
-            top = ids.into_iter().map(entry).collect();
+            top = ids.into_iter().map(entry).collect::<Result<_>>()?;
         }
-        let e = entry(tok);
-        TokenLogprob {
+        let e = entry(tok)?;
+        Ok(TokenLogprob {
             token: e.token,
             bytes: e.bytes,
             logprob: e.logprob,
             top,
-        }
+        })
     }
 }
 

@@ -3,13 +3,15 @@
 //! in the reference.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use anyhow::{anyhow, Context, Result};
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// The bytes each id stands for; special tokens carry a leading 0xFF (toktrie's marker).
-    token_bytes: Vec<Vec<u8>>,
+    /// Only grammars and logprobs need them, so they are worked out on first use, not at load.
+    token_bytes: OnceLock<Result<Vec<Vec<u8>>, String>>,
 }
 
 impl Tokenizer {
@@ -22,10 +24,10 @@ impl Tokenizer {
     pub fn from_bytes(bytes: &[u8]) -> Result<Tokenizer> {
         let inner = tokenizers::Tokenizer::from_bytes(bytes)
             .map_err(|e| anyhow!("not a valid tokenizer.json: {e}"))?;
-        let json: serde_json::Value = serde_json::from_slice(bytes)?;
-        let token_bytes = llguidance::token_bytes_from_tokenizer_json(&json)
-            .map_err(|e| anyhow!("reading token bytes from tokenizer.json: {e}"))?;
-        Ok(Tokenizer { inner, token_bytes })
+        Ok(Tokenizer {
+            inner,
+            token_bytes: OnceLock::new(),
+        })
     }
 
     /// Token ids of `text`. Phi-4 adds no BOS: prompts start at `<|system|>` or `<|user|>`.
@@ -50,17 +52,25 @@ impl Tokenizer {
     }
 
     /// Bytes of every token id (index = id), special tokens prefixed with 0xFF.
-    pub fn token_bytes(&self) -> &[Vec<u8>] {
-        &self.token_bytes
+    pub fn token_bytes(&self) -> Result<&[Vec<u8>]> {
+        self.token_bytes
+            .get_or_init(|| {
+                let json = serde_json::to_value(&self.inner).map_err(|e| e.to_string())?;
+                llguidance::token_bytes_from_tokenizer_json(&json).map_err(|e| e.to_string())
+            })
+            .as_deref()
+            .map_err(|e| anyhow!("reading token bytes from tokenizer.json: {e}"))
     }
 
     /// The bytes `id` stands for, without the special marker (empty if unknown).
-    pub fn bytes_of(&self, id: u32) -> &[u8] {
-        match self.token_bytes.get(id as usize).map(Vec::as_slice) {
-            Some([0xFF, rest @ ..]) => rest,
-            Some(b) => b,
-            None => &[],
-        }
+    pub fn bytes_of(&self, id: u32) -> Result<&[u8]> {
+        Ok(
+            match self.token_bytes()?.get(id as usize).map(Vec::as_slice) {
+                Some([0xFF, rest @ ..]) => rest,
+                Some(b) => b,
+                None => &[],
+            },
+        )
     }
 
     pub fn vocab_size(&self) -> usize {
