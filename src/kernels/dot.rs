@@ -14,12 +14,23 @@ use super::{cpu, Isa};
 /// Most activation rows one call takes.
 pub const MAX_ROWS: usize = 8;
 
+/// Most activation rows [`WeightElem::dot_pair_rows`] takes (2 × 4 accumulators).
+pub const PAIR_ROWS: usize = 4;
+
 /// A weight element type the kernels read directly.
 pub trait WeightElem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
 
     /// `out[j] = w · xs[j]` for every j (`xs.len() <= MAX_ROWS`), with the CPU's best kernel.
     fn dot_rows(w: &[Self], xs: &[&[f32]], out: &mut [f32]);
+
+    /// `outs[i][j] = ws[i] · xs[j]` for two weight rows at once (`xs.len() <= PAIR_ROWS`): each
+    /// activation load feeds two FMAs, which is what several activation rows are short of.
+    fn dot_pair_rows(ws: [&[Self]; 2], xs: &[&[f32]], outs: [&mut [f32]; 2]) {
+        let [o0, o1] = outs;
+        Self::dot_rows(ws[0], xs, o0);
+        Self::dot_rows(ws[1], xs, o1);
+    }
 
     /// The scalar reference of [`WeightElem::dot_rows`].
     fn scalar_dot_rows(w: &[Self], xs: &[&[f32]], out: &mut [f32]) {
@@ -38,7 +49,7 @@ fn check(len: usize, xs: &[&[f32]], out: &[f32]) {
 }
 
 macro_rules! weight_elem {
-    ($t:ty, $to:expr, $avx:path, $neon:path) => {
+    ($t:ty, $to:expr, $avx:path, $neon:path, $pair:path) => {
         impl WeightElem for $t {
             #[inline(always)]
             fn to_f32(self) -> f32 {
@@ -57,13 +68,47 @@ macro_rules! weight_elem {
                     _ => Self::scalar_dot_rows(w, xs, out),
                 }
             }
+
+            fn dot_pair_rows(ws: [&[Self]; 2], xs: &[&[f32]], outs: [&mut [f32]; 2]) {
+                assert!(xs.len() <= PAIR_ROWS && ws[0].len() == ws[1].len());
+                check(ws[0].len(), xs, outs[0]);
+                check(ws[1].len(), xs, outs[1]);
+                match cpu() {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as in dot_rows.
+                    Isa::Avx2 => unsafe { $pair(ws, xs, outs) },
+                    _ => {
+                        let [o0, o1] = outs;
+                        Self::dot_rows(ws[0], xs, o0);
+                        Self::dot_rows(ws[1], xs, o1);
+                    }
+                }
+            }
         }
     };
 }
 
-weight_elem!(bf16, bf16::to_f32, avx2::dot_rows_bf16, neon::dot_rows_bf16);
-weight_elem!(f16, f16::to_f32, avx2::dot_rows_f16, neon::dot_rows_f16);
-weight_elem!(f32, |x: f32| x, avx2::dot_rows_f32, neon::dot_rows_f32);
+weight_elem!(
+    bf16,
+    bf16::to_f32,
+    avx2::dot_rows_bf16,
+    neon::dot_rows_bf16,
+    avx2::dot_pair_bf16
+);
+weight_elem!(
+    f16,
+    f16::to_f32,
+    avx2::dot_rows_f16,
+    neon::dot_rows_f16,
+    avx2::dot_pair_f16
+);
+weight_elem!(
+    f32,
+    |x: f32| x,
+    avx2::dot_rows_f32,
+    neon::dot_rows_f32,
+    avx2::dot_pair_f32
+);
 
 /// `w · x` for one activation row.
 #[inline]
@@ -157,6 +202,59 @@ mod avx2 {
         }
     }
 
+    /// Two weight rows against N activation rows, U steps in flight: 2·N·U accumulators (at
+    /// most 8). Several activation rows (a decode batch) make the one-row kernel load-bound on
+    /// the activations, which come from L2 once they outgrow L1; here each activation load feeds
+    /// two FMAs.
+    #[inline(always)]
+    unsafe fn dot_pair_n<T, const N: usize, const U: usize>(
+        ws: [&[T]; 2],
+        xs: &[&[f32]],
+        outs: [&mut [f32]; 2],
+        load: impl Fn(*const T) -> __m256,
+        one: impl Fn(&T) -> f32,
+    ) {
+        let n = ws[0].len();
+        let (w0, w1) = (ws[0].as_ptr(), ws[1].as_ptr());
+        let xp: [*const f32; N] = std::array::from_fn(|j| xs[j].as_ptr());
+        let mut acc = [[[_mm256_setzero_ps(); N]; 2]; U];
+        let mut i = 0;
+        while i + 8 * U <= n {
+            for (u, a) in acc.iter_mut().enumerate() {
+                let o = i + 8 * u;
+                let (a0, a1) = (load(w0.add(o)), load(w1.add(o)));
+                for j in 0..N {
+                    let x = _mm256_loadu_ps(xp[j].add(o));
+                    a[0][j] = _mm256_fmadd_ps(a0, x, a[0][j]);
+                    a[1][j] = _mm256_fmadd_ps(a1, x, a[1][j]);
+                }
+            }
+            i += 8 * U;
+        }
+        while i + 8 <= n {
+            let (a0, a1) = (load(w0.add(i)), load(w1.add(i)));
+            for j in 0..N {
+                let x = _mm256_loadu_ps(xp[j].add(i));
+                acc[0][0][j] = _mm256_fmadd_ps(a0, x, acc[0][0][j]);
+                acc[0][1][j] = _mm256_fmadd_ps(a1, x, acc[0][1][j]);
+            }
+            i += 8;
+        }
+        for (r, out) in outs.into_iter().enumerate() {
+            for j in 0..N {
+                let mut s = acc[0][r][j];
+                for a in acc.iter().skip(1) {
+                    s = _mm256_add_ps(s, a[r][j]);
+                }
+                let mut sum = hsum(s);
+                for k in i..n {
+                    sum += one(&ws[r][k]) * xs[j][k];
+                }
+                out[j] = sum;
+            }
+        }
+    }
+
     #[inline(always)]
     unsafe fn dispatch<T>(
         w: &[T],
@@ -168,13 +266,37 @@ mod avx2 {
         rows_dispatch!(dot_n, w, xs, out, load, one)
     }
 
+    #[inline(always)]
+    unsafe fn dispatch_pair<T>(
+        ws: [&[T]; 2],
+        xs: &[&[f32]],
+        outs: [&mut [f32]; 2],
+        load: impl Fn(*const T) -> __m256 + Copy,
+        one: impl Fn(&T) -> f32 + Copy,
+    ) {
+        match xs.len() {
+            0 => {}
+            1 => dot_pair_n::<T, 1, 4>(ws, xs, outs, load, one),
+            2 => dot_pair_n::<T, 2, 2>(ws, xs, outs, load, one),
+            3 => dot_pair_n::<T, 3, 1>(ws, xs, outs, load, one),
+            _ => dot_pair_n::<T, 4, 1>(ws, xs, outs, load, one),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const bf16) -> __m256 {
+        let h = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_rows_bf16(w: &[bf16], xs: &[&[f32]], out: &mut [f32]) {
-        let load = |p: *const bf16| {
-            let h = _mm_loadu_si128(p as *const __m128i);
-            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
-        };
-        dispatch(w, xs, out, load, |v: &bf16| v.to_f32())
+        dispatch(w, xs, out, |p| load_bf16(p), |v: &bf16| v.to_f32())
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_pair_bf16(ws: [&[bf16]; 2], xs: &[&[f32]], outs: [&mut [f32]; 2]) {
+        dispatch_pair(ws, xs, outs, |p| load_bf16(p), |v: &bf16| v.to_f32())
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -183,9 +305,26 @@ mod avx2 {
         dispatch(w, xs, out, load, |v: &f16| v.to_f32())
     }
 
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_pair_f16(ws: [&[f16]; 2], xs: &[&[f32]], outs: [&mut [f32]; 2]) {
+        let load = |p: *const f16| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+        dispatch_pair(ws, xs, outs, load, |v: &f16| v.to_f32())
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_rows_f32(w: &[f32], xs: &[&[f32]], out: &mut [f32]) {
         dispatch(w, xs, out, |p: *const f32| _mm256_loadu_ps(p), |v: &f32| *v)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_pair_f32(ws: [&[f32]; 2], xs: &[&[f32]], outs: [&mut [f32]; 2]) {
+        dispatch_pair(
+            ws,
+            xs,
+            outs,
+            |p: *const f32| _mm256_loadu_ps(p),
+            |v: &f32| *v,
+        )
     }
 }
 
@@ -319,6 +458,33 @@ mod tests {
                 compare(&wb, &xs);
                 compare(&wh, &xs);
                 compare(&w, &xs);
+            }
+            for k in 1..=PAIR_ROWS {
+                let xs: Vec<&[f32]> = rows[..k].iter().map(Vec::as_slice).collect();
+                let w2 = data(n, 2);
+                compare_pair(&w, &w2, &xs);
+                let b2: Vec<bf16> = w2.iter().map(|&v| bf16::from_f32(v)).collect();
+                compare_pair(&wb, &b2, &xs);
+                let h2: Vec<f16> = w2.iter().map(|&v| f16::from_f32(v)).collect();
+                compare_pair(&wh, &h2, &xs);
+            }
+        }
+    }
+
+    fn compare_pair<T: WeightElem>(w0: &[T], w1: &[T], xs: &[&[f32]]) {
+        let (mut g0, mut g1) = (vec![0f32; xs.len()], vec![0f32; xs.len()]);
+        T::dot_pair_rows([w0, w1], xs, [&mut g0, &mut g1]);
+        let tol = 1e-5 * (w0.len() as f32).max(1.0);
+        for (w, got) in [(w0, g0), (w1, g1)] {
+            let mut want = vec![0f32; xs.len()];
+            T::scalar_dot_rows(w, xs, &mut want);
+            for (g, r) in got.iter().zip(&want) {
+                assert!(
+                    (g - r).abs() <= tol,
+                    "pair n={} rows={}: {g} vs {r}",
+                    w.len(),
+                    xs.len()
+                );
             }
         }
     }
