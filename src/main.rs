@@ -13,7 +13,7 @@ use phi4::bench::{self, BenchOptions};
 use phi4::config::Phi3Config;
 use phi4::engine::{BatcherConfig, RopePolicy, StreamEvent};
 use phi4::hub::{resolve_model, DEFAULT_MODEL};
-use phi4::model::Phi3ForCausalLM;
+use phi4::model::{Phi3ForCausalLM, Recipe};
 use phi4::server::ServerOptions;
 use phi4::{Engine, Message, SamplingParams};
 
@@ -43,6 +43,21 @@ enum Command {
     Tokenize(TokenizeArgs),
     /// Measure prefill and decode speed, time to first token and peak memory.
     Bench(BenchArgs),
+    /// Write a block-quantized copy of a model (safetensors, memory-mapped at load).
+    Quantize(QuantizeArgs),
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    /// A local model directory or a Hugging Face repo id.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: String,
+    /// Output directory (created; must not already hold a model.safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// q8, q4, or q4-edge (4-bit with down_proj and the embeddings / LM head at 8 bits).
+    #[arg(long, value_parser = parse_recipe, default_value = "q4-edge")]
+    recipe: Recipe,
 }
 
 #[derive(Args)]
@@ -50,6 +65,14 @@ struct ModelArg {
     /// A local model directory or a Hugging Face repo id (downloaded to the hub cache if missing).
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: String,
+    /// Quantize the weights at load: q8, q4 or q4-edge (4-bit, with down_proj and the
+    /// embeddings / LM head at 8 bits). A checkpoint from `phi4 quantize` needs no flag.
+    #[arg(long, value_parser = parse_recipe)]
+    quant: Option<Recipe>,
+}
+
+fn parse_recipe(s: &str) -> Result<Recipe> {
+    Recipe::parse(s)
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -207,6 +230,9 @@ struct BenchArgs {
     /// Random weights of the real Phi-4-mini shapes (bf16); no files needed.
     #[arg(long)]
     synthetic: bool,
+    /// Quantize the weights first: q8, q4 or q4-edge.
+    #[arg(long, value_parser = parse_recipe)]
+    quant: Option<Recipe>,
     #[arg(long, default_value_t = 512)]
     prompt_tokens: usize,
     #[arg(long, default_value_t = 128)]
@@ -248,15 +274,47 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Serve(a) => serve(a),
         Command::Tokenize(a) => tokenize(a),
         Command::Bench(a) => bench_cmd(a),
+        Command::Quantize(a) => quantize_cmd(a),
     }
 }
 
-fn load_engine(spec: &str) -> Result<Engine> {
+fn load_engine(spec: &str, quant: Option<Recipe>) -> Result<Engine> {
     let dir = resolve_model(spec)?;
-    load_dir(&dir)
+    load_dir(&dir, quant)
 }
 
-fn load_dir(dir: &Path) -> Result<Engine> {
+fn quantize_cmd(a: QuantizeArgs) -> Result<()> {
+    let dir = resolve_model(&a.model)?;
+    if a.out.join("model.safetensors").exists() {
+        bail!(
+            "{} already holds a model.safetensors; choose an empty directory",
+            a.out.display()
+        );
+    }
+    let engine = load_dir(&dir, Some(a.recipe))?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    phi4::model::quantize::write_checkpoint(&engine.model, a.recipe, &a.out)?;
+    // Everything but the weights travels unchanged: config, tokenizer, chat template.
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let is_weights = name.ends_with(".safetensors") || name == "model.safetensors.index.json";
+        if path.is_file() && !is_weights {
+            std::fs::copy(&path, a.out.join(name))
+                .with_context(|| format!("copying {}", path.display()))?;
+        }
+    }
+    let bytes = engine.model.weight_bytes();
+    eprintln!(
+        "wrote {} ({}, {:.2} GB of weights read per token)",
+        a.out.display(),
+        a.recipe.name(),
+        bytes as f64 / 1e9
+    );
+    Ok(())
+}
+
+fn load_dir(dir: &Path, quant: Option<Recipe>) -> Result<Engine> {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("loading {msg} [{bar:30}] {bytes}/{total_bytes}")
@@ -265,7 +323,7 @@ fn load_dir(dir: &Path) -> Result<Engine> {
     );
     bar.set_message(dir.display().to_string());
     let mut shown = false;
-    let engine = Engine::load_with_progress(dir, &mut |done, total| {
+    let engine = Engine::load_with_progress(dir, quant, &mut |done, total| {
         // Small checkpoints load instantly; a bar would only flicker.
         if total >= 256 << 20 {
             if !shown {
@@ -303,7 +361,7 @@ fn read_prompt(a: &RunArgs) -> Result<String> {
 fn run(a: RunArgs) -> Result<()> {
     let params = a.sampling.params()?;
     let prompt = read_prompt(&a)?;
-    let mut engine = load_engine(&a.model.model)?;
+    let mut engine = load_engine(&a.model.model, a.model.quant)?;
     engine.rope_policy = a.sampling.policy();
     let ids = if a.raw {
         engine.tokenizer.encode(&prompt)?
@@ -352,7 +410,7 @@ fn run(a: RunArgs) -> Result<()> {
 
 fn chat(a: ChatArgs) -> Result<()> {
     let params = a.sampling.params()?;
-    let mut engine = load_engine(&a.model.model)?;
+    let mut engine = load_engine(&a.model.model, a.model.quant)?;
     engine.rope_policy = a.sampling.policy();
     let interactive = std::io::stdin().is_terminal();
     let mut history: Vec<Message> = Vec::new();
@@ -444,7 +502,7 @@ fn serve(a: ServeArgs) -> Result<()> {
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(&addr))
         .with_context(|| format!("cannot listen on {addr}"))?;
-    let mut engine = load_engine(&a.model.model)?;
+    let mut engine = load_engine(&a.model.model, a.model.quant)?;
     engine.rope_policy = a.rope_policy.into();
     if let Some(n) = a.max_model_len {
         let ctx = engine.model.config.max_position_embeddings;
@@ -509,14 +567,22 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     let mut synthetic = None;
     let (model, label): (&Phi3ForCausalLM, String) = match (&a.model, a.synthetic) {
         (Some(m), _) => {
-            let e: &Engine = engine.insert(load_engine(m)?);
+            let e: &Engine = engine.insert(load_engine(m, a.quant)?);
             (&e.model, m.clone())
         }
         (None, true) => {
             eprintln!("building synthetic Phi-4-mini weights (bf16, random)...");
-            let s: &Phi3ForCausalLM =
-                synthetic.insert(Phi3ForCausalLM::synthetic(Phi3Config::phi4_mini(), 1));
-            (s, "synthetic Phi-4-mini bf16".into())
+            let mut m = Phi3ForCausalLM::synthetic(Phi3Config::phi4_mini(), 1);
+            let format = match a.quant {
+                Some(r) => {
+                    eprintln!("quantizing ({})...", r.name());
+                    m.quantize(r)?;
+                    r.name()
+                }
+                None => "bf16",
+            };
+            let s: &Phi3ForCausalLM = synthetic.insert(m);
+            (s, format!("synthetic Phi-4-mini {format}"))
         }
         (None, false) => bail!("give --model M or --synthetic"),
     };

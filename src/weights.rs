@@ -13,20 +13,35 @@ use anyhow::{bail, Context, Result};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use memmap2::Mmap;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::kernels::quant::{self, QType};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DType {
     F32,
     F16,
     BF16,
+    /// Raw bytes: the values of a quantized tensor as stored on disk, before [`crate::quant`]
+    /// pairs them with their scales.
+    U8,
+    /// Block-quantized rows ([`crate::kernels::quant`]): the values, with the scales beside.
+    Quant(QType),
 }
 
 impl DType {
+    /// Bytes per stored element (for quantized tensors: per byte of values).
     pub fn size(self) -> usize {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
+            DType::U8 | DType::Quant(_) => 1,
         }
+    }
+
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F16 | DType::BF16)
     }
 }
 
@@ -50,12 +65,14 @@ impl Bytes {
     }
 }
 
-/// A tensor in its stored dtype.
+/// A tensor in its stored dtype. A quantized tensor is 2-D `[rows, cols]` (its logical shape);
+/// `bytes` holds the values and `scales` the f16 block scales.
 #[derive(Clone)]
 pub struct Tensor {
     pub dtype: DType,
     pub shape: Vec<usize>,
     bytes: Bytes,
+    scales: Option<Bytes>,
 }
 
 impl std::fmt::Debug for Tensor {
@@ -73,6 +90,7 @@ impl Tensor {
             dtype,
             shape,
             bytes: Bytes::Owned(Arc::new(words), data.len()),
+            scales: None,
         }
     }
 
@@ -85,6 +103,7 @@ impl Tensor {
             dtype: DType::BF16,
             shape,
             bytes: Bytes::Owned(Arc::new(words), n * 2),
+            scales: None,
         }
     }
 
@@ -98,6 +117,86 @@ impl Tensor {
 
     pub fn raw(&self) -> &[u8] {
         self.bytes.as_slice()
+    }
+
+    /// Bytes held: values plus, for a quantized tensor, its scales.
+    pub fn nbytes(&self) -> usize {
+        self.raw().len() + self.scales.as_ref().map_or(0, |s| s.as_slice().len())
+    }
+
+    /// A quantized tensor's format, values and scales.
+    pub fn as_quant(&self) -> Option<(QType, &[u8], &[f16])> {
+        match (self.dtype, &self.scales) {
+            (DType::Quant(t), Some(s)) => Some((t, self.raw(), bytemuck::cast_slice(s.as_slice()))),
+            _ => None,
+        }
+    }
+
+    /// A quantized tensor from its parts, checked against the layout of `t` for `shape`.
+    pub fn quantized(
+        t: QType,
+        shape: Vec<usize>,
+        values: Tensor,
+        scales: Tensor,
+    ) -> Result<Tensor> {
+        let [rows, cols] = shape[..] else {
+            bail!("a quantized tensor must be 2-D, got shape {shape:?}");
+        };
+        if values.dtype != DType::U8 || values.raw().len() != rows * t.row_bytes(cols) {
+            bail!(
+                "quantized values hold {} bytes, a {} tensor of shape {shape:?} needs {}",
+                values.raw().len(),
+                t.name(),
+                rows * t.row_bytes(cols)
+            );
+        }
+        if scales.dtype != DType::F16 || scales.numel() != rows * quant::row_blocks(cols) {
+            bail!(
+                "quantized scales must be {} f16 values for shape {shape:?}, got {:?} {:?}",
+                rows * quant::row_blocks(cols),
+                scales.dtype,
+                scales.shape
+            );
+        }
+        Ok(Tensor {
+            dtype: DType::Quant(t),
+            shape,
+            bytes: values.bytes,
+            scales: Some(scales.bytes),
+        })
+    }
+
+    /// This 2-D float tensor quantized to `t` (rows in parallel).
+    pub fn quantize(&self, t: QType) -> Result<Tensor> {
+        let [rows, cols] = self.shape[..] else {
+            bail!("only 2-D tensors are quantized, got shape {:?}", self.shape);
+        };
+        if !self.dtype.is_float() {
+            bail!("tensor is already quantized ({:?})", self.dtype);
+        }
+        let (rb, nb) = (t.row_bytes(cols), quant::row_blocks(cols));
+        let mut qs = vec![0u32; (rows * rb).div_ceil(4)];
+        let mut d = vec![0u32; (rows * nb).div_ceil(2)];
+        {
+            let qb = &mut bytemuck::cast_slice_mut::<u32, u8>(&mut qs)[..rows * rb];
+            let db = &mut bytemuck::cast_slice_mut::<u32, f16>(&mut d)[..rows * nb];
+            qb.par_chunks_mut(rb)
+                .zip(db.par_chunks_mut(nb))
+                .enumerate()
+                .for_each_init(
+                    || vec![0f32; cols],
+                    |row, (r, (q, s))| {
+                        self.read_f32(r * cols, row);
+                        quant::quantize_row(t, row, q, s);
+                    },
+                );
+        }
+        Ok(Tensor {
+            dtype: DType::Quant(t),
+            shape: self.shape.clone(),
+            bytes: Bytes::Owned(Arc::new(qs), rows * rb),
+            scales: Some(Bytes::Owned(Arc::new(d), rows * nb * 2)),
+        })
     }
 
     pub fn as_f32(&self) -> &[f32] {
@@ -122,13 +221,38 @@ impl Tensor {
         out
     }
 
-    /// Elements `start..start + out.len()` (flat index) widened to f32.
+    /// Elements `start..start + out.len()` (flat index) widened to f32 (dequantized).
     pub fn read_f32(&self, start: usize, out: &mut [f32]) {
         let span = start..start + out.len();
         match self.dtype {
             DType::F32 => out.copy_from_slice(&self.as_f32()[span]),
             DType::BF16 => self.as_bf16()[span].convert_to_f32_slice(out),
             DType::F16 => self.as_f16()[span].convert_to_f32_slice(out),
+            DType::U8 => {
+                for (o, b) in out.iter_mut().zip(&self.raw()[span]) {
+                    *o = *b as f32;
+                }
+            }
+            DType::Quant(_) => {
+                let (t, qs, d) = self.as_quant().expect("quantized tensors carry scales");
+                let cols = self.shape[1];
+                let (rb, nb) = (t.row_bytes(cols), quant::row_blocks(cols));
+                let mut row = vec![0f32; cols];
+                let mut done = 0;
+                while done < out.len() {
+                    let e = start + done;
+                    let (r, c) = (e / cols, e % cols);
+                    quant::dequantize_row(
+                        t,
+                        &qs[r * rb..(r + 1) * rb],
+                        &d[r * nb..(r + 1) * nb],
+                        &mut row,
+                    );
+                    let k = (cols - c).min(out.len() - done);
+                    out[done..done + k].copy_from_slice(&row[c..c + k]);
+                    done += k;
+                }
+            }
         }
     }
 }
@@ -252,14 +376,19 @@ fn map_safetensors(path: &Path) -> Result<Mapped> {
     let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map[..])
         .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
     let base = 8 + header_len;
-    let mut out = Vec::new();
+    let quantized = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(META_KEY).cloned());
+    let mut out = BTreeMap::new();
     for (name, info) in meta.tensors() {
         let dtype = match info.dtype {
             safetensors::Dtype::F32 => DType::F32,
             safetensors::Dtype::F16 => DType::F16,
             safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::U8 if quantized.is_some() => DType::U8,
             other => bail!(
-                "{}: tensor {name} has dtype {other:?}; supported: F32, F16, BF16",
+                "{}: tensor {name} has dtype {other:?}; supported: F32, F16, BF16 (and U8 in a phi4 quantized checkpoint)",
                 path.display()
             ),
         };
@@ -281,14 +410,62 @@ fn map_safetensors(path: &Path) -> Result<Mapped> {
             dtype,
             shape: info.shape.clone(),
             bytes,
+            scales: None,
         };
         if !(t.raw().as_ptr() as usize).is_multiple_of(dtype.size()) {
             // Unaligned in the file: a copy is the only safe way to read it as typed values.
             t = Tensor::from_bytes(dtype, t.shape.clone(), t.raw());
         }
-        out.push((name, t));
+        out.insert(name.clone(), t);
     }
-    Ok((map, out))
+    let out = match quantized {
+        Some(q) => assemble_quantized(out, &q).with_context(|| path.display().to_string())?,
+        None => out,
+    };
+    Ok((map, out.into_iter().collect()))
+}
+
+/// Metadata key of a quantized checkpoint's tensor description: each quantized matrix `N` is
+/// stored as `N.qs` (U8, `[rows, row bytes]`) and `N.scales` (F16, `[rows, blocks]`), and this
+/// key maps `N` to `{"type": "q4", "shape": [rows, cols]}`. Loading maps the file and reads the
+/// blocks in place, like any safetensors checkpoint.
+pub const META_KEY: &str = "phi4.quant";
+
+/// One quantized tensor's entry in the metadata.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct QuantEntry {
+    #[serde(rename = "type")]
+    pub qtype: String,
+    pub shape: Vec<usize>,
+}
+
+/// Joins the `N.qs` / `N.scales` pairs of a mapped file described by `meta` (the `phi4.quant`
+/// value) into quantized tensors named `N`; everything else passes through.
+fn assemble_quantized(
+    mut tensors: BTreeMap<String, Tensor>,
+    meta: &str,
+) -> Result<BTreeMap<String, Tensor>> {
+    let entries: BTreeMap<String, QuantEntry> =
+        serde_json::from_str(meta).with_context(|| format!("metadata {META_KEY} is not valid"))?;
+    for (name, e) in entries {
+        let t = QType::parse(&e.qtype)
+            .with_context(|| format!("{name}: unknown quantized type {:?}", e.qtype))?;
+        let mut part = |suffix: &str| {
+            tensors
+                .remove(&format!("{name}.{suffix}"))
+                .with_context(|| format!("quantized tensor {name} has no {name}.{suffix}"))
+        };
+        let (values, scales) = (part("qs")?, part("scales")?);
+        if values.dtype != DType::U8 {
+            bail!("{name}.qs must be U8, is {:?}", values.dtype);
+        }
+        let q = Tensor::quantized(t, e.shape, values, scales).with_context(|| name.clone())?;
+        tensors.insert(name, q);
+    }
+    if let Some(stray) = tensors.keys().find(|k| k.ends_with(".qs")) {
+        bail!("{stray} is not described in the {META_KEY} metadata");
+    }
+    Ok(tensors)
 }
 
 /// One expected tensor: name and shape. `optional` entries may be absent (tied LM head).
@@ -315,6 +492,18 @@ pub fn check_registry(
                 "tensor {} has shape {:?}, expected {:?}",
                 e.name, t.shape, e.shape
             )),
+            Some(t) if !(t.dtype.is_float() || (e.shape.len() == 2 && t.as_quant().is_some())) => {
+                problems.push(format!(
+                    "tensor {} has dtype {:?}; expected a float{}",
+                    e.name,
+                    t.dtype,
+                    if e.shape.len() == 2 {
+                        " or quantized matrix"
+                    } else {
+                        ""
+                    }
+                ))
+            }
             Some(t) => {
                 found.insert(e.name.clone(), t.clone());
             }

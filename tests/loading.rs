@@ -54,6 +54,8 @@ fn write_st(path: &Path, tensors: &[(String, Tensor)]) {
                 DType::F32 => safetensors::Dtype::F32,
                 DType::F16 => safetensors::Dtype::F16,
                 DType::BF16 => safetensors::Dtype::BF16,
+                DType::U8 => safetensors::Dtype::U8,
+                DType::Quant(_) => panic!("write_st takes the fixture's float tensors"),
             };
             (
                 n.clone(),

@@ -16,7 +16,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::config::{GenerationConfig, Phi3Config};
-use crate::model::{BatchItem, KvCache, Logits, Phi3ForCausalLM, RopeTable};
+use crate::model::{BatchItem, KvCache, Logits, Phi3ForCausalLM, Recipe, RopeTable};
 use crate::text::{ChatTemplate, Message, Tokenizer};
 use crate::weights::Checkpoint;
 pub use batcher::{Batcher, BatcherConfig, Event, SubmitError};
@@ -103,11 +103,16 @@ impl Sequence {
 impl Engine {
     /// Loads a model directory in the Hugging Face layout.
     pub fn load(dir: &Path) -> Result<Engine> {
-        Self::load_with_progress(dir, &mut |_, _| {})
+        Self::load_with_progress(dir, None, &mut |_, _| {})
     }
 
-    /// As [`Engine::load`], reporting (bytes read, total bytes) while the weights are paged in.
-    pub fn load_with_progress(dir: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<Engine> {
+    /// As [`Engine::load`], with the weight matrices quantized by `quant` if given, reporting
+    /// (bytes read, total bytes) while the weights are paged in.
+    pub fn load_with_progress(
+        dir: &Path,
+        quant: Option<Recipe>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Engine> {
         for f in ["config.json", "tokenizer.json"] {
             if !dir.join(f).exists() {
                 bail!(
@@ -127,9 +132,15 @@ impl Engine {
         let template = ChatTemplate::from_model_dir(dir)?;
         let ckpt = Checkpoint::open_dir(dir)?;
         let total = ckpt.mapped_bytes();
-        let model = Phi3ForCausalLM::load(config, &ckpt)
+        let mut model = Phi3ForCausalLM::load(config, &ckpt)
             .with_context(|| format!("loading weights from {}", dir.display()))?;
-        ckpt.prefault(|done| progress(done, total));
+        match quant {
+            // Quantizing reads every weight once; the mapping is released when `ckpt` goes.
+            Some(recipe) => model
+                .quantize(recipe)
+                .with_context(|| format!("quantizing {} ({})", dir.display(), recipe.name()))?,
+            None => ckpt.prefault(|done| progress(done, total)),
+        }
         Ok(Engine::new(model, tokenizer, template, &gen))
     }
 

@@ -8,6 +8,7 @@
 pub mod dot;
 pub mod matmul;
 pub mod ops;
+pub mod quant;
 
 pub use matmul::{matmul, matvec, WeightView};
 

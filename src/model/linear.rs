@@ -6,6 +6,7 @@
 
 use anyhow::{bail, Result};
 
+use crate::kernels::quant::QType;
 use crate::kernels::{matmul, WeightView};
 use crate::weights::{DType, Tensor};
 
@@ -21,6 +22,9 @@ impl Linear {
     pub fn new(weight: Tensor) -> Result<Linear> {
         if weight.shape.len() != 2 {
             bail!("linear weight must be 2-D, got shape {:?}", weight.shape);
+        }
+        if weight.dtype == DType::U8 {
+            bail!("linear weight holds raw bytes, not a float or quantized matrix");
         }
         Ok(Linear {
             out_features: weight.shape[0],
@@ -38,7 +42,20 @@ impl Linear {
             DType::F32 => WeightView::F32(self.weight.as_f32()),
             DType::F16 => WeightView::F16(self.weight.as_f16()),
             DType::BF16 => WeightView::BF16(self.weight.as_bf16()),
+            DType::U8 => unreachable!("Linear::new refuses raw bytes"),
+            DType::Quant(_) => {
+                let (t, qs, d) = self
+                    .weight
+                    .as_quant()
+                    .expect("quantized tensors carry scales");
+                WeightView::Quant { t, qs, d }
+            }
         }
+    }
+
+    /// This layer with its weight quantized to `t`.
+    pub fn quantize(&self, t: QType) -> Result<Linear> {
+        Linear::new(self.weight.quantize(t)?)
     }
 
     /// `x` is `[n, in_features]`, `y` is `[n, out_features]`, both row-major.
@@ -48,6 +65,6 @@ impl Linear {
 
     /// Bytes read per full pass over the weight (what bounds decode speed).
     pub fn weight_bytes(&self) -> usize {
-        self.weight.raw().len()
+        self.weight.nbytes()
     }
 }

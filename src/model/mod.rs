@@ -2,9 +2,11 @@
 
 pub mod linear;
 pub mod phi3;
+pub mod quantize;
 pub mod rope;
 pub mod synthetic;
 
 pub use linear::Linear;
 pub use phi3::{BatchItem, KvCache, Logits, Phi3ForCausalLM};
+pub use quantize::Recipe;
 pub use rope::{Rope, RopeTable};

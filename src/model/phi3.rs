@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 
 use super::linear::Linear;
+use super::quantize::Recipe;
 use super::rope::{Rope, RopeTable};
 use crate::config::Phi3Config;
 use crate::kernels::dot::dot_f32;
@@ -182,6 +183,77 @@ impl Phi3ForCausalLM {
             lm_head,
             rope,
         }
+    }
+
+    /// Every weight by its Hugging Face name (the tied LM head once, as the embedding).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let vector = |v: &[f32]| Tensor::from_f32(vec![v.len()], v);
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.model.embed_tokens.clone(),
+        )];
+        for (l, layer) in self.model.layers.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            out.extend([
+                (
+                    format!("{p}.input_layernorm.weight"),
+                    vector(&layer.input_layernorm),
+                ),
+                (
+                    format!("{p}.self_attn.qkv_proj.weight"),
+                    layer.self_attn.qkv_proj.weight().clone(),
+                ),
+                (
+                    format!("{p}.self_attn.o_proj.weight"),
+                    layer.self_attn.o_proj.weight().clone(),
+                ),
+                (
+                    format!("{p}.post_attention_layernorm.weight"),
+                    vector(&layer.post_attention_layernorm),
+                ),
+                (
+                    format!("{p}.mlp.gate_up_proj.weight"),
+                    layer.mlp.gate_up_proj.weight().clone(),
+                ),
+                (
+                    format!("{p}.mlp.down_proj.weight"),
+                    layer.mlp.down_proj.weight().clone(),
+                ),
+            ]);
+        }
+        out.push(("model.norm.weight".to_string(), vector(&self.model.norm)));
+        if !self.config.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), self.lm_head.weight().clone()));
+        }
+        out
+    }
+
+    /// Quantizes every weight matrix to the format `recipe` gives its name; the float weights
+    /// are released as each is replaced. A tied LM head stays one tensor with the embedding.
+    pub fn quantize(&mut self, recipe: Recipe) -> Result<()> {
+        for (l, layer) in self.model.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{l}");
+            for (name, lin) in [
+                ("self_attn.qkv_proj", &mut layer.self_attn.qkv_proj),
+                ("self_attn.o_proj", &mut layer.self_attn.o_proj),
+                ("mlp.gate_up_proj", &mut layer.mlp.gate_up_proj),
+                ("mlp.down_proj", &mut layer.mlp.down_proj),
+            ] {
+                let full = format!("{p}.{name}.weight");
+                *lin = lin.quantize(recipe.qtype(&full)).context(full)?;
+            }
+        }
+        let embed = self
+            .model
+            .embed_tokens
+            .quantize(recipe.qtype("model.embed_tokens.weight"))?;
+        self.lm_head = if self.config.tie_word_embeddings {
+            Linear::new(embed.clone())?
+        } else {
+            self.lm_head.quantize(recipe.qtype("lm_head.weight"))?
+        };
+        self.model.embed_tokens = embed;
+        Ok(())
     }
 
     pub fn new_cache(&self) -> KvCache {

@@ -61,7 +61,9 @@ impl Phi3ForCausalLM {
                 }
             })
             .collect();
-        let embed = Tensor::bf16_with(vec![v, h], |x| random_bf16(x, 1.0, seed));
+        // ±0.1 gives tied-head logits a standard deviation near 3, as a trained LM's are
+        // (wider values make every next-token distribution one-hot, hiding numeric error).
+        let embed = Tensor::bf16_with(vec![v, h], |x| random_bf16(x, 0.1, seed));
         let lm_head = Linear::new(embed.clone()).expect("2-D");
         Phi3ForCausalLM::from_parts(config, embed, layers, vec![1.0; h], lm_head)
     }

@@ -1,0 +1,119 @@
+//! Quantization recipes, quantizing a loaded model in place, and writing the self-describing
+//! quantized checkpoint `phi4 quantize` makes (its layout: [`crate::weights`]).
+//!
+//! A recipe names the block format of every weight matrix by its tensor name; norms stay f32.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use super::Phi3ForCausalLM;
+use crate::kernels::quant::QType;
+use crate::weights::{DType, QuantEntry, META_KEY};
+
+/// Metadata key of the recipe a checkpoint was made with.
+pub const RECIPE_KEY: &str = "phi4.recipe";
+
+/// Which block format each weight gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recipe {
+    /// Every matrix at 8 bits.
+    Q8,
+    /// Every matrix at 4 bits, embeddings / LM head included.
+    Q4,
+    /// 4 bits, except `down_proj` and the embeddings / LM head at 8 bits: Phi-4-mini degrades
+    /// under uniform 4-bit, most where errors are not averaged away (the MLP output, the logits).
+    Q4Edge,
+}
+
+impl Recipe {
+    pub const ALL: [Recipe; 3] = [Recipe::Q8, Recipe::Q4, Recipe::Q4Edge];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Recipe::Q8 => "q8",
+            Recipe::Q4 => "q4",
+            Recipe::Q4Edge => "q4-edge",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Recipe> {
+        Recipe::ALL
+            .into_iter()
+            .find(|r| r.name() == s)
+            .with_context(|| format!("unknown quantization recipe {s:?}; choose q8, q4 or q4-edge"))
+    }
+
+    /// The format for the weight matrix `name` (a Hugging Face tensor name).
+    pub fn qtype(self, name: &str) -> QType {
+        let eight_bit = name.ends_with("down_proj.weight")
+            || name == "model.embed_tokens.weight"
+            || name == "lm_head.weight";
+        match self {
+            Recipe::Q8 => QType::Q8,
+            Recipe::Q4 => QType::Q4,
+            Recipe::Q4Edge if eight_bit => QType::Q8,
+            Recipe::Q4Edge => QType::Q4,
+        }
+    }
+}
+
+/// Writes `model` (already quantized) as `dir/model.safetensors` with the description above.
+pub fn write_checkpoint(model: &Phi3ForCausalLM, recipe: Recipe, dir: &Path) -> Result<()> {
+    let named = model.named_tensors();
+    let mut entries = BTreeMap::new();
+    let mut pieces: Vec<(String, safetensors::Dtype, Vec<usize>, &[u8])> = Vec::new();
+    for (name, t) in &named {
+        match t.as_quant() {
+            Some((q, qs, d)) => {
+                let rows = t.shape[0];
+                entries.insert(
+                    name.clone(),
+                    QuantEntry {
+                        qtype: q.name().into(),
+                        shape: t.shape.clone(),
+                    },
+                );
+                pieces.push((
+                    format!("{name}.qs"),
+                    safetensors::Dtype::U8,
+                    vec![rows, qs.len() / rows],
+                    qs,
+                ));
+                pieces.push((
+                    format!("{name}.scales"),
+                    safetensors::Dtype::F16,
+                    vec![rows, d.len() / rows],
+                    bytemuck::cast_slice(d),
+                ));
+            }
+            None => {
+                let dt = match t.dtype {
+                    DType::F32 => safetensors::Dtype::F32,
+                    DType::F16 => safetensors::Dtype::F16,
+                    DType::BF16 => safetensors::Dtype::BF16,
+                    DType::U8 => safetensors::Dtype::U8,
+                    DType::Quant(_) => unreachable!("as_quant covers quantized tensors"),
+                };
+                pieces.push((name.clone(), dt, t.shape.clone(), t.raw()));
+            }
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = pieces
+        .into_iter()
+        .map(|(n, dt, shape, data)| {
+            let v = safetensors::tensor::TensorView::new(dt, shape, data)
+                .with_context(|| format!("tensor {n}"))?;
+            Ok((n, v))
+        })
+        .collect::<Result<_>>()?;
+    let mut meta = std::collections::HashMap::new();
+    meta.insert(META_KEY.to_string(), serde_json::to_string(&entries)?);
+    meta.insert(RECIPE_KEY.to_string(), recipe.name().to_string());
+    meta.insert("format".to_string(), "pt".to_string());
+    let path = dir.join("model.safetensors");
+    safetensors::serialize_to_file(views, Some(meta), &path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
