@@ -233,6 +233,10 @@ struct BenchArgs {
     /// Quantize the weights first: q8, q4 or q4-edge.
     #[arg(long, value_parser = parse_recipe)]
     quant: Option<Recipe>,
+    /// With --synthetic: write the (quantized, with --quant) weights and config.json to this
+    /// directory instead of benchmarking, for `--model DIR` and other engines to read.
+    #[arg(long, requires = "synthetic")]
+    save: Option<PathBuf>,
     #[arg(long, default_value_t = 512)]
     prompt_tokens: usize,
     #[arg(long, default_value_t = 128)]
@@ -291,9 +295,10 @@ fn quantize_cmd(a: QuantizeArgs) -> Result<()> {
             a.out.display()
         );
     }
-    let engine = load_dir(&dir, Some(a.recipe))?;
+    eprintln!("quantizing {} ({})...", dir.display(), a.recipe.name());
+    let model = load_model(&dir, Some(a.recipe))?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    phi4::model::quantize::write_checkpoint(&engine.model, a.recipe, &a.out)?;
+    phi4::model::quantize::write_checkpoint(&model, Some(a.recipe), &a.out)?;
     // Everything but the weights travels unchanged: config, tokenizer, chat template.
     for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
         let path = entry?.path();
@@ -304,7 +309,7 @@ fn quantize_cmd(a: QuantizeArgs) -> Result<()> {
                 .with_context(|| format!("copying {}", path.display()))?;
         }
     }
-    let bytes = engine.model.weight_bytes();
+    let bytes = model.weight_bytes();
     eprintln!(
         "wrote {} ({}, {:.2} GB of weights read per token)",
         a.out.display(),
@@ -312,6 +317,20 @@ fn quantize_cmd(a: QuantizeArgs) -> Result<()> {
         bytes as f64 / 1e9
     );
     Ok(())
+}
+
+/// The decoder alone (config.json and weights, no tokenizer), quantized if asked, its mapped
+/// weights paged in otherwise.
+fn load_model(dir: &Path, quant: Option<Recipe>) -> Result<Phi3ForCausalLM> {
+    let config = Phi3Config::from_file(&dir.join("config.json"))?;
+    let ckpt = phi4::weights::Checkpoint::open_dir(dir)?;
+    let mut model = Phi3ForCausalLM::load(config, &ckpt)
+        .with_context(|| format!("loading weights from {}", dir.display()))?;
+    match quant {
+        Some(r) => model.quantize(r)?,
+        None => ckpt.prefault(|_| {}),
+    }
+    Ok(model)
 }
 
 fn load_dir(dir: &Path, quant: Option<Recipe>) -> Result<Engine> {
@@ -566,9 +585,14 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     let mut engine = None;
     let mut synthetic = None;
     let (model, label): (&Phi3ForCausalLM, String) = match (&a.model, a.synthetic) {
-        (Some(m), _) => {
+        (Some(m), _) if !a.concurrency.is_empty() => {
             let e: &Engine = engine.insert(load_engine(m, a.quant)?);
             (&e.model, m.clone())
+        }
+        (Some(m), _) => {
+            // Single-stream figures need only the weights: no tokenizer or template.
+            let model = load_model(&resolve_model(m)?, a.quant)?;
+            (synthetic.insert(model), m.clone())
         }
         (None, true) => {
             eprintln!("building synthetic Phi-4-mini weights (bf16, random)...");
@@ -581,6 +605,14 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
                 }
                 None => "bf16",
             };
+            if let Some(dir) = &a.save {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                std::fs::write(dir.join("config.json"), phi4::config::PHI4_MINI_CONFIG)?;
+                phi4::model::quantize::write_checkpoint(&m, a.quant, dir)?;
+                eprintln!("wrote {} ({format})", dir.display());
+                return Ok(());
+            }
             let s: &Phi3ForCausalLM = synthetic.insert(m);
             (s, format!("synthetic Phi-4-mini {format}"))
         }

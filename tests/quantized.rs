@@ -143,7 +143,7 @@ fn quantized_checkpoint_round_trips_and_loads_mapped() {
     let out = tempfile::tempdir().unwrap();
     let mut q = tiny();
     q.quantize(Recipe::Q4Edge).unwrap();
-    phi4::model::quantize::write_checkpoint(&q, Recipe::Q4Edge, out.path()).unwrap();
+    phi4::model::quantize::write_checkpoint(&q, Some(Recipe::Q4Edge), out.path()).unwrap();
     let cfg = Phi3Config::from_file(&tiny_dir().join("config.json")).unwrap();
     let ckpt = Checkpoint::open_dir(out.path()).unwrap();
     let back = Phi3ForCausalLM::load(cfg, &ckpt).unwrap();
@@ -183,7 +183,7 @@ fn corrupt_quantized_checkpoints_are_refused_by_name() {
     let out = tempfile::tempdir().unwrap();
     let mut q = tiny();
     q.quantize(Recipe::Q8).unwrap();
-    phi4::model::quantize::write_checkpoint(&q, Recipe::Q8, out.path()).unwrap();
+    phi4::model::quantize::write_checkpoint(&q, Some(Recipe::Q8), out.path()).unwrap();
     let path = out.path().join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;

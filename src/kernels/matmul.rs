@@ -175,11 +175,18 @@ fn stream(w: WeightView, rows: usize, cols: usize, x: &[f32], y: &mut [f32], n: 
     yt.par_chunks_mut(ROW_CHUNK * n)
         .enumerate()
         .for_each(|(c, out)| task(c * ROW_CHUNK, out));
-    for (r, col) in yt.chunks(n).enumerate() {
-        for (t, v) in col.iter().enumerate() {
-            y[t * rows + r] = *v;
+    transpose_into(&yt, y, rows, n);
+}
+
+/// `y[t][r] = yt[r][t]`, one output row per task: writes stay sequential and the strided reads
+/// (one cache line per weight row, reused by the next tokens) stay in L2. A single-threaded
+/// row-by-row scatter cost 9 % of a 512-token prefill.
+fn transpose_into(yt: &[f32], y: &mut [f32], rows: usize, n: usize) {
+    y.par_chunks_mut(rows).enumerate().for_each(|(t, out)| {
+        for (r, v) in out.iter_mut().enumerate() {
+            *v = yt[r * n + t];
         }
-    }
+    });
 }
 
 /// Block-quantized weights against activations quantized to 8 bits: the integer kernels of
@@ -236,11 +243,7 @@ fn quantized_matmul(
     yt.par_chunks_mut(ROW_CHUNK * n)
         .enumerate()
         .for_each(|(c, out)| task(c * ROW_CHUNK, out));
-    for (r, col) in yt.chunks(n).enumerate() {
-        for (t, v) in col.iter().enumerate() {
-            y[t * rows + r] = *v;
-        }
-    }
+    transpose_into(&yt, y, rows, n);
 }
 
 /// Widens W to f32 a block of rows at a time and multiplies with `gemm`'s packed kernels.

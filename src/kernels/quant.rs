@@ -339,6 +339,12 @@ mod avx2 {
         }
     }
 
+    /// How far ahead of the weight reads to prefetch.
+    const PREFETCH: usize = 2048;
+
+    /// Three horizontal adds per group of 8 blocks leave the eight block sums in the scales'
+    /// order, so one conversion and one FMA scale a whole group. (Scaling each pair in its
+    /// lanes instead, with no horizontal adds, measured slower: 22.5 vs 24.8 tok/s prefill.)
     #[inline(always)]
     unsafe fn dot_n<const N: usize, const Q4: bool>(
         qs: &[u8],
@@ -355,6 +361,12 @@ mod avx2 {
         let mut acc = [_mm256_setzero_ps(); N];
         for g in 0..groups {
             let w = qs.as_ptr().add(g * 4 * pair_bytes);
+            // The hardware prefetcher alone leaves decode waiting on weight loads; asking
+            // PREFETCH bytes ahead gained ~10 % (q4, 2 threads, 3 runs each: median 12.55 vs
+            // 11.15 tok/s). Past the row's end this touches the next row, which comes next.
+            for line in (0..4 * pair_bytes).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(PREFETCH + line) as *const i8);
+            }
             let off = g * 256;
             let p0 = pair_sums::<N, Q4>(w, &xp, off);
             let p1 = pair_sums::<N, Q4>(w.add(pair_bytes), &xp, off + 64);

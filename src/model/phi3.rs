@@ -14,7 +14,6 @@ use super::linear::Linear;
 use super::quantize::Recipe;
 use super::rope::{Rope, RopeTable};
 use crate::config::Phi3Config;
-use crate::kernels::dot::dot_f32;
 use crate::kernels::ops::{rms_norm, rope_neox, silu_mul, softmax};
 use crate::weights::{check_registry, Checkpoint, Expected, Tensor};
 
@@ -482,32 +481,166 @@ impl Phi3ForCausalLM {
         let scale = 1.0 / (hd as f32).sqrt();
         let qkv = &s.qkv;
         let kv_w = nkv * hd;
+        // Items with a long run of new tokens (a prefill) go through blocked matrix products;
+        // the rest (decode steps) one row at a time below.
+        let mut blocked = vec![false; rows.len()];
+        let mut first = 0;
+        for (i, it) in items.iter().enumerate() {
+            let n = it.tokens.len();
+            if n >= BLOCKED_ATTENTION_MIN {
+                blocked[first..first + n].fill(true);
+                let start = it.cache.len; // updated after the last layer
+                let out = SharedOut(s.attn.as_mut_ptr());
+                let (kc, vc) = (&caches[i].k[l], &caches[i].v[l]);
+                let blocks = n.div_ceil(QUERY_BLOCK);
+                (0..nh * blocks).into_par_iter().for_each(|job| {
+                    let (head, b) = (job / blocks, job % blocks);
+                    let (q0, q1) = (b * QUERY_BLOCK, ((b + 1) * QUERY_BLOCK).min(n));
+                    let keys = start + q1;
+                    let kvh = head / group;
+                    let mut sc = vec![0f32; (q1 - q0) * keys];
+                    // SAFETY: every pointer/stride pair below stays inside qkv (rows first+q0..
+                    // first+q1), the cache (keys rows of kv_w) and sc; each job writes its own
+                    // (rows, head) block of attn, disjoint from every other job's.
+                    unsafe {
+                        gemm::gemm(
+                            q1 - q0,
+                            keys,
+                            hd,
+                            sc.as_mut_ptr(),
+                            1,
+                            keys as isize,
+                            false,
+                            qkv.as_ptr().add((first + q0) * qkv_dim + head * hd),
+                            1,
+                            qkv_dim as isize,
+                            kc.as_ptr().add(kvh * hd),
+                            kv_w as isize,
+                            1,
+                            0.0,
+                            scale,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                    for (t, row) in sc.chunks_mut(keys).enumerate() {
+                        let visible = start + q0 + t + 1;
+                        softmax(&mut row[..visible]);
+                        row[visible..].fill(0.0);
+                    }
+                    let o = out;
+                    // SAFETY: as above; the output block is rows first+q0..first+q1, columns
+                    // head*hd..(head+1)*hd of attn.
+                    unsafe {
+                        gemm::gemm(
+                            q1 - q0,
+                            hd,
+                            keys,
+                            o.0.add((first + q0) * nh * hd + head * hd),
+                            1,
+                            (nh * hd) as isize,
+                            false,
+                            sc.as_ptr(),
+                            1,
+                            keys as isize,
+                            vc.as_ptr().add(kvh * hd),
+                            1,
+                            kv_w as isize,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                });
+            }
+            first += it.tokens.len();
+        }
+        // One job per (row, kv head): the `group` query heads sharing that kv head are one
+        // [group × hd] matrix (adjacent in the row), so each key and value is read once for all
+        // of them.
         s.attn
-            .par_chunks_mut(hd)
+            .par_chunks_mut(group * hd)
             .enumerate()
+            .filter(|(idx, _)| !blocked[idx / nkv])
             .for_each(|(idx, out)| {
-                let (t, head) = (idx / nh, idx % nh);
+                let (t, kvh) = (idx / nkv, idx % nkv);
                 let (item, pos) = rows[t];
                 let (kc, vc) = (&caches[item].k[l], &caches[item].v[l]);
-                let kvh = head / group;
-                let q = &qkv[t * qkv_dim + head * hd..t * qkv_dim + (head + 1) * hd];
-                let upto = pos + 1;
-                let mut scores: Vec<f32> = (0..upto)
-                    .map(|p| {
-                        dot_f32(q, &kc[p * kv_w + kvh * hd..p * kv_w + (kvh + 1) * hd]) * scale
-                    })
-                    .collect();
-                softmax(&mut scores);
-                out.fill(0.0);
-                for (p, w) in scores.iter().enumerate() {
-                    let v = &vc[p * kv_w + kvh * hd..p * kv_w + (kvh + 1) * hd];
-                    for (o, vv) in out.iter_mut().zip(v) {
-                        *o += w * vv;
-                    }
+                let keys = pos + 1;
+                let mut sc = vec![0f32; group * keys];
+                // SAFETY: q is `group` rows of hd at row t of qkv (stride hd), K and V are
+                // `keys` rows of the cache at column kvh*hd (stride kv_w), sc is group × keys and
+                // out is group × hd; all inside their slices.
+                unsafe {
+                    gemm::gemm(
+                        group,
+                        keys,
+                        hd,
+                        sc.as_mut_ptr(),
+                        1,
+                        keys as isize,
+                        false,
+                        qkv.as_ptr().add(t * qkv_dim + kvh * group * hd),
+                        1,
+                        hd as isize,
+                        kc.as_ptr().add(kvh * hd),
+                        kv_w as isize,
+                        1,
+                        0.0,
+                        scale,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                for row in sc.chunks_mut(keys) {
+                    softmax(row);
+                }
+                unsafe {
+                    gemm::gemm(
+                        group,
+                        hd,
+                        keys,
+                        out.as_mut_ptr(),
+                        1,
+                        hd as isize,
+                        false,
+                        sc.as_ptr(),
+                        1,
+                        keys as isize,
+                        vc.as_ptr().add(kvh * hd),
+                        1,
+                        kv_w as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
                 }
             });
     }
 }
+
+/// From this many new tokens in one item, attention runs as blocked matrix products.
+const BLOCKED_ATTENTION_MIN: usize = 16;
+/// Query rows per block: the scores of one block are `QUERY_BLOCK × keys` floats, so memory
+/// grows linearly with the context, never with its square.
+const QUERY_BLOCK: usize = 64;
+
+/// The attention output, written by parallel jobs at disjoint (rows, head) blocks.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: jobs write disjoint regions (see the blocked attention) and the owner waits for all.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
 
 /// One sequence's share of a batched forward pass: its new tokens, its cache and the rotary
 /// table that cache uses.

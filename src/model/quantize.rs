@@ -59,8 +59,9 @@ impl Recipe {
     }
 }
 
-/// Writes `model` (already quantized) as `dir/model.safetensors` with the description above.
-pub fn write_checkpoint(model: &Phi3ForCausalLM, recipe: Recipe, dir: &Path) -> Result<()> {
+/// Writes `model` as `dir/model.safetensors`: quantized matrices as described in
+/// [`crate::weights::META_KEY`], float tensors as they are. `recipe` is recorded if given.
+pub fn write_checkpoint(model: &Phi3ForCausalLM, recipe: Option<Recipe>, dir: &Path) -> Result<()> {
     let named = model.named_tensors();
     let mut entries = BTreeMap::new();
     let mut pieces: Vec<(String, safetensors::Dtype, Vec<usize>, &[u8])> = Vec::new();
@@ -110,7 +111,9 @@ pub fn write_checkpoint(model: &Phi3ForCausalLM, recipe: Recipe, dir: &Path) -> 
         .collect::<Result<_>>()?;
     let mut meta = std::collections::HashMap::new();
     meta.insert(META_KEY.to_string(), serde_json::to_string(&entries)?);
-    meta.insert(RECIPE_KEY.to_string(), recipe.name().to_string());
+    if let Some(r) = recipe {
+        meta.insert(RECIPE_KEY.to_string(), r.name().to_string());
+    }
     meta.insert("format".to_string(), "pt".to_string());
     let path = dir.join("model.safetensors");
     safetensors::serialize_to_file(views, Some(meta), &path)
