@@ -14,7 +14,8 @@ Steps (each skipped when its output already exists):
     merges do not matter), then llama.cpp's own quantizer makes Q8_0, Q4_0 and Q4_K_M;
  4. `phi4 quantize` makes q8, q4 and q4-edge checkpoints from WORK/bf16;
  5. every engine/format pair is run --runs times, alternating engines, each run a fresh process:
-    a 512-token prompt (one prefill pass), then 128 greedy decode steps; peak RSS from wait4.
+    a 512-token prompt (one prefill pass), then 128 greedy decode steps; peak RSS is each
+    child's own VmHWM.
 The table printed at the end (medians, and phi4 / llama.cpp ratios) goes into BENCHMARKS.md.
 """
 
@@ -190,26 +191,27 @@ t0 = time.perf_counter(); tok = decode(prompt); t1 = time.perf_counter()
 for _ in range(gen_n):
     tok = decode([tok])
 t2 = time.perf_counter()
-print(json.dumps({"prefill": prompt_n / (t1 - t0), "decode": gen_n / (t2 - t1)}))
+hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"prefill": prompt_n / (t1 - t0), "decode": gen_n / (t2 - t1),
+                  "rss_mb": int(hwm.split()[1]) / 1024}))
 """
 
 
 def run_child(cmd):
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    out = p.stdout.read()
-    _, status, ru = os.wait4(p.pid, 0)
-    if status != 0:
-        raise SystemExit(f"{cmd[:3]} failed with status {status}")
-    text = out.decode().strip()
-    start = text.find("{")  # phi4 prints one JSON object; llama's child one line after any logs
-    return json.loads(text[start:]) | {"rss_mb": ru.ru_maxrss / 1024}
+    # Peak RSS is read by each child from its own VmHWM: wait4's ru_maxrss would include the
+    # memory of this (forking) Python process from before the exec.
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    if p.returncode != 0:
+        raise SystemExit(f"{cmd[:3]} failed with status {p.returncode}")
+    text = p.stdout.decode().strip()
+    return json.loads(text[text.find("{"):])  # phi4 prints one JSON object, the llama child one line
 
 
 def phi4_run(phi4, model_dir, threads):
     r = run_child([phi4, "--threads", str(threads), "bench", "--model", str(model_dir),
                    "--prompt-tokens", str(PROMPT), "--gen-tokens", str(GEN), "--runs", "1", "--json"])
     return {"prefill": r["prefill_tokens_per_s"], "decode": r["decode_tokens_per_s"],
-            "rss_mb": r["rss_mb"], "bw": r["memory_bandwidth_gb_s"],
+            "rss_mb": r["peak_rss_mb"], "bw": r["memory_bandwidth_gb_s"],
             "weights_gb": r["weight_bytes_per_token"] / 1e9}
 
 

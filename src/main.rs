@@ -62,7 +62,8 @@ struct QuantizeArgs {
 
 #[derive(Args)]
 struct ModelArg {
-    /// A local model directory or a Hugging Face repo id (downloaded to the hub cache if missing).
+    /// A local model directory, a Hugging Face repo id (downloaded to the hub cache if missing),
+    /// or a llama.cpp / ollama GGUF file (`*.gguf`).
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: String,
     /// Quantize the weights at load: q8, q4 or q4-edge (4-bit, with down_proj and the
@@ -282,12 +283,22 @@ fn real_main(cli: Cli) -> Result<()> {
     }
 }
 
+fn is_gguf(spec: &str) -> bool {
+    spec.ends_with(".gguf") && Path::new(spec).is_file()
+}
+
 fn load_engine(spec: &str, quant: Option<Recipe>) -> Result<Engine> {
+    if is_gguf(spec) {
+        return Engine::load_gguf(Path::new(spec), quant);
+    }
     let dir = resolve_model(spec)?;
     load_dir(&dir, quant)
 }
 
 fn quantize_cmd(a: QuantizeArgs) -> Result<()> {
+    if is_gguf(&a.model) {
+        bail!("phi4 quantize reads Hugging Face safetensors checkpoints; run a GGUF file directly (--model FILE.gguf, with --quant to re-quantize its float tensors)");
+    }
     let dir = resolve_model(&a.model)?;
     if a.out.join("model.safetensors").exists() {
         bail!(
@@ -586,6 +597,10 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     let mut synthetic = None;
     let (model, label): (&Phi3ForCausalLM, String) = match (&a.model, a.synthetic) {
         (Some(m), _) if !a.concurrency.is_empty() => {
+            let e: &Engine = engine.insert(load_engine(m, a.quant)?);
+            (&e.model, m.clone())
+        }
+        (Some(m), _) if is_gguf(m) => {
             let e: &Engine = engine.insert(load_engine(m, a.quant)?);
             (&e.model, m.clone())
         }

@@ -174,6 +174,20 @@ impl Tensor {
         if !self.dtype.is_float() {
             bail!("tensor is already quantized ({:?})", self.dtype);
         }
+        Ok(Tensor::quantize_rows(t, rows, cols, |r, row, q, d| {
+            self.read_f32(r * cols, row);
+            quant::quantize_row(t, row, q, d);
+        }))
+    }
+
+    /// A `[rows, cols]` tensor of type `t` whose rows `fill(r, scratch, values, scales)` writes
+    /// (rows in parallel; `scratch` is a `cols`-long f32 buffer per worker).
+    pub fn quantize_rows(
+        t: QType,
+        rows: usize,
+        cols: usize,
+        fill: impl Fn(usize, &mut [f32], &mut [u8], &mut [f16]) + Sync,
+    ) -> Tensor {
         let (rb, nb) = (t.row_bytes(cols), quant::row_blocks(cols));
         let mut qs = vec![0u32; (rows * rb).div_ceil(4)];
         let mut d = vec![0u32; (rows * nb).div_ceil(2)];
@@ -183,20 +197,36 @@ impl Tensor {
             qb.par_chunks_mut(rb)
                 .zip(db.par_chunks_mut(nb))
                 .enumerate()
-                .for_each_init(
-                    || vec![0f32; cols],
-                    |row, (r, (q, s))| {
-                        self.read_f32(r * cols, row);
-                        quant::quantize_row(t, row, q, s);
-                    },
-                );
+                .for_each_init(|| vec![0f32; cols], |row, (r, (q, s))| fill(r, row, q, s));
         }
-        Ok(Tensor {
+        Tensor {
             dtype: DType::Quant(t),
-            shape: self.shape.clone(),
+            shape: vec![rows, cols],
             bytes: Bytes::Owned(Arc::new(qs), rows * rb),
             scales: Some(Bytes::Owned(Arc::new(d), rows * nb * 2)),
-        })
+        }
+    }
+
+    /// A view of `len` bytes at `start` of a mapped file (copied if the address does not suit
+    /// the dtype).
+    pub fn mapped(
+        dtype: DType,
+        shape: Vec<usize>,
+        map: Arc<Mmap>,
+        start: usize,
+        len: usize,
+    ) -> Tensor {
+        let t = Tensor {
+            dtype,
+            shape,
+            bytes: Bytes::Mapped { map, start, len },
+            scales: None,
+        };
+        if (t.raw().as_ptr() as usize).is_multiple_of(dtype.size()) {
+            t
+        } else {
+            Tensor::from_bytes(dtype, t.shape.clone(), t.raw())
+        }
     }
 
     pub fn as_f32(&self) -> &[f32] {
@@ -310,6 +340,19 @@ impl Checkpoint {
             files,
             maps,
         })
+    }
+
+    /// A checkpoint read by another loader (GGUF): its tensors and the mappings they view.
+    pub fn from_parts(
+        tensors: HashMap<String, Tensor>,
+        files: Vec<PathBuf>,
+        maps: Vec<Arc<Mmap>>,
+    ) -> Checkpoint {
+        Checkpoint {
+            tensors,
+            files,
+            maps,
+        }
     }
 
     /// Total bytes of the mapped files.

@@ -16,6 +16,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::config::{GenerationConfig, Phi3Config};
+use crate::model::gguf::GgufFile;
 use crate::model::{BatchItem, KvCache, Logits, Phi3ForCausalLM, Recipe, RopeTable};
 use crate::text::{ChatTemplate, Message, Tokenizer};
 use crate::weights::Checkpoint;
@@ -142,6 +143,37 @@ impl Engine {
             None => ckpt.prefault(|done| progress(done, total)),
         }
         Ok(Engine::new(model, tokenizer, template, &gen))
+    }
+
+    /// Loads a llama.cpp / ollama GGUF file (architecture `phi3`): config, tokenizer, chat
+    /// template and weights from the one file ([`crate::model::gguf`]).
+    pub fn load_gguf(path: &Path, quant: Option<Recipe>) -> Result<Engine> {
+        let g = GgufFile::open(path)?;
+        let config = g.config()?;
+        let tok = g.tokenizer_json(crate::text::tokenizer::O200K_PATTERN)?;
+        let tokenizer = Tokenizer::from_bytes(&serde_json::to_vec(&tok)?)
+            .context("building the tokenizer from the GGUF vocabulary")?;
+        let (bos, eos) = g.bos_eos();
+        let name = |id: Option<i64>| id.and_then(|i| g.token(i)).unwrap_or("<|endoftext|>");
+        let template = ChatTemplate::new(
+            g.chat_template()
+                .unwrap_or(crate::text::chat::PHI4_CHAT_TEMPLATE),
+            name(bos),
+            name(eos),
+        )?;
+        let ckpt = g.checkpoint()?;
+        let mut model = Phi3ForCausalLM::load(config, &ckpt)
+            .with_context(|| format!("loading weights from {}", path.display()))?;
+        match quant {
+            Some(recipe) => model.quantize(recipe)?,
+            None => ckpt.prefault(|_| {}),
+        }
+        Ok(Engine::new(
+            model,
+            tokenizer,
+            template,
+            &GenerationConfig::default(),
+        ))
     }
 
     pub fn new(

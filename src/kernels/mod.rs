@@ -6,6 +6,7 @@
 //! runs at full speed on any x86-64.
 
 pub mod dot;
+pub mod ggml;
 pub mod matmul;
 pub mod ops;
 pub mod quant;

@@ -81,7 +81,7 @@ fn pair_pos(e: usize) -> usize {
 
 /// Position of block `b` of a row among the row's scales.
 #[inline]
-fn scale_pos(b: usize) -> usize {
+pub fn scale_index(b: usize) -> usize {
     const ORDER: [usize; 8] = [0, 4, 1, 5, 2, 6, 3, 7];
     b / 8 * 8 + ORDER[b % 8]
 }
@@ -122,7 +122,7 @@ pub fn quantize_row(t: QType, w: &[f32], qs: &mut [u8], d: &mut [f16]) {
                     scale
                 }
             };
-            d[scale_pos(b)] = f16::from_f32(scale);
+            d[scale_index(b)] = f16::from_f32(scale);
         }
         match t {
             QType::Q8 => qs[pair * 64..pair * 64 + 64].copy_from_slice(&q),
@@ -196,7 +196,7 @@ fn value(t: QType, qs: &[u8], e: usize) -> i32 {
 /// Widens a quantized row back to f32 (`out.len()` logical columns).
 pub fn dequantize_row(t: QType, qs: &[u8], d: &[f16], out: &mut [f32]) {
     for (e, o) in out.iter_mut().enumerate() {
-        *o = value(t, qs, e) as f32 * d[scale_pos(e / BLOCK)].to_f32();
+        *o = value(t, qs, e) as f32 * d[scale_index(e / BLOCK)].to_f32();
     }
 }
 
@@ -230,8 +230,8 @@ impl QActs {
                 sum += v;
                 self.qs[pair * 64 + pair_pos(half * BLOCK + k)] = v as i8;
             }
-            self.d[scale_pos(b)] = scale;
-            self.sum8[scale_pos(b)] = 8 * sum;
+            self.d[scale_index(b)] = scale;
+            self.sum8[scale_index(b)] = 8 * sum;
         }
     }
 }
@@ -247,7 +247,7 @@ pub fn scalar_dot_rows(t: QType, qs: &[u8], d: &[f16], xs: &[&QActs], out: &mut 
                 let (pair, kk) = (e / 64, e % 64);
                 isum += value(t, qs, e) * x.qs[pair * 64 + pair_pos(kk)] as i32;
             }
-            let s = scale_pos(b);
+            let s = scale_index(b);
             acc += d[s].to_f32() * x.d[s] * isum as f32;
         }
         *o = acc;

@@ -1,5 +1,6 @@
 //! Model definitions: one file per block, paths mirroring the Hugging Face tensor names.
 
+pub mod gguf;
 pub mod linear;
 pub mod phi3;
 pub mod quantize;

@@ -227,8 +227,9 @@ impl Phi3ForCausalLM {
         out
     }
 
-    /// Quantizes every weight matrix to the format `recipe` gives its name; the float weights
-    /// are released as each is replaced. A tied LM head stays one tensor with the embedding.
+    /// Quantizes every float weight matrix to the format `recipe` gives its name; the float
+    /// weights are released as each is replaced, matrices already quantized (a quantized GGUF or
+    /// checkpoint) keep their format. A tied LM head stays one tensor with the embedding.
     pub fn quantize(&mut self, recipe: Recipe) -> Result<()> {
         for (l, layer) in self.model.layers.iter_mut().enumerate() {
             let p = format!("model.layers.{l}");
@@ -239,19 +240,24 @@ impl Phi3ForCausalLM {
                 ("mlp.down_proj", &mut layer.mlp.down_proj),
             ] {
                 let full = format!("{p}.{name}.weight");
-                *lin = lin.quantize(recipe.qtype(&full)).context(full)?;
+                if lin.weight().dtype.is_float() {
+                    *lin = lin.quantize(recipe.qtype(&full)).context(full)?;
+                }
             }
         }
-        let embed = self
-            .model
-            .embed_tokens
-            .quantize(recipe.qtype("model.embed_tokens.weight"))?;
-        self.lm_head = if self.config.tie_word_embeddings {
-            Linear::new(embed.clone())?
-        } else {
-            self.lm_head.quantize(recipe.qtype("lm_head.weight"))?
-        };
-        self.model.embed_tokens = embed;
+        if self.model.embed_tokens.dtype.is_float() {
+            let embed = self
+                .model
+                .embed_tokens
+                .quantize(recipe.qtype("model.embed_tokens.weight"))?;
+            if self.config.tie_word_embeddings {
+                self.lm_head = Linear::new(embed.clone())?;
+            }
+            self.model.embed_tokens = embed;
+        }
+        if !self.config.tie_word_embeddings && self.lm_head.weight().dtype.is_float() {
+            self.lm_head = self.lm_head.quantize(recipe.qtype("lm_head.weight"))?;
+        }
         Ok(())
     }
 

@@ -7,6 +7,24 @@ use std::sync::OnceLock;
 
 use anyhow::{anyhow, Context, Result};
 
+/// The o200k_base pre-tokenizer split (tiktoken's pattern), used to build a `tokenizer.json`
+/// from a vocabulary that carries only tokens and merges (GGUF files).
+pub const O200K_PATTERN: &str = concat!(
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    "|",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    "|",
+    r"\p{N}{1,3}",
+    "|",
+    r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
+    "|",
+    r"\s*[\r\n]+",
+    "|",
+    r"\s+(?!\S)",
+    "|",
+    r"\s+",
+);
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// The bytes each id stands for; special tokens carry a leading 0xFF (toktrie's marker).
