@@ -118,6 +118,8 @@ pub fn run(model: &Phi3ForCausalLM, opts: &BenchOptions) -> Result<BenchReport> 
             time_to_first_token_ms: ttft * 1e3,
         });
     }
+    // Read before the bandwidth probe, whose 1 GiB buffer would otherwise count as ours.
+    let peak_rss = peak_rss_mb();
     let bw = memory_bandwidth_gb_s();
     let bytes = model.weight_bytes();
     let ceiling = bw * 1e9 / bytes as f64;
@@ -134,7 +136,7 @@ pub fn run(model: &Phi3ForCausalLM, opts: &BenchOptions) -> Result<BenchReport> 
         memory_bandwidth_gb_s: bw,
         decode_ceiling_tokens_per_s: ceiling,
         decode_fraction_of_ceiling: decode / ceiling,
-        peak_rss_mb: peak_rss_mb(),
+        peak_rss_mb: peak_rss,
     })
 }
 

@@ -601,8 +601,8 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
             (&e.model, m.clone())
         }
         (Some(m), _) if is_gguf(m) => {
-            let e: &Engine = engine.insert(load_engine(m, a.quant)?);
-            (&e.model, m.clone())
+            let model = phi4::model::gguf::GgufFile::open(Path::new(m))?.model(a.quant)?;
+            (synthetic.insert(model), m.clone())
         }
         (Some(m), _) => {
             // Single-stream figures need only the weights: no tokenizer or template.

@@ -149,7 +149,6 @@ impl Engine {
     /// template and weights from the one file ([`crate::model::gguf`]).
     pub fn load_gguf(path: &Path, quant: Option<Recipe>) -> Result<Engine> {
         let g = GgufFile::open(path)?;
-        let config = g.config()?;
         let tok = g.tokenizer_json(crate::text::tokenizer::O200K_PATTERN)?;
         let tokenizer = Tokenizer::from_bytes(&serde_json::to_vec(&tok)?)
             .context("building the tokenizer from the GGUF vocabulary")?;
@@ -161,13 +160,7 @@ impl Engine {
             name(bos),
             name(eos),
         )?;
-        let ckpt = g.checkpoint()?;
-        let mut model = Phi3ForCausalLM::load(config, &ckpt)
-            .with_context(|| format!("loading weights from {}", path.display()))?;
-        match quant {
-            Some(recipe) => model.quantize(recipe)?,
-            None => ckpt.prefault(|_| {}),
-        }
+        let model = g.model(quant)?;
         Ok(Engine::new(
             model,
             tokenizer,

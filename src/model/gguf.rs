@@ -18,6 +18,8 @@ use serde_json::{json, Value};
 use crate::config::Phi3Config;
 use crate::kernels::ggml::{self, GgmlType};
 use crate::kernels::quant::{self, QType};
+use crate::model::quantize::Recipe;
+use crate::model::Phi3ForCausalLM;
 use crate::weights::{Checkpoint, DType, Tensor};
 
 /// A metadata value.
@@ -430,6 +432,20 @@ impl GgufFile {
             vec![self.path.clone()],
             vec![self.map.clone()],
         ))
+    }
+
+    /// The decoder alone (no tokenizer): what `bench` needs, and the first half of
+    /// `Engine::load_gguf`. `quant` re-quantizes the float matrices; quantized ones stay as read.
+    pub fn model(&self, quant: Option<Recipe>) -> Result<Phi3ForCausalLM> {
+        let config = self.config()?;
+        let ckpt = self.checkpoint()?;
+        let mut model = Phi3ForCausalLM::load(config, &ckpt)
+            .with_context(|| format!("loading weights from {}", self.path.display()))?;
+        match quant {
+            Some(recipe) => model.quantize(recipe)?,
+            None => ckpt.prefault(|_| {}),
+        }
+        Ok(model)
     }
 }
 
