@@ -14,7 +14,7 @@ use super::linear::Linear;
 use super::quantize::Recipe;
 use super::rope::{Rope, RopeTable};
 use crate::config::Phi3Config;
-use crate::kernels::ops::{rms_norm, rope_neox, silu_mul, softmax};
+use crate::kernels::ops::{attend_one, rms_norm, rope_neox, silu_mul, softmax};
 use crate::weights::{check_registry, Checkpoint, Expected, Tensor};
 
 pub struct Attention {
@@ -52,18 +52,23 @@ pub struct Phi3ForCausalLM {
 /// arrive (nothing is reserved up front for the full context).
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
+    /// Keys of layer `l`, kv head `h` at `k[l * kv_heads + h]`: `len` rows of `head_dim`, one
+    /// contiguous run per head so that attention streams it (rows of all heads side by side
+    /// made each head's reads strided, at half the bandwidth).
     pub k: Vec<Vec<f32>>,
     pub v: Vec<Vec<f32>>,
+    pub kv_heads: usize,
     pub len: usize,
     /// The rotary table the cached keys were rotated with (None while empty).
     pub table: Option<RopeTable>,
 }
 
 impl KvCache {
-    pub fn new(layers: usize) -> KvCache {
+    pub fn new(layers: usize, kv_heads: usize) -> KvCache {
         KvCache {
-            k: vec![Vec::new(); layers],
-            v: vec![Vec::new(); layers],
+            k: vec![Vec::new(); layers * kv_heads],
+            v: vec![Vec::new(); layers * kv_heads],
+            kv_heads,
             len: 0,
             table: None,
         }
@@ -262,7 +267,7 @@ impl Phi3ForCausalLM {
     }
 
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config.num_hidden_layers)
+        KvCache::new(self.config.num_hidden_layers, self.config.num_kv_heads())
     }
 
     /// Bytes of weights one decode step reads.
@@ -477,8 +482,11 @@ impl Phi3ForCausalLM {
                 for head in row[..(nh + nkv) * hd].chunks_mut(hd) {
                     rope_neox(head, &cos, &sin);
                 }
-                it.cache.k[l].extend_from_slice(&row[nh * hd..(nh + nkv) * hd]);
-                it.cache.v[l].extend_from_slice(&row[(nh + nkv) * hd..]);
+                for h in 0..nkv {
+                    let (k, v) = ((nh + h) * hd, (nh + nkv + h) * hd);
+                    it.cache.k[l * nkv + h].extend_from_slice(&row[k..k + hd]);
+                    it.cache.v[l * nkv + h].extend_from_slice(&row[v..v + hd]);
+                }
                 rows.push((i, start + t));
                 r += 1;
             }
@@ -486,7 +494,6 @@ impl Phi3ForCausalLM {
         let caches: Vec<&KvCache> = items.iter().map(|it| &*it.cache).collect();
         let scale = 1.0 / (hd as f32).sqrt();
         let qkv = &s.qkv;
-        let kv_w = nkv * hd;
         // Items with a long run of new tokens (a prefill) go through blocked matrix products;
         // the rest (decode steps) one row at a time below.
         let mut blocked = vec![false; rows.len()];
@@ -497,16 +504,16 @@ impl Phi3ForCausalLM {
                 blocked[first..first + n].fill(true);
                 let start = it.cache.len; // updated after the last layer
                 let out = SharedOut(s.attn.as_mut_ptr());
-                let (kc, vc) = (&caches[i].k[l], &caches[i].v[l]);
                 let blocks = n.div_ceil(QUERY_BLOCK);
                 (0..nh * blocks).into_par_iter().for_each(|job| {
                     let (head, b) = (job / blocks, job % blocks);
                     let (q0, q1) = (b * QUERY_BLOCK, ((b + 1) * QUERY_BLOCK).min(n));
                     let keys = start + q1;
                     let kvh = head / group;
+                    let (kc, vc) = (&caches[i].k[l * nkv + kvh], &caches[i].v[l * nkv + kvh]);
                     let mut sc = vec![0f32; (q1 - q0) * keys];
                     // SAFETY: every pointer/stride pair below stays inside qkv (rows first+q0..
-                    // first+q1), the cache (keys rows of kv_w) and sc; each job writes its own
+                    // first+q1), the cache (keys rows of hd) and sc; each job writes its own
                     // (rows, head) block of attn, disjoint from every other job's.
                     unsafe {
                         gemm::gemm(
@@ -520,8 +527,8 @@ impl Phi3ForCausalLM {
                             qkv.as_ptr().add((first + q0) * qkv_dim + head * hd),
                             1,
                             qkv_dim as isize,
-                            kc.as_ptr().add(kvh * hd),
-                            kv_w as isize,
+                            kc.as_ptr(),
+                            hd as isize,
                             1,
                             0.0,
                             scale,
@@ -551,9 +558,9 @@ impl Phi3ForCausalLM {
                             sc.as_ptr(),
                             1,
                             keys as isize,
-                            vc.as_ptr().add(kvh * hd),
+                            vc.as_ptr(),
                             1,
-                            kv_w as isize,
+                            hd as isize,
                             0.0,
                             1.0,
                             false,
@@ -566,71 +573,21 @@ impl Phi3ForCausalLM {
             }
             first += it.tokens.len();
         }
-        // One job per (row, kv head): the `group` query heads sharing that kv head are one
-        // [group × hd] matrix (adjacent in the row), so each key and value is read once for all
-        // of them.
+        // One job per (row, kv head): the `group` query heads sharing that kv head are adjacent
+        // in the row, so each key and value is read once for all of them.
         s.attn
             .par_chunks_mut(group * hd)
             .enumerate()
             .filter(|(idx, _)| !blocked[idx / nkv])
-            .for_each(|(idx, out)| {
+            .for_each_init(Vec::new, |sc, (idx, out)| {
                 let (t, kvh) = (idx / nkv, idx % nkv);
                 let (item, pos) = rows[t];
-                let (kc, vc) = (&caches[item].k[l], &caches[item].v[l]);
-                let keys = pos + 1;
-                let mut sc = vec![0f32; group * keys];
-                // SAFETY: q is `group` rows of hd at row t of qkv (stride hd), K and V are
-                // `keys` rows of the cache at column kvh*hd (stride kv_w), sc is group × keys and
-                // out is group × hd; all inside their slices.
-                unsafe {
-                    gemm::gemm(
-                        group,
-                        keys,
-                        hd,
-                        sc.as_mut_ptr(),
-                        1,
-                        keys as isize,
-                        false,
-                        qkv.as_ptr().add(t * qkv_dim + kvh * group * hd),
-                        1,
-                        hd as isize,
-                        kc.as_ptr().add(kvh * hd),
-                        kv_w as isize,
-                        1,
-                        0.0,
-                        scale,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-                for row in sc.chunks_mut(keys) {
-                    softmax(row);
-                }
-                unsafe {
-                    gemm::gemm(
-                        group,
-                        hd,
-                        keys,
-                        out.as_mut_ptr(),
-                        1,
-                        hd as isize,
-                        false,
-                        sc.as_ptr(),
-                        1,
-                        keys as isize,
-                        vc.as_ptr().add(kvh * hd),
-                        1,
-                        kv_w as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
+                let (k, v) = (
+                    &caches[item].k[l * nkv + kvh],
+                    &caches[item].v[l * nkv + kvh],
+                );
+                let q = &qkv[t * qkv_dim + kvh * group * hd..][..group * hd];
+                attend_one(q, k, v, hd, pos + 1, hd, scale, out, sc);
             });
     }
 }
