@@ -397,6 +397,27 @@ mod avx2 {
         }
     }
 
+    /// A Q4 block pair against N activation rows, as 16-bit partial sums (low lane: the first
+    /// block, high lane: the second), each at most 2·15·127·2 in magnitude.
+    #[inline(always)]
+    unsafe fn q4_pair_i16<const N: usize>(
+        w: *const u8,
+        xp: &[*const i8; N],
+        off: usize,
+    ) -> [__m256i; N] {
+        let v = _mm256_loadu_si256(w as *const __m256i);
+        let m4 = _mm256_set1_epi8(15);
+        let lo = _mm256_and_si256(v, m4);
+        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        let mut out = [_mm256_setzero_si256(); N];
+        for r in 0..N {
+            let xa = _mm256_loadu_si256(xp[r].add(off) as *const __m256i);
+            let xb = _mm256_loadu_si256(xp[r].add(off + 32) as *const __m256i);
+            out[r] = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb));
+        }
+        out
+    }
+
     /// Sums of one block pair against N activation rows: i32 lanes 0–3 hold partial sums of the
     /// first block, lanes 4–7 of the second. The weight bytes are unpacked once for all rows.
     #[inline(always)]
@@ -467,6 +488,30 @@ mod avx2 {
                 _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(PREFETCH + line) as *const i8);
             }
             let off = g * 256;
+            if Q4 {
+                // 16-bit sums of the four pairs, reduced pairwise in 16 bits: each level at most
+                // doubles |15·127·2·2| = 7620, so two levels stay below 2^15. One widening madd
+                // per group instead of four cuts the multiply-port work (the prefill limit:
+                // 8 maddubs + 1 madd per 256 values instead of 8 + 4).
+                let s0 = q4_pair_i16::<N>(w, &xp, off);
+                let s1 = q4_pair_i16::<N>(w.add(32), &xp, off + 64);
+                let s2 = q4_pair_i16::<N>(w.add(64), &xp, off + 128);
+                let s3 = q4_pair_i16::<N>(w.add(96), &xp, off + 192);
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().add(g * 8) as *const __m128i));
+                let ones = _mm256_set1_epi16(1);
+                for r in 0..N {
+                    let h = _mm256_hadd_epi16(
+                        _mm256_hadd_epi16(s0[r], s1[r]),
+                        _mm256_hadd_epi16(s2[r], s3[r]),
+                    );
+                    // Lanes: blocks 0,2,4,6,1,3,5,7 of the group, the scales' order.
+                    let c = _mm256_loadu_si256(xs[r].sum8.as_ptr().add(g * 8) as *const __m256i);
+                    let s = _mm256_sub_epi32(_mm256_madd_epi16(h, ones), c);
+                    let dx = _mm256_loadu_ps(xs[r].d.as_ptr().add(g * 8));
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, dx), acc[r]);
+                }
+                continue;
+            }
             let p0 = pair_sums::<N, Q4>(w, &xp, off);
             let p1 = pair_sums::<N, Q4>(w.add(pair_bytes), &xp, off + 64);
             let mut h01 = [_mm256_setzero_si256(); N];
@@ -565,6 +610,29 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn extreme_codes_do_not_overflow_the_16_bit_sums() {
+        // Every nibble 15 (value +7) or 0 (value -8) against activations of ±127: the largest
+        // magnitudes the 16-bit partial sums of the kernels ever hold.
+        for (byte, x, level) in [(0xFFu8, 127i8, 7i64), (0x00, -127, -8), (0xFF, -127, 7)] {
+            let cols = 512;
+            let qs = vec![byte; QType::Q4.row_bytes(cols)];
+            let d = vec![f16::ONE; row_blocks(cols)];
+            let acts = QActs {
+                qs: vec![x; cols],
+                d: vec![1.0; row_blocks(cols)],
+                sum8: vec![8 * 32 * x as i32; row_blocks(cols)],
+            };
+            let want = (level * x as i64 * cols as i64) as f32;
+            for n in 1..=MAX_ROWS {
+                let xs = vec![&acts; n];
+                let mut got = vec![0f32; n];
+                dot_rows(QType::Q4, &qs, &d, &xs, &mut got);
+                assert!(got.iter().all(|&g| g == want), "{got:?} vs {want}");
             }
         }
     }
