@@ -74,6 +74,20 @@ impl KvCache {
         }
     }
 
+    /// Makes room in layer `l` for `positions` rows of `hd`, growing capacity by whole
+    /// [`KV_BLOCK`]s: memory follows the context in steps of one block instead of doubling
+    /// (a 4097-position context would otherwise reserve 8192).
+    fn reserve(&mut self, l: usize, positions: usize, hd: usize) {
+        let need = positions * hd;
+        let step = KV_BLOCK * hd;
+        let heads = l * self.kv_heads..(l + 1) * self.kv_heads;
+        for c in self.k[heads.clone()].iter_mut().chain(&mut self.v[heads]) {
+            if c.capacity() < need {
+                c.reserve_exact(need.div_ceil(step) * step - c.len());
+            }
+        }
+    }
+
     pub fn clear(&mut self) {
         self.k.iter_mut().for_each(Vec::clear);
         self.v.iter_mut().for_each(Vec::clear);
@@ -476,6 +490,7 @@ impl Phi3ForCausalLM {
         let mut r = 0;
         for (i, it) in items.iter_mut().enumerate() {
             let start = it.cache.len;
+            it.cache.reserve(l, start + it.tokens.len(), hd);
             for t in 0..it.tokens.len() {
                 self.rope.cos_sin(it.table, start + t, &mut cos, &mut sin);
                 let row = &mut s.qkv[r * qkv_dim..(r + 1) * qkv_dim];
@@ -591,6 +606,9 @@ impl Phi3ForCausalLM {
             });
     }
 }
+
+/// Positions by which a KV cache's capacity grows.
+const KV_BLOCK: usize = 256;
 
 /// From this many new tokens in one item, attention runs as blocked matrix products.
 const BLOCKED_ATTENTION_MIN: usize = 16;
