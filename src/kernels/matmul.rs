@@ -160,6 +160,12 @@ fn stream(w: WeightView, rows: usize, cols: usize, x: &[f32], y: &mut [f32], n: 
             }
         }
     };
+    by_row_chunks(rows, n, y, task);
+}
+
+/// Runs `task(first_row, out)` over chunks of ROW_CHUNK weight rows in parallel, `out` being
+/// the chunk's outputs row-major [row][token], and leaves `y` as [token][row].
+fn by_row_chunks(rows: usize, n: usize, y: &mut [f32], task: impl Fn(usize, &mut [f32]) + Sync) {
     if n == 1 {
         // [rows][1] is already y's layout.
         if rows < 2 * ROW_CHUNK {
@@ -233,17 +239,7 @@ fn quantized_matmul(
             }
         }
     };
-    if n == 1 {
-        y.par_chunks_mut(ROW_CHUNK)
-            .enumerate()
-            .for_each(|(c, out)| task(c * ROW_CHUNK, out));
-        return;
-    }
-    let mut yt = vec![0f32; rows * n];
-    yt.par_chunks_mut(ROW_CHUNK * n)
-        .enumerate()
-        .for_each(|(c, out)| task(c * ROW_CHUNK, out));
-    transpose_into(&yt, y, rows, n);
+    by_row_chunks(rows, n, y, task);
 }
 
 /// Widens W to f32 a block of rows at a time and multiplies with `gemm`'s packed kernels.
