@@ -418,53 +418,85 @@ mod avx2 {
         out
     }
 
-    /// Sums of one block pair against N activation rows: i32 lanes 0–3 hold partial sums of the
-    /// first block, lanes 4–7 of the second. The weight bytes are unpacked once for all rows.
+    /// The eight block sums of a Q4 group (256 values), in the scales' order, before the
+    /// `8·Σx` offset. The four pairs' 16-bit sums are reduced pairwise in 16 bits: each level at
+    /// most doubles |15·127·2·2| = 7620, so two levels stay below 2^15. One widening madd per
+    /// group instead of four cuts the multiply-port work (the prefill limit: 8 maddubs + 1 madd
+    /// per 256 values instead of 8 + 4).
     #[inline(always)]
-    unsafe fn pair_sums<const N: usize, const Q4: bool>(
+    unsafe fn q4_group_sums<const N: usize>(
+        w: *const u8,
+        xp: &[*const i8; N],
+        off: usize,
+    ) -> [__m256i; N] {
+        let s0 = q4_pair_i16::<N>(w, xp, off);
+        let s1 = q4_pair_i16::<N>(w.add(32), xp, off + 64);
+        let s2 = q4_pair_i16::<N>(w.add(64), xp, off + 128);
+        let s3 = q4_pair_i16::<N>(w.add(96), xp, off + 192);
+        let ones = _mm256_set1_epi16(1);
+        let mut out = [_mm256_setzero_si256(); N];
+        for r in 0..N {
+            let h = _mm256_hadd_epi16(
+                _mm256_hadd_epi16(s0[r], s1[r]),
+                _mm256_hadd_epi16(s2[r], s3[r]),
+            );
+            out[r] = _mm256_madd_epi16(h, ones);
+        }
+        out
+    }
+
+    /// Sums of one Q8 block pair against N activation rows: i32 lanes 0–3 hold partial sums of
+    /// the first block, lanes 4–7 of the second. The weight bytes are loaded once for all rows.
+    #[inline(always)]
+    unsafe fn q8_pair_sums<const N: usize>(
         w: *const u8,
         xp: &[*const i8; N],
         off: usize,
     ) -> [__m256i; N] {
         let ones = _mm256_set1_epi16(1);
-        if Q4 {
-            let v = _mm256_loadu_si256(w as *const __m256i);
-            let m4 = _mm256_set1_epi8(15);
-            let lo = _mm256_and_si256(v, m4);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-            let mut out = [_mm256_setzero_si256(); N];
-            for r in 0..N {
-                let xa = _mm256_loadu_si256(xp[r].add(off) as *const __m256i);
-                let xb = _mm256_loadu_si256(xp[r].add(off + 32) as *const __m256i);
-                // |15·127·2| per i16 lane, twice: no saturation.
-                let s =
-                    _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb));
-                out[r] = _mm256_madd_epi16(s, ones);
-            }
-            out
-        } else {
-            let wa = _mm256_loadu_si256(w as *const __m256i);
-            let wb = _mm256_loadu_si256(w.add(32) as *const __m256i);
-            let (aa, ab) = (_mm256_sign_epi8(wa, wa), _mm256_sign_epi8(wb, wb));
-            let mut out = [_mm256_setzero_si256(); N];
-            for r in 0..N {
-                let xa = _mm256_loadu_si256(xp[r].add(off) as *const __m256i);
-                let xb = _mm256_loadu_si256(xp[r].add(off + 32) as *const __m256i);
-                // |w|·(x·sign w): unsigned × signed as maddubs needs, ≤ 2·127·127 per i16 lane.
-                let sa = _mm256_maddubs_epi16(aa, _mm256_sign_epi8(xa, wa));
-                let sb = _mm256_maddubs_epi16(ab, _mm256_sign_epi8(xb, wb));
-                out[r] = _mm256_add_epi32(_mm256_madd_epi16(sa, ones), _mm256_madd_epi16(sb, ones));
-            }
-            out
+        let wa = _mm256_loadu_si256(w as *const __m256i);
+        let wb = _mm256_loadu_si256(w.add(32) as *const __m256i);
+        let (aa, ab) = (_mm256_sign_epi8(wa, wa), _mm256_sign_epi8(wb, wb));
+        let mut out = [_mm256_setzero_si256(); N];
+        for r in 0..N {
+            let xa = _mm256_loadu_si256(xp[r].add(off) as *const __m256i);
+            let xb = _mm256_loadu_si256(xp[r].add(off + 32) as *const __m256i);
+            // |w|·(x·sign w): unsigned × signed as maddubs needs, ≤ 2·127·127 per i16 lane
+            // (no headroom to add two in 16 bits, unlike Q4).
+            let sa = _mm256_maddubs_epi16(aa, _mm256_sign_epi8(xa, wa));
+            let sb = _mm256_maddubs_epi16(ab, _mm256_sign_epi8(xb, wb));
+            out[r] = _mm256_add_epi32(_mm256_madd_epi16(sa, ones), _mm256_madd_epi16(sb, ones));
         }
+        out
+    }
+
+    /// The eight block sums of a Q8 group (256 values) in the scales' order: three horizontal
+    /// adds put them there, so one conversion and one FMA scale a whole group. (Scaling each
+    /// pair in its lanes instead, with no horizontal adds, measured slower: 22.5 vs 24.8 tok/s
+    /// prefill.)
+    #[inline(always)]
+    unsafe fn q8_group_sums<const N: usize>(
+        w: *const u8,
+        xp: &[*const i8; N],
+        off: usize,
+    ) -> [__m256i; N] {
+        let p0 = q8_pair_sums::<N>(w, xp, off);
+        let p1 = q8_pair_sums::<N>(w.add(64), xp, off + 64);
+        let p2 = q8_pair_sums::<N>(w.add(128), xp, off + 128);
+        let p3 = q8_pair_sums::<N>(w.add(192), xp, off + 192);
+        let mut out = [_mm256_setzero_si256(); N];
+        for r in 0..N {
+            out[r] = _mm256_hadd_epi32(
+                _mm256_hadd_epi32(p0[r], p1[r]),
+                _mm256_hadd_epi32(p2[r], p3[r]),
+            );
+        }
+        out
     }
 
     /// How far ahead of the weight reads to prefetch.
     const PREFETCH: usize = 2048;
 
-    /// Three horizontal adds per group of 8 blocks leave the eight block sums in the scales'
-    /// order, so one conversion and one FMA scale a whole group. (Scaling each pair in its
-    /// lanes instead, with no horizontal adds, measured slower: 22.5 vs 24.8 tok/s prefill.)
     #[inline(always)]
     unsafe fn dot_n<const N: usize, const Q4: bool>(
         qs: &[u8],
@@ -473,57 +505,30 @@ mod avx2 {
         out: &mut [f32],
     ) {
         let groups = d.len() / 8;
-        let pair_bytes = if Q4 { 32 } else { 64 };
+        let group_bytes = if Q4 { 128 } else { 256 };
         let mut xp = [std::ptr::null::<i8>(); N];
         for r in 0..N {
             xp[r] = xs[r].qs.as_ptr();
         }
         let mut acc = [_mm256_setzero_ps(); N];
         for g in 0..groups {
-            let w = qs.as_ptr().add(g * 4 * pair_bytes);
+            let w = qs.as_ptr().add(g * group_bytes);
             // The hardware prefetcher alone leaves decode waiting on weight loads; asking
             // PREFETCH bytes ahead gained ~10 % (q4, 2 threads, 3 runs each: median 12.55 vs
             // 11.15 tok/s). Past the row's end this touches the next row, which comes next.
-            for line in (0..4 * pair_bytes).step_by(64) {
+            for line in (0..group_bytes).step_by(64) {
                 _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(PREFETCH + line) as *const i8);
             }
             let off = g * 256;
-            if Q4 {
-                // 16-bit sums of the four pairs, reduced pairwise in 16 bits: each level at most
-                // doubles |15·127·2·2| = 7620, so two levels stay below 2^15. One widening madd
-                // per group instead of four cuts the multiply-port work (the prefill limit:
-                // 8 maddubs + 1 madd per 256 values instead of 8 + 4).
-                let s0 = q4_pair_i16::<N>(w, &xp, off);
-                let s1 = q4_pair_i16::<N>(w.add(32), &xp, off + 64);
-                let s2 = q4_pair_i16::<N>(w.add(64), &xp, off + 128);
-                let s3 = q4_pair_i16::<N>(w.add(96), &xp, off + 192);
-                let dw = _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().add(g * 8) as *const __m128i));
-                let ones = _mm256_set1_epi16(1);
-                for r in 0..N {
-                    let h = _mm256_hadd_epi16(
-                        _mm256_hadd_epi16(s0[r], s1[r]),
-                        _mm256_hadd_epi16(s2[r], s3[r]),
-                    );
-                    // Lanes: blocks 0,2,4,6,1,3,5,7 of the group, the scales' order.
-                    let c = _mm256_loadu_si256(xs[r].sum8.as_ptr().add(g * 8) as *const __m256i);
-                    let s = _mm256_sub_epi32(_mm256_madd_epi16(h, ones), c);
-                    let dx = _mm256_loadu_ps(xs[r].d.as_ptr().add(g * 8));
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, dx), acc[r]);
-                }
-                continue;
-            }
-            let p0 = pair_sums::<N, Q4>(w, &xp, off);
-            let p1 = pair_sums::<N, Q4>(w.add(pair_bytes), &xp, off + 64);
-            let mut h01 = [_mm256_setzero_si256(); N];
-            for r in 0..N {
-                h01[r] = _mm256_hadd_epi32(p0[r], p1[r]);
-            }
-            let p2 = pair_sums::<N, Q4>(w.add(2 * pair_bytes), &xp, off + 128);
-            let p3 = pair_sums::<N, Q4>(w.add(3 * pair_bytes), &xp, off + 192);
+            let sums = if Q4 {
+                q4_group_sums::<N>(w, &xp, off)
+            } else {
+                q8_group_sums::<N>(w, &xp, off)
+            };
             let dw = _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().add(g * 8) as *const __m128i));
             for r in 0..N {
                 // Lanes: blocks 0,2,4,6,1,3,5,7 of the group, the scales' order.
-                let mut s = _mm256_hadd_epi32(h01[r], _mm256_hadd_epi32(p2[r], p3[r]));
+                let mut s = sums[r];
                 if Q4 {
                     let c = _mm256_loadu_si256(xs[r].sum8.as_ptr().add(g * 8) as *const __m256i);
                     s = _mm256_sub_epi32(s, c);
