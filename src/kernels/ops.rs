@@ -48,9 +48,8 @@ pub fn rope_neox(head: &mut [f32], cos: &[f32], sin: &[f32]) {
 }
 
 /// Attention of one new token for the `q.len() / hd` query heads that share one kv head (GQA):
-/// `out[g] = softmax(scale · q[g] · Kᵀ) · V` over `keys` cached positions. Key and value `p`
-/// are `k[p * stride..][..hd]` and `v[p * stride..][..hd]` (the cache keeps all kv heads of a
-/// position side by side). `sc` is scratch for the scores.
+/// `out[g] = softmax(scale · q[g] · Kᵀ) · V` over `keys` cached positions: key and value `p` are
+/// rows `p` of `hd` in `k` and `v`. `sc` is scratch for the scores.
 ///
 /// Each key and value row is read once for the whole group. Two general matrix products did the
 /// same (no faster: with three query rows their packing of K and V is most of the work); what
@@ -62,7 +61,6 @@ pub fn attend_one(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    stride: usize,
     keys: usize,
     hd: usize,
     scale: f32,
@@ -71,13 +69,16 @@ pub fn attend_one(
 ) {
     let group = q.len() / hd;
     assert!(group <= 8 && q.len() == group * hd && out.len() == q.len());
-    assert!(keys == 0 || (keys - 1) * stride + hd <= k.len().min(v.len()));
+    assert!(keys * hd <= k.len().min(v.len()));
     sc.clear();
     sc.resize(group * keys, 0.0);
-    let qs: Vec<&[f32]> = q.chunks(hd).collect();
+    let mut qs: [&[f32]; 8] = [&[]; 8];
+    for (slot, head) in qs.iter_mut().zip(q.chunks(hd)) {
+        *slot = head;
+    }
     let mut row = [0f32; 8];
-    for p in 0..keys {
-        f32::dot_rows(&k[p * stride..p * stride + hd], &qs, &mut row[..group]);
+    for (p, key) in k.chunks_exact(hd).take(keys).enumerate() {
+        f32::dot_rows(key, &qs[..group], &mut row[..group]);
         for g in 0..group {
             sc[g * keys + p] = row[g] * scale;
         }
@@ -89,16 +90,15 @@ pub fn attend_one(
     match cpu() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Avx2 only after detection; the bounds were asserted above.
-        Isa::Avx2 => unsafe { weighted_sum_avx2(sc, v, stride, keys, hd, out) },
-        _ => weighted_sum(sc, v, stride, keys, hd, out),
+        Isa::Avx2 => unsafe { weighted_sum_avx2(sc, v, keys, hd, out) },
+        _ => weighted_sum(sc, v, keys, hd, out),
     }
 }
 
 /// `out[g] += Σ_p sc[g][p] · v[p]`: element-wise, so plain loops vectorise.
 #[inline(always)]
-fn weighted_sum(sc: &[f32], v: &[f32], stride: usize, keys: usize, hd: usize, out: &mut [f32]) {
-    for p in 0..keys {
-        let vr = &v[p * stride..p * stride + hd];
+fn weighted_sum(sc: &[f32], v: &[f32], keys: usize, hd: usize, out: &mut [f32]) {
+    for (p, vr) in v.chunks_exact(hd).take(keys).enumerate() {
         for (g, o) in out.chunks_mut(hd).enumerate() {
             let w = sc[g * keys + p];
             for (o, x) in o.iter_mut().zip(vr) {
@@ -110,15 +110,8 @@ fn weighted_sum(sc: &[f32], v: &[f32], stride: usize, keys: usize, hd: usize, ou
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn weighted_sum_avx2(
-    sc: &[f32],
-    v: &[f32],
-    stride: usize,
-    keys: usize,
-    hd: usize,
-    out: &mut [f32],
-) {
-    weighted_sum(sc, v, stride, keys, hd, out)
+unsafe fn weighted_sum_avx2(sc: &[f32], v: &[f32], keys: usize, hd: usize, out: &mut [f32]) {
+    weighted_sum(sc, v, keys, hd, out)
 }
 
 #[cfg(test)]
@@ -127,29 +120,19 @@ mod tests {
 
     #[test]
     fn one_token_attention_matches_the_definition() {
-        let (hd, group, keys, stride) = (24, 3, 37, 2 * 24 + 5);
+        let (hd, group, keys) = (24, 3, 37);
         let data = |n: usize, seed: u64| crate::kernels::test_data(n, seed);
         let q = data(group * hd, 1);
-        let k = data(keys * stride, 2);
-        let v = data(keys * stride, 3);
+        let k = data(keys * hd, 2);
+        let v = data(keys * hd, 3);
         let scale = 0.3;
         let mut out = vec![0f32; group * hd];
-        attend_one(
-            &q,
-            &k,
-            &v,
-            stride,
-            keys,
-            hd,
-            scale,
-            &mut out,
-            &mut Vec::new(),
-        );
+        attend_one(&q, &k, &v, keys, hd, scale, &mut out, &mut Vec::new());
         for g in 0..group {
             let mut s: Vec<f64> = (0..keys)
                 .map(|p| {
                     (0..hd)
-                        .map(|j| q[g * hd + j] as f64 * k[p * stride + j] as f64)
+                        .map(|j| q[g * hd + j] as f64 * k[p * hd + j] as f64)
                         .sum::<f64>()
                         * scale as f64
                 })
@@ -158,7 +141,7 @@ mod tests {
             s.iter_mut().for_each(|x| *x = (*x - m).exp());
             let z: f64 = s.iter().sum();
             for j in 0..hd {
-                let want: f64 = (0..keys).map(|p| s[p] / z * v[p * stride + j] as f64).sum();
+                let want: f64 = (0..keys).map(|p| s[p] / z * v[p * hd + j] as f64).sum();
                 assert!((out[g * hd + j] as f64 - want).abs() < 1e-5, "{g} {j}");
             }
         }

@@ -602,7 +602,7 @@ impl Phi3ForCausalLM {
                     &caches[item].v[l * nkv + kvh],
                 );
                 let q = &qkv[t * qkv_dim + kvh * group * hd..][..group * hd];
-                attend_one(q, k, v, hd, pos + 1, hd, scale, out, sc);
+                attend_one(q, k, v, pos + 1, hd, scale, out, sc);
             });
     }
 }
