@@ -335,13 +335,7 @@ fn quantize_cmd(a: QuantizeArgs) -> Result<()> {
 fn load_model(dir: &Path, quant: Option<Recipe>) -> Result<Phi3ForCausalLM> {
     let config = Phi3Config::from_file(&dir.join("config.json"))?;
     let ckpt = phi4::weights::Checkpoint::open_dir(dir)?;
-    let mut model = Phi3ForCausalLM::load(config, &ckpt)
-        .with_context(|| format!("loading weights from {}", dir.display()))?;
-    match quant {
-        Some(r) => model.quantize(r)?,
-        None => ckpt.prefault(|_| {}),
-    }
-    Ok(model)
+    Phi3ForCausalLM::load_ready(config, &ckpt, quant, dir, true, &mut |_| {})
 }
 
 fn load_dir(dir: &Path, quant: Option<Recipe>) -> Result<Engine> {

@@ -133,15 +133,10 @@ impl Engine {
         let template = ChatTemplate::from_model_dir(dir)?;
         let ckpt = Checkpoint::open_dir(dir)?;
         let total = ckpt.mapped_bytes();
-        let mut model = Phi3ForCausalLM::load(config, &ckpt)
-            .with_context(|| format!("loading weights from {}", dir.display()))?;
-        match quant {
-            // Quantizing reads every weight once; the mapping is released when `ckpt` goes.
-            Some(recipe) => model
-                .quantize(recipe)
-                .with_context(|| format!("quantizing {} ({})", dir.display(), recipe.name()))?,
-            None => ckpt.prefault(|done| progress(done, total)),
-        }
+        // Quantizing reads every weight once; the mapping is released when `ckpt` goes.
+        let model = Phi3ForCausalLM::load_ready(config, &ckpt, quant, dir, true, &mut |done| {
+            progress(done, total)
+        })?;
         Ok(Engine::new(model, tokenizer, template, &gen))
     }
 

@@ -451,20 +451,13 @@ impl GgufFile {
     pub fn model(&self, quant: Option<Recipe>) -> Result<Phi3ForCausalLM> {
         let config = self.config()?;
         let ckpt = self.checkpoint()?;
-        let mut model = Phi3ForCausalLM::load(config, &ckpt)
-            .with_context(|| format!("loading weights from {}", self.path.display()))?;
+        // Reading the whole file in would bring back the pages of the converted tensors (a
+        // 2.3 GB Q4_0 file peaked at 4.6 GB); only a file used in place is worth prefaulting.
         let floats_only = self
             .tensors
             .values()
             .all(|t| matches!(t.ggml, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16));
-        match quant {
-            Some(recipe) => model.quantize(recipe)?,
-            // Reading the whole file in would bring back the pages of the converted tensors
-            // (a 2.3 GB Q4_0 file peaked at 4.6 GB); only a file used in place is worth it.
-            None if floats_only => ckpt.prefault(|_| {}),
-            None => {}
-        }
-        Ok(model)
+        Phi3ForCausalLM::load_ready(config, &ckpt, quant, &self.path, floats_only, &mut |_| {})
     }
 }
 

@@ -141,6 +141,29 @@ impl Phi3ForCausalLM {
         out
     }
 
+    /// [`Self::load`], then ready to run: with `quant` the float matrices are quantized (the
+    /// mapping can go afterwards); otherwise, when `prefault`, the mapping is paged in now
+    /// rather than during the first tokens. `source` names the checkpoint in errors.
+    pub fn load_ready(
+        config: Phi3Config,
+        ckpt: &Checkpoint,
+        quant: Option<Recipe>,
+        source: &std::path::Path,
+        prefault: bool,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<Phi3ForCausalLM> {
+        let mut model = Self::load(config, ckpt)
+            .with_context(|| format!("loading weights from {}", source.display()))?;
+        match quant {
+            Some(recipe) => model
+                .quantize(recipe)
+                .with_context(|| format!("quantizing {} ({})", source.display(), recipe.name()))?,
+            None if prefault => ckpt.prefault(progress),
+            None => {}
+        }
+        Ok(model)
+    }
+
     /// Builds the model from a checkpoint after checking every tensor against the registry.
     pub fn load(config: Phi3Config, ckpt: &Checkpoint) -> Result<Phi3ForCausalLM> {
         let mut t = check_registry(ckpt, &Self::expected_tensors(&config))?;
