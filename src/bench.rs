@@ -40,6 +40,9 @@ pub struct BenchReport {
     pub decode_ceiling_tokens_per_s: f64,
     pub decode_fraction_of_ceiling: f64,
     pub peak_rss_mb: Option<f64>,
+    /// KV cache storage and its size at the end of a run.
+    pub kv_cache: &'static str,
+    pub kv_cache_mb: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -100,6 +103,7 @@ pub fn run(model: &Phi3ForCausalLM, opts: &BenchOptions) -> Result<BenchReport> 
         .rope
         .table_for_len(opts.prompt_tokens + opts.gen_tokens);
     let mut runs = Vec::new();
+    let mut kv_bytes = 0;
     for _ in 0..opts.runs {
         let mut cache = model.new_cache();
         let t0 = Instant::now();
@@ -107,11 +111,13 @@ pub fn run(model: &Phi3ForCausalLM, opts: &BenchOptions) -> Result<BenchReport> 
         let ttft = t0.elapsed().as_secs_f64();
         let mut tok = argmax(&logits);
         let t1 = Instant::now();
+        let mut l = Vec::new();
         for _ in 0..opts.gen_tokens {
-            let l = model.forward(&[tok], &mut cache, table, Logits::Last, None)?;
+            model.forward_into(&[tok], &mut cache, table, Logits::Last, None, &mut l)?;
             tok = argmax(&l);
         }
         let dt = t1.elapsed().as_secs_f64();
+        kv_bytes = cache.bytes();
         runs.push(BenchRun {
             prefill_tokens_per_s: opts.prompt_tokens as f64 / ttft,
             decode_tokens_per_s: opts.gen_tokens as f64 / dt,
@@ -137,6 +143,8 @@ pub fn run(model: &Phi3ForCausalLM, opts: &BenchOptions) -> Result<BenchReport> 
         decode_ceiling_tokens_per_s: ceiling,
         decode_fraction_of_ceiling: decode / ceiling,
         peak_rss_mb: peak_rss,
+        kv_cache: model.kv_cache.name(),
+        kv_cache_mb: kv_bytes as f64 / 1e6,
     })
 }
 

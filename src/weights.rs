@@ -267,19 +267,22 @@ impl Tensor {
                 let (t, qs, d) = self.as_quant().expect("quantized tensors carry scales");
                 let cols = self.shape[1];
                 let (rb, nb) = (t.row_bytes(cols), quant::row_blocks(cols));
-                let mut row = vec![0f32; cols];
+                // Only a part row needs a buffer (an embedding lookup reads whole rows, and
+                // decode must not allocate).
+                let mut row = Vec::new();
                 let mut done = 0;
                 while done < out.len() {
                     let e = start + done;
                     let (r, c) = (e / cols, e % cols);
-                    quant::dequantize_row(
-                        t,
-                        &qs[r * rb..(r + 1) * rb],
-                        &d[r * nb..(r + 1) * nb],
-                        &mut row,
-                    );
                     let k = (cols - c).min(out.len() - done);
-                    out[done..done + k].copy_from_slice(&row[c..c + k]);
+                    let (qs, d) = (&qs[r * rb..(r + 1) * rb], &d[r * nb..(r + 1) * nb]);
+                    if k == cols {
+                        quant::dequantize_row(t, qs, d, &mut out[done..done + k]);
+                    } else {
+                        row.resize(cols, 0.0);
+                        quant::dequantize_row(t, qs, d, &mut row);
+                        out[done..done + k].copy_from_slice(&row[c..c + k]);
+                    }
                     done += k;
                 }
             }

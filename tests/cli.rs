@@ -155,6 +155,18 @@ fn bad_input_exits_non_zero_with_a_reason() {
                 "run".into(),
                 "--model".into(),
                 tiny(),
+                "--kv-cache".into(),
+                "q3".into(),
+                "--prompt".into(),
+                "x".into(),
+            ],
+            "unknown KV cache type",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--model".into(),
+                tiny(),
                 "--prompt-file".into(),
                 bad_prompt.display().to_string(),
             ],
@@ -239,12 +251,16 @@ fn bench_runs_on_the_tiny_checkpoint() {
             "4",
             "--runs",
             "1",
+            "--kv-cache",
+            "q8",
             "--json",
         ],
         None,
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["kv_cache"], "q8");
+    assert!(v["kv_cache_mb"].as_f64().unwrap() > 0.0);
     for k in [
         "prefill_tokens_per_s",
         "decode_tokens_per_s",

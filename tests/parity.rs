@@ -91,10 +91,11 @@ fn incremental_decode_matches_full_prefill() {
 
 #[test]
 fn blocked_attention_equals_row_by_row_with_and_without_a_cache() {
-    // 150 tokens after a 20-token prefix: three query blocks of the blocked path, starting at a
-    // non-zero cache length; token by token is the one-row path.
+    // 280 tokens after a 20-token prefix: five query blocks of the blocked path, starting at a
+    // non-zero cache length and crossing the cache's first page (256 positions); token by
+    // token is the one-row path.
     let m = load();
-    let prompt: Vec<u32> = (0..170u32).map(|i| (i * 37 + 11) % 500).collect();
+    let prompt: Vec<u32> = (0..300u32).map(|i| (i * 37 + 11) % 500).collect();
     let (head, tail) = prompt.split_at(20);
     let mut a = m.new_cache();
     m.forward(head, &mut a, RopeTable::Long, Logits::Last, None)

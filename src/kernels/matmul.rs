@@ -6,6 +6,8 @@
 //! to f32 a block of rows at a time and handed to the `gemm` crate, whose packed micro-kernels
 //! are far faster than dot products once there is enough reuse to pay for the widening.
 
+use std::cell::RefCell;
+
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -128,12 +130,17 @@ pub fn matmul(w: WeightView, rows: usize, cols: usize, x: &[f32], y: &mut [f32])
 /// One pass over the stored weights per group of up to eight activation rows; from two rows on,
 /// two weight rows at a time against groups of up to four (see [`WeightElem::dot_pair_rows`]).
 fn stream(w: WeightView, rows: usize, cols: usize, x: &[f32], y: &mut [f32], n: usize) {
-    let xs: Vec<&[f32]> = x.chunks(cols).collect();
+    // Fewer than GEMM_MIN_ROWS rows come here: their slices fit on the stack.
+    let mut slots: [&[f32]; GEMM_MIN_ROWS] = [&[]; GEMM_MIN_ROWS];
+    for (s, r) in slots.iter_mut().zip(x.chunks(cols)) {
+        *s = r;
+    }
+    let xs = &slots[..n];
     let task = |r0: usize, out: &mut [f32]| {
         // `out` is this chunk's outputs, row-major [row][token].
         if n == 1 {
             for (i, o) in out.iter_mut().enumerate() {
-                w.dot_rows(r0 + i, cols, &xs, std::slice::from_mut(o));
+                w.dot_rows(r0 + i, cols, xs, std::slice::from_mut(o));
             }
             return;
         }
@@ -212,34 +219,61 @@ fn quantized_matmul(
     n: usize,
 ) {
     let (rb, nb) = (t.row_bytes(cols), quant::row_blocks(cols));
-    let acts: Vec<QActs> = x
-        .par_chunks(cols)
-        .map(|row| {
-            let mut a = QActs::default();
-            a.quantize(row);
-            a
-        })
-        .collect();
-    let acts: Vec<&QActs> = acts.iter().collect();
-    let task = |r0: usize, out: &mut [f32]| {
-        // `out` is this chunk's outputs, row-major [row][token].
-        let mut tmp = [0f32; quant::MAX_ROWS];
-        for (g, group) in acts.chunks(quant::MAX_ROWS).enumerate() {
-            let k = group.len();
-            for (i, o) in out.chunks_mut(n).enumerate() {
-                let r = r0 + i;
-                quant::dot_rows(
-                    t,
-                    &qs[r * rb..(r + 1) * rb],
-                    &d[r * nb..(r + 1) * nb],
-                    group,
-                    &mut tmp[..k],
-                );
-                o[g * quant::MAX_ROWS..g * quant::MAX_ROWS + k].copy_from_slice(&tmp[..k]);
-            }
+    let run = |acts: &mut [QActs], y: &mut [f32]| {
+        if n == 1 {
+            acts[0].quantize(x);
+        } else {
+            acts.par_iter_mut()
+                .zip(x.par_chunks(cols))
+                .for_each(|(a, row)| a.quantize(row));
         }
+        let acts = &*acts;
+        let task = |r0: usize, out: &mut [f32]| {
+            // `out` is this chunk's outputs, row-major [row][token].
+            let mut tmp = [0f32; quant::MAX_ROWS];
+            for (g, group) in acts.chunks(quant::MAX_ROWS).enumerate() {
+                let k = group.len();
+                let mut refs = [&group[0]; quant::MAX_ROWS];
+                for (slot, a) in refs.iter_mut().zip(group) {
+                    *slot = a;
+                }
+                for (i, o) in out.chunks_mut(n).enumerate() {
+                    let r = r0 + i;
+                    quant::dot_rows(
+                        t,
+                        &qs[r * rb..(r + 1) * rb],
+                        &d[r * nb..(r + 1) * nb],
+                        &refs[..k],
+                        &mut tmp[..k],
+                    );
+                    o[g * quant::MAX_ROWS..g * quant::MAX_ROWS + k].copy_from_slice(&tmp[..k]);
+                }
+            }
+        };
+        by_row_chunks(rows, n, y, task);
     };
-    by_row_chunks(rows, n, y, task);
+    if n <= KEEP_ACT_ROWS {
+        KEPT_ACTS.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut kept) => {
+                if kept.len() < n {
+                    kept.resize_with(n, QActs::default);
+                }
+                run(&mut kept[..n], y)
+            }
+            // A product started inside another on this thread (a rayon worker that stole it).
+            Err(_) => run(&mut vec![QActs::default(); n], y),
+        })
+    } else {
+        run(&mut vec![QActs::default(); n], y)
+    }
+}
+
+/// Products of up to this many activation rows (decode steps, small batches) quantize them into
+/// buffers kept on the thread for the next call, so that decode does not allocate.
+const KEEP_ACT_ROWS: usize = 16;
+
+thread_local! {
+    static KEPT_ACTS: RefCell<Vec<QActs>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Widens W to f32 a block of rows at a time and multiplies with `gemm`'s packed kernels.

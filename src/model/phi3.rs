@@ -7,14 +7,17 @@
 //! attention scaled by 1/sqrt(head_dim), fused gate|up with SiLU, tied LM head. Activations are
 //! f32 throughout, whatever the weights' dtype.
 
+use std::cell::RefCell;
+
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 
+use super::kv_cache::{KvCache, KvType};
 use super::linear::Linear;
 use super::quantize::Recipe;
 use super::rope::{Rope, RopeTable};
 use crate::config::Phi3Config;
-use crate::kernels::ops::{attend_one, rms_norm, rope_neox, silu_mul, softmax};
+use crate::kernels::ops::{attend_one, pages, rms_norm, rope_neox, silu_mul, softmax, AttnScratch};
 use crate::weights::{check_registry, Checkpoint, Expected, Tensor};
 
 pub struct Attention {
@@ -46,54 +49,8 @@ pub struct Phi3ForCausalLM {
     /// The LM head; with tied embeddings it is `model.embed_tokens` (same mapped bytes).
     pub lm_head: Linear,
     pub rope: Rope,
-}
-
-/// Keys and values of one sequence, per layer `[position][kv_head][head_dim]`, grown as tokens
-/// arrive (nothing is reserved up front for the full context).
-#[derive(Debug, Clone, Default)]
-pub struct KvCache {
-    /// Keys of layer `l`, kv head `h` at `k[l * kv_heads + h]`: `len` rows of `head_dim`, one
-    /// contiguous run per head so that attention streams it (rows of all heads side by side
-    /// made each head's reads strided, at half the bandwidth).
-    pub k: Vec<Vec<f32>>,
-    pub v: Vec<Vec<f32>>,
-    pub kv_heads: usize,
-    pub len: usize,
-    /// The rotary table the cached keys were rotated with (None while empty).
-    pub table: Option<RopeTable>,
-}
-
-impl KvCache {
-    pub fn new(layers: usize, kv_heads: usize) -> KvCache {
-        KvCache {
-            k: vec![Vec::new(); layers * kv_heads],
-            v: vec![Vec::new(); layers * kv_heads],
-            kv_heads,
-            len: 0,
-            table: None,
-        }
-    }
-
-    /// Makes room in layer `l` for `positions` rows of `hd`, growing capacity by whole
-    /// [`KV_BLOCK`]s: memory follows the context in steps of one block instead of doubling
-    /// (a 4097-position context would otherwise reserve 8192).
-    fn reserve(&mut self, l: usize, positions: usize, hd: usize) {
-        let need = positions * hd;
-        let step = KV_BLOCK * hd;
-        let heads = l * self.kv_heads..(l + 1) * self.kv_heads;
-        for c in self.k[heads.clone()].iter_mut().chain(&mut self.v[heads]) {
-            if c.capacity() < need {
-                c.reserve_exact(need.div_ceil(step) * step - c.len());
-            }
-        }
-    }
-
-    pub fn clear(&mut self) {
-        self.k.iter_mut().for_each(Vec::clear);
-        self.v.iter_mut().for_each(Vec::clear);
-        self.len = 0;
-        self.table = None;
-    }
+    /// How the caches from [`Phi3ForCausalLM::new_cache`] store keys and values.
+    pub kv_cache: KvType,
 }
 
 /// What a forward pass returns.
@@ -223,6 +180,7 @@ impl Phi3ForCausalLM {
             },
             lm_head,
             rope,
+            kv_cache: KvType::F32,
         }
     }
 
@@ -304,7 +262,12 @@ impl Phi3ForCausalLM {
     }
 
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config.num_hidden_layers, self.config.num_kv_heads())
+        KvCache::new(
+            self.config.num_hidden_layers,
+            self.config.num_kv_heads(),
+            self.config.head_dim(),
+            self.kv_cache,
+        )
     }
 
     /// Bytes of weights one decode step reads.
@@ -351,8 +314,26 @@ impl Phi3ForCausalLM {
         cache: &mut KvCache,
         table: RopeTable,
         want: Logits,
-        mut hidden: Option<&mut Vec<Vec<f32>>>,
+        hidden: Option<&mut Vec<Vec<f32>>>,
     ) -> Result<Vec<f32>> {
+        let mut logits = Vec::new();
+        self.forward_into(tokens, cache, table, want, hidden, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// [`Phi3ForCausalLM::forward`] into `logits` (resized). A decode step this way allocates
+    /// nothing once its buffers have grown (a new KV page every [`PAGE`] positions aside).
+    ///
+    /// [`PAGE`]: super::kv_cache::PAGE
+    pub fn forward_into(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        table: RopeTable,
+        want: Logits,
+        mut hidden: Option<&mut Vec<Vec<f32>>>,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
         let h = self.config.hidden_size;
         let n = tokens.len();
         let mut items = [BatchItem {
@@ -360,20 +341,28 @@ impl Phi3ForCausalLM {
             cache,
             table,
         }];
-        let x = self.run(&mut items, hidden.as_deref_mut())?;
-        let rows: &[f32] = match want {
-            Logits::Last => &x[(n - 1) * h..],
-            Logits::All => &x,
-        };
-        let normed = self.final_norm(rows.chunks(h));
-        if let Some(hs) = hidden {
-            if want == Logits::All {
-                hs.push(normed.clone());
+        with_scratch(&self.config, n, |s| {
+            self.run(&mut items, hidden.as_deref_mut(), s)?;
+            let first = match want {
+                Logits::Last => n - 1,
+                Logits::All => 0,
+            };
+            let rows = n - first;
+            let eps = self.config.rms_norm_eps as f32;
+            for (o, r) in s.normed.chunks_mut(h).zip(s.x[first * h..].chunks(h)) {
+                rms_norm(r, &self.model.norm, eps, o);
             }
-        }
-        let mut logits = vec![0f32; (normed.len() / h) * self.config.vocab_size];
-        self.lm_head.forward(&normed, &mut logits);
-        Ok(logits)
+            let normed = &s.normed[..rows * h];
+            if let Some(hs) = hidden {
+                if want == Logits::All {
+                    hs.push(normed.to_vec());
+                }
+            }
+            logits.clear();
+            logits.resize(rows * self.config.vocab_size, 0.0);
+            self.lm_head.forward(normed, logits);
+            Ok(())
+        })
     }
 
     /// Runs several sequences through the decoder in one pass and returns the logits of each
@@ -384,38 +373,37 @@ impl Phi3ForCausalLM {
     /// their sums by how many rows they take at once), never by more than rounding.
     pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>> {
         let h = self.config.hidden_size;
-        let x = self.run(items, None)?;
-        let mut last = Vec::with_capacity(items.len());
-        let mut end = 0;
-        for it in items.iter() {
-            end += it.tokens.len();
-            last.push(&x[(end - 1) * h..end * h]);
-        }
-        let normed = self.final_norm(last.into_iter());
-        let v = self.config.vocab_size;
-        let mut logits = vec![0f32; items.len() * v];
-        self.lm_head.forward(&normed, &mut logits);
-        Ok(logits.chunks(v).map(<[f32]>::to_vec).collect())
+        let n: usize = items.iter().map(|it| it.tokens.len()).sum();
+        with_scratch(&self.config, n, |s| {
+            self.run(items, None, s)?;
+            let eps = self.config.rms_norm_eps as f32;
+            let mut end = 0;
+            for (i, it) in items.iter().enumerate() {
+                end += it.tokens.len();
+                let last = &s.x[(end - 1) * h..end * h];
+                rms_norm(
+                    last,
+                    &self.model.norm,
+                    eps,
+                    &mut s.normed[i * h..(i + 1) * h],
+                );
+            }
+            let v = self.config.vocab_size;
+            let mut logits = vec![0f32; items.len() * v];
+            self.lm_head
+                .forward(&s.normed[..items.len() * h], &mut logits);
+            Ok(logits.chunks(v).map(<[f32]>::to_vec).collect())
+        })
     }
 
-    fn final_norm<'a>(&self, rows: impl Iterator<Item = &'a [f32]>) -> Vec<f32> {
-        let eps = self.config.rms_norm_eps as f32;
-        let mut out = Vec::new();
-        for r in rows {
-            let at = out.len();
-            out.resize(at + r.len(), 0.0);
-            rms_norm(r, &self.model.norm, eps, &mut out[at..]);
-        }
-        out
-    }
-
-    /// The decoder layers over the rows of every item; returns the last layer's output rows
-    /// (before the final norm) and advances each cache.
+    /// The decoder layers over the rows of every item: leaves the last layer's output rows
+    /// (before the final norm) in `s.x` and advances each cache.
     fn run(
         &self,
         items: &mut [BatchItem<'_>],
         mut hidden: Option<&mut Vec<Vec<f32>>>,
-    ) -> Result<Vec<f32>> {
+        s: &mut Scratch,
+    ) -> Result<()> {
         let cfg = &self.config;
         if items.is_empty() {
             bail!("forward pass needs at least one sequence");
@@ -441,25 +429,27 @@ impl Phi3ForCausalLM {
             }
         }
         let h = cfg.hidden_size;
-        let n: usize = items.iter().map(|it| it.tokens.len()).sum();
-        let mut x = vec![0f32; n * h];
+        let mut x = std::mem::take(&mut s.x);
         let mut at = 0;
         for it in items.iter() {
-            self.embed(it.tokens, &mut x[at * h..(at + it.tokens.len()) * h])?;
+            if let Err(e) = self.embed(it.tokens, &mut x[at * h..(at + it.tokens.len()) * h]) {
+                s.x = x;
+                return Err(e);
+            }
             at += it.tokens.len();
         }
-        let mut scratch = Scratch::new(cfg, n);
         for (l, layer) in self.model.layers.iter().enumerate() {
             if let Some(hs) = hidden.as_deref_mut() {
                 hs.push(x.clone());
             }
-            self.layer_forward(l, layer, &mut x, items, &mut scratch);
+            self.layer_forward(l, layer, &mut x, items, s);
         }
+        s.x = x;
         for it in items.iter_mut() {
             it.cache.len += it.tokens.len();
             it.cache.table = Some(it.table);
         }
-        Ok(x)
+        Ok(())
     }
 
     fn layer_forward(
@@ -506,106 +496,119 @@ impl Phi3ForCausalLM {
         let group = nh / nkv;
         let qkv_dim = cfg.qkv_dim();
         let half = self.rope.half_dim();
-        let mut cos = vec![0f32; half];
-        let mut sin = vec![0f32; half];
+        s.cos.resize(half, 0.0);
+        s.sin.resize(half, 0.0);
         // (item, position) of every row.
-        let mut rows = Vec::with_capacity(s.qkv.len() / qkv_dim);
+        s.rows.clear();
         let mut r = 0;
         for (i, it) in items.iter_mut().enumerate() {
             let start = it.cache.len;
-            it.cache.reserve(l, start + it.tokens.len(), hd);
             for t in 0..it.tokens.len() {
-                self.rope.cos_sin(it.table, start + t, &mut cos, &mut sin);
+                self.rope
+                    .cos_sin(it.table, start + t, &mut s.cos, &mut s.sin);
                 let row = &mut s.qkv[r * qkv_dim..(r + 1) * qkv_dim];
                 for head in row[..(nh + nkv) * hd].chunks_mut(hd) {
-                    rope_neox(head, &cos, &sin);
+                    rope_neox(head, &s.cos, &s.sin);
                 }
                 for h in 0..nkv {
                     let (k, v) = ((nh + h) * hd, (nh + nkv + h) * hd);
-                    it.cache.k[l * nkv + h].extend_from_slice(&row[k..k + hd]);
-                    it.cache.v[l * nkv + h].extend_from_slice(&row[v..v + hd]);
+                    it.cache
+                        .write(l, h, start + t, &row[k..k + hd], &row[v..v + hd]);
                 }
-                rows.push((i, start + t));
+                s.rows.push((i, start + t));
                 r += 1;
             }
         }
-        let caches: Vec<&KvCache> = items.iter().map(|it| &*it.cache).collect();
         let scale = 1.0 / (hd as f32).sqrt();
         let qkv = &s.qkv;
         // Items with a long run of new tokens (a prefill) go through blocked matrix products;
         // the rest (decode steps) one row at a time below.
-        let mut blocked = vec![false; rows.len()];
+        s.blocked.clear();
+        s.blocked.resize(s.rows.len(), false);
         let mut first = 0;
-        for (i, it) in items.iter().enumerate() {
+        for it in items.iter() {
             let n = it.tokens.len();
             if n >= BLOCKED_ATTENTION_MIN {
-                blocked[first..first + n].fill(true);
-                let start = it.cache.len; // updated after the last layer
+                s.blocked[first..first + n].fill(true);
+                let cache = &*it.cache;
+                let start = cache.len; // updated after the last layer
                 let out = SharedOut(s.attn.as_mut_ptr());
                 let blocks = n.div_ceil(QUERY_BLOCK);
                 (0..nh * blocks).into_par_iter().for_each(|job| {
                     let (head, b) = (job / blocks, job % blocks);
                     let (q0, q1) = (b * QUERY_BLOCK, ((b + 1) * QUERY_BLOCK).min(n));
-                    let keys = start + q1;
                     let kvh = head / group;
-                    let (kc, vc) = (&caches[i].k[l * nkv + kvh], &caches[i].v[l * nkv + kvh]);
-                    let mut sc = vec![0f32; (q1 - q0) * keys];
-                    // SAFETY: every pointer/stride pair below stays inside qkv (rows first+q0..
-                    // first+q1), the cache (keys rows of hd) and sc; each job writes its own
-                    // (rows, head) block of attn, disjoint from every other job's.
-                    unsafe {
-                        gemm::gemm(
-                            q1 - q0,
-                            keys,
-                            hd,
-                            sc.as_mut_ptr(),
-                            1,
-                            keys as isize,
-                            false,
-                            qkv.as_ptr().add((first + q0) * qkv_dim + head * hd),
-                            1,
-                            qkv_dim as isize,
-                            kc.as_ptr(),
-                            hd as isize,
-                            1,
-                            0.0,
-                            scale,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
-                    for (t, row) in sc.chunks_mut(keys).enumerate() {
-                        let visible = start + q0 + t + 1;
-                        softmax(&mut row[..visible]);
-                        row[visible..].fill(0.0);
-                    }
-                    let o = out;
-                    // SAFETY: as above; the output block is rows first+q0..first+q1, columns
-                    // head*hd..(head+1)*hd of attn.
-                    unsafe {
-                        gemm::gemm(
-                            q1 - q0,
-                            hd,
-                            keys,
-                            o.0.add((first + q0) * nh * hd + head * hd),
-                            1,
-                            (nh * hd) as isize,
-                            false,
-                            sc.as_ptr(),
-                            1,
-                            keys as isize,
-                            vc.as_ptr(),
-                            1,
-                            hd as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
+                    {
+                        // Not the thread's kept buffers: a prefill's scores grow with the
+                        // context and are not worth holding on to.
+                        let keys = start + q1;
+                        let (mut sc, mut rows) = (Vec::new(), Vec::new());
+                        sc.clear();
+                        sc.resize((q1 - q0) * keys, 0.0);
+                        for (p0, pn, page) in pages(cache.keys(l, kvh), keys, hd) {
+                            let kp = page.to_f32(pn, hd, &mut rows);
+                            // SAFETY: every pointer/stride pair below stays inside qkv (rows
+                            // first+q0..first+q1), the page (pn rows of hd) and sc (columns
+                            // p0..p0+pn of q1-q0 rows of keys).
+                            unsafe {
+                                gemm::gemm(
+                                    q1 - q0,
+                                    pn,
+                                    hd,
+                                    sc.as_mut_ptr().add(p0),
+                                    1,
+                                    keys as isize,
+                                    false,
+                                    qkv.as_ptr().add((first + q0) * qkv_dim + head * hd),
+                                    1,
+                                    qkv_dim as isize,
+                                    kp.as_ptr(),
+                                    hd as isize,
+                                    1,
+                                    0.0,
+                                    scale,
+                                    false,
+                                    false,
+                                    false,
+                                    gemm::Parallelism::None,
+                                );
+                            }
+                        }
+                        for (t, row) in sc.chunks_mut(keys).enumerate() {
+                            let visible = start + q0 + t + 1;
+                            softmax(&mut row[..visible]);
+                            row[visible..].fill(0.0);
+                        }
+                        let o = out;
+                        for (p0, pn, page) in pages(cache.values(l, kvh), keys, hd) {
+                            let vp = page.to_f32(pn, hd, &mut rows);
+                            // SAFETY: as above; each job writes its own output block, rows
+                            // first+q0..first+q1, columns head*hd..(head+1)*hd of attn, and
+                            // accumulates into it from the second page on.
+                            unsafe {
+                                gemm::gemm(
+                                    q1 - q0,
+                                    hd,
+                                    pn,
+                                    o.0.add((first + q0) * nh * hd + head * hd),
+                                    1,
+                                    (nh * hd) as isize,
+                                    p0 > 0,
+                                    sc.as_ptr().add(p0),
+                                    1,
+                                    keys as isize,
+                                    vp.as_ptr(),
+                                    1,
+                                    hd as isize,
+                                    1.0,
+                                    1.0,
+                                    false,
+                                    false,
+                                    false,
+                                    gemm::Parallelism::None,
+                                );
+                            }
+                        }
                     }
                 });
             }
@@ -613,25 +616,37 @@ impl Phi3ForCausalLM {
         }
         // One job per (row, kv head): the `group` query heads sharing that kv head are adjacent
         // in the row, so each key and value is read once for all of them.
+        let (rows, blocked) = (&s.rows, &s.blocked);
         s.attn
             .par_chunks_mut(group * hd)
             .enumerate()
             .filter(|(idx, _)| !blocked[idx / nkv])
-            .for_each_init(Vec::new, |sc, (idx, out)| {
+            .for_each(|(idx, out)| {
                 let (t, kvh) = (idx / nkv, idx % nkv);
                 let (item, pos) = rows[t];
-                let (k, v) = (
-                    &caches[item].k[l * nkv + kvh],
-                    &caches[item].v[l * nkv + kvh],
-                );
+                let cache = &*items[item].cache;
                 let q = &qkv[t * qkv_dim + kvh * group * hd..][..group * hd];
-                attend_one(q, k, v, pos + 1, hd, scale, out, sc);
+                ATTN_SCRATCH.with_borrow_mut(|ws| {
+                    attend_one(
+                        q,
+                        cache.keys(l, kvh),
+                        cache.values(l, kvh),
+                        pos + 1,
+                        hd,
+                        scale,
+                        out,
+                        ws,
+                    )
+                });
             });
     }
 }
 
-/// Positions by which a KV cache's capacity grows.
-const KV_BLOCK: usize = 256;
+thread_local! {
+    /// Each thread's attention buffers, kept between calls so that decode does not allocate.
+    /// Nothing inside a borrow calls back into rayon, so a borrow never nests.
+    static ATTN_SCRATCH: RefCell<AttnScratch> = RefCell::new(AttnScratch::default());
+}
 
 /// From this many new tokens in one item, attention runs as blocked matrix products.
 const BLOCKED_ATTENTION_MIN: usize = 16;
@@ -654,25 +669,63 @@ pub struct BatchItem<'a> {
     pub table: RopeTable,
 }
 
-/// Activation buffers of one forward pass, sized once for its token count.
+/// Activation buffers of one forward pass, sized for its token count.
+#[derive(Default)]
 struct Scratch {
+    x: Vec<f32>,
     normed: Vec<f32>,
     qkv: Vec<f32>,
     attn: Vec<f32>,
     proj: Vec<f32>,
     gate_up: Vec<f32>,
     act: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// (item, position) of every row.
+    rows: Vec<(usize, usize)>,
+    /// Rows whose attention runs blocked (prefills).
+    blocked: Vec<bool>,
 }
 
 impl Scratch {
-    fn new(cfg: &Phi3Config, n: usize) -> Scratch {
-        Scratch {
-            normed: vec![0.0; n * cfg.hidden_size],
-            qkv: vec![0.0; n * cfg.qkv_dim()],
-            attn: vec![0.0; n * cfg.num_attention_heads * cfg.head_dim()],
-            proj: vec![0.0; n * cfg.hidden_size],
-            gate_up: vec![0.0; n * 2 * cfg.intermediate_size],
-            act: vec![0.0; n * cfg.intermediate_size],
+    fn resize(&mut self, cfg: &Phi3Config, n: usize) {
+        let h = cfg.hidden_size;
+        for (buf, width) in [
+            (&mut self.x, h),
+            (&mut self.normed, h),
+            (&mut self.qkv, cfg.qkv_dim()),
+            (&mut self.attn, cfg.num_attention_heads * cfg.head_dim()),
+            (&mut self.proj, h),
+            (&mut self.gate_up, 2 * cfg.intermediate_size),
+            (&mut self.act, cfg.intermediate_size),
+        ] {
+            buf.clear();
+            buf.resize(n * width, 0.0);
         }
     }
+}
+
+/// Forward passes of up to this many rows keep their buffers for the next pass on the thread
+/// (decode steps, small batches); a long prefill's are freed after it.
+const KEEP_SCRATCH_ROWS: usize = 64;
+
+thread_local! {
+    static FORWARD_SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Runs `f` with activation buffers for `n` rows: the thread's kept ones when free (a forward
+/// pass called from inside another on the same thread, e.g. a rayon worker that stole one,
+/// gets fresh ones).
+fn with_scratch<R>(cfg: &Phi3Config, n: usize, f: impl FnOnce(&mut Scratch) -> R) -> R {
+    FORWARD_SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut s) if n <= KEEP_SCRATCH_ROWS => {
+            s.resize(cfg, n);
+            f(&mut s)
+        }
+        _ => {
+            let mut s = Scratch::default();
+            s.resize(cfg, n);
+            f(&mut s)
+        }
+    })
 }
