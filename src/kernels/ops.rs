@@ -91,18 +91,22 @@ impl<'a> KvRows<'a> {
         match *self {
             KvRows::F32(v) => &v[..n * hd],
             KvRows::Q8 { qs, d } => {
-                buf.clear();
-                buf.resize(n * hd, 0.0);
+                // Grown, never cleared: every value read back is written first (zeroing the
+                // buffer on each call was 2 % of decode time).
+                if buf.len() < n * hd {
+                    buf.resize(n * hd, 0.0);
+                }
+                let out = &mut buf[..n * hd];
                 let nb = kv_row_blocks(hd);
                 match cpu() {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: Avx2 only after detection.
                     Isa::Avx2 => unsafe {
-                        dequantize_kv_avx2(&qs[..n * hd], &d[..n * nb], hd, buf)
+                        dequantize_kv_avx2(&qs[..n * hd], &d[..n * nb], hd, out)
                     },
-                    _ => dequantize_kv(&qs[..n * hd], &d[..n * nb], hd, buf),
+                    _ => dequantize_kv(&qs[..n * hd], &d[..n * nb], hd, out),
                 }
-                buf
+                out
             }
         }
     }
@@ -145,7 +149,23 @@ fn dequantize_kv(qs: &[i8], d: &[f32], hd: usize, out: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dequantize_kv_avx2(qs: &[i8], d: &[f32], hd: usize, out: &mut [f32]) {
-    dequantize_kv(qs, d, hd, out)
+    use std::arch::x86_64::*;
+    if hd % KV_QBLOCK != 0 {
+        return dequantize_kv(qs, d, hd, out);
+    }
+    // Whole blocks only: block b of the flattened rows has scale d[b]. (The generic loop,
+    // vectorised by the compiler, took 4.5 % of decode at 1024 positions against 3.5 %.)
+    let blocks = qs.len() / KV_QBLOCK;
+    assert!(d.len() >= blocks && out.len() >= qs.len());
+    for b in 0..blocks {
+        let s = _mm256_set1_ps(d[b]);
+        let p = qs.as_ptr().add(b * KV_QBLOCK);
+        let o = out.as_mut_ptr().add(b * KV_QBLOCK);
+        for k in 0..4 {
+            let v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8 * k) as *const __m128i));
+            _mm256_storeu_ps(o.add(8 * k), _mm256_mul_ps(_mm256_cvtepi32_ps(v), s));
+        }
+    }
 }
 
 /// Reusable buffers of [`attend_one`].
@@ -375,14 +395,21 @@ mod tests {
 
     #[test]
     fn eight_bit_cache_attends_to_its_dequantized_rows() {
-        // hd 48: one full block of 32 and a short one of 16 per row.
-        let (hd, group, keys) = (48, 3, 29);
+        // hd 48: one full block of 32 and a short one of 16 per row (the generic widening);
+        // hd 64: whole blocks (the vector one). Pages of 20 rows: widened 16 + 4 at a time.
+        for hd in [48, 64] {
+            eight_bit_attention(hd);
+        }
+    }
+
+    fn eight_bit_attention(hd: usize) {
+        let (group, keys) = (3, 29);
         let data = |n: usize, seed: u64| crate::kernels::test_data(n, seed);
         let q = data(group * hd, 4);
         let k = data(keys * hd, 5);
         let v = data(keys * hd, 6);
-        let (_, kq) = paged(&k, hd, 8, true);
-        let (_, vq) = paged(&v, hd, 8, true);
+        let (_, kq) = paged(&k, hd, 20, true);
+        let (_, vq) = paged(&v, hd, 20, true);
         // The rows as the cache holds them, widened by hand.
         let widen = |pages: &[(Vec<i8>, Vec<f32>)]| -> Vec<f32> {
             let mut out = Vec::new();
