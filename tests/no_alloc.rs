@@ -49,6 +49,11 @@ fn decode_steps_allocate_nothing() {
         .num_threads(2)
         .build()
         .unwrap();
+    // Every worker of both pools (this one and rayon's global one, which loading and quantizing
+    // use) has started: a worker's first look for work registers it with the epoch GC of its
+    // deque, an allocation of crossbeam's that a late-scheduled thread would make mid-count.
+    pool.broadcast(|_| ());
+    rayon::broadcast(|_| ());
     // The fixture, and 2 full-width layers (their products run in parallel row chunks).
     let mut wide = Phi3Config::phi4_mini();
     wide.num_hidden_layers = 2;

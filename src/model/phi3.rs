@@ -616,36 +616,36 @@ impl Phi3ForCausalLM {
         }
         // One job per (row, kv head): the `group` query heads sharing that kv head are adjacent
         // in the row, so each key and value is read once for all of them.
+        // Each job's buffers belong to its (row, kv head) slot, not to the thread that runs
+        // it: which worker steals which job varies from step to step, and a worker's first job
+        // would allocate in the middle of decode.
         let (rows, blocked) = (&s.rows, &s.blocked);
+        if s.attn_ws.len() < rows.len() * nkv {
+            s.attn_ws
+                .resize_with(rows.len() * nkv, AttnScratch::default);
+        }
         s.attn
             .par_chunks_mut(group * hd)
+            .zip(s.attn_ws.par_iter_mut())
             .enumerate()
             .filter(|(idx, _)| !blocked[idx / nkv])
-            .for_each(|(idx, out)| {
+            .for_each(|(idx, (out, ws))| {
                 let (t, kvh) = (idx / nkv, idx % nkv);
                 let (item, pos) = rows[t];
                 let cache = &*items[item].cache;
                 let q = &qkv[t * qkv_dim + kvh * group * hd..][..group * hd];
-                ATTN_SCRATCH.with_borrow_mut(|ws| {
-                    attend_one(
-                        q,
-                        cache.keys(l, kvh),
-                        cache.values(l, kvh),
-                        pos + 1,
-                        hd,
-                        scale,
-                        out,
-                        ws,
-                    )
-                });
+                attend_one(
+                    q,
+                    cache.keys(l, kvh),
+                    cache.values(l, kvh),
+                    pos + 1,
+                    hd,
+                    scale,
+                    out,
+                    ws,
+                );
             });
     }
-}
-
-thread_local! {
-    /// Each thread's attention buffers, kept between calls so that decode does not allocate.
-    /// Nothing inside a borrow calls back into rayon, so a borrow never nests.
-    static ATTN_SCRATCH: RefCell<AttnScratch> = RefCell::new(AttnScratch::default());
 }
 
 /// From this many new tokens in one item, attention runs as blocked matrix products.
@@ -685,6 +685,8 @@ struct Scratch {
     rows: Vec<(usize, usize)>,
     /// Rows whose attention runs blocked (prefills).
     blocked: Vec<bool>,
+    /// Buffers of the one-row attention jobs, one per (row, kv head).
+    attn_ws: Vec<AttnScratch>,
 }
 
 impl Scratch {
