@@ -426,6 +426,16 @@ fn map_safetensors(path: &Path) -> Result<Mapped> {
         .metadata()
         .as_ref()
         .and_then(|m| m.get(META_KEY).cloned());
+    if quantized.is_some() {
+        let layout = meta.metadata().as_ref().and_then(|m| m.get(LAYOUT_KEY));
+        if layout.map(String::as_str) != Some(LAYOUT) {
+            bail!(
+                "{}: quantized by another version of phi4, whose block layout this one does not read ({LAYOUT_KEY} is {}, expected {LAYOUT:?}); quantize the original checkpoint again with `phi4 quantize`",
+                path.display(),
+                layout.map_or("absent".to_string(), |l| format!("{l:?}"))
+            );
+        }
+    }
     let mut out = BTreeMap::new();
     for (name, info) in meta.tensors() {
         let dtype = match info.dtype {
@@ -476,6 +486,14 @@ fn map_safetensors(path: &Path) -> Result<Mapped> {
 /// key maps `N` to `{"type": "q4", "shape": [rows, cols]}`. Loading maps the file and reads the
 /// blocks in place, like any safetensors checkpoint.
 pub const META_KEY: &str = "phi4.quant";
+
+/// Metadata key of the block layout version of a quantized checkpoint's values
+/// ([`crate::kernels::quant`]): files of another layout are refused, not misread.
+pub const LAYOUT_KEY: &str = "phi4.quant_layout";
+
+/// The block layout this version writes and reads. (Version 1, files without the key, paired
+/// blocks for horizontal adds; version 2 interleaves the eight blocks of a group by four values.)
+pub const LAYOUT: &str = "2";
 
 /// One quantized tensor's entry in the metadata.
 #[derive(Debug, Serialize, Deserialize)]

@@ -282,3 +282,28 @@ fn corrupt_quantized_checkpoints_are_refused_by_name() {
     assert!(err.contains("self_attn.qkv_proj.weight"), "{err}");
     assert!(err.contains("needs"), "{err}");
 }
+
+#[test]
+fn checkpoints_of_another_block_layout_are_refused() {
+    let out = tempfile::tempdir().unwrap();
+    let mut q = tiny();
+    q.quantize(Recipe::Q4).unwrap();
+    phi4::model::quantize::write_checkpoint(&q, Some(Recipe::Q4), out.path()).unwrap();
+    let path = out.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap().to_string();
+    let current = "\"phi4.quant_layout\":\"2\"";
+    assert!(header.contains(current), "{header}");
+    // An older file: the same bytes under layout 1, and one from before the key existed.
+    for stale in ["\"phi4.quant_layout\":\"1\"", "\"phi4.other\":\"2\""] {
+        let h = header.replacen(current, stale, 1);
+        let mut file = (h.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(h.as_bytes());
+        file.extend_from_slice(&bytes[8 + n..]);
+        std::fs::write(&path, file).unwrap();
+        let err = format!("{:#}", Checkpoint::open_dir(out.path()).err().unwrap());
+        assert!(err.contains("block layout"), "{err}");
+        assert!(err.contains("phi4 quantize"), "{err}");
+    }
+}

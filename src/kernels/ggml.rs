@@ -150,12 +150,18 @@ fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
 }
 
 /// Repacks a Q4_0 row (`cols` values) into the Q4 layout of [`quant`] without changing a value:
-/// ggml packs each block's nibbles as that layout does; only the scales move.
+/// ggml's nibble `q` stands for `(q - 8)·d` as ours does; only the positions move.
 pub fn repack_q4_0_row(src: &[u8], cols: usize, qs: &mut [u8], d: &mut [f16]) {
     qs.fill(0x88); // padding blocks: value 8 - 8 = 0 (their scale is 0 anyway)
     d.fill(f16::ZERO);
     for (b, blk) in src.chunks_exact(18).take(cols / 32).enumerate() {
-        qs[b * 16..b * 16 + 16].copy_from_slice(&blk[2..18]);
-        d[quant::scale_index(b)] = f16::from_le_bytes([blk[0], blk[1]]);
+        d[b] = f16::from_le_bytes([blk[0], blk[1]]);
+        // ggml: byte j holds element j (low nibble) and element j + 16 (high nibble).
+        for (j, &byte) in blk[2..18].iter().enumerate() {
+            for (k, nib) in [(j, byte & 15), (j + 16, byte >> 4)] {
+                let (at, shift) = quant::pos4(b * 32 + k);
+                qs[at] = (qs[at] & !(15 << shift)) | (nib << shift);
+            }
+        }
     }
 }

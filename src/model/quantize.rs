@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 
 use super::Phi3ForCausalLM;
 use crate::kernels::quant::QType;
-use crate::weights::{DType, QuantEntry, META_KEY};
+use crate::weights::{DType, QuantEntry, LAYOUT, LAYOUT_KEY, META_KEY};
 
 /// Metadata key of the recipe a checkpoint was made with.
 pub const RECIPE_KEY: &str = "phi4.recipe";
@@ -111,6 +111,7 @@ pub fn write_checkpoint(model: &Phi3ForCausalLM, recipe: Option<Recipe>, dir: &P
         .collect::<Result<_>>()?;
     let mut meta = std::collections::HashMap::new();
     meta.insert(META_KEY.to_string(), serde_json::to_string(&entries)?);
+    meta.insert(LAYOUT_KEY.to_string(), LAYOUT.to_string());
     if let Some(r) = recipe {
         meta.insert(RECIPE_KEY.to_string(), r.name().to_string());
     }
