@@ -339,6 +339,33 @@ pub fn dot_rows(t: QType, qs: &[u8], d: &[f16], xs: &[&QActs], out: &mut [f32]) 
     }
 }
 
+/// `out[j] = w0 · xs[j]` and `out[k + j] = w1 · xs[j]` for two adjacent weight rows (`qs`, `d`
+/// hold both, `k = xs.len() <= MAX_ROWS`). With AVX-512 VNNI one pass computes the 2 × k tile,
+/// so each activation load feeds two `vpdpbusd` (32 registers hold its 16 accumulators). On
+/// 2 Zen 4 cores, 384-token prefill, median of 4 runs each: q4 38 → 57 tok/s, q8 33 → 36 (Q8
+/// gains less: its `vpsignb` per product stays). Elsewhere it is two [`dot_rows`] calls (AVX2's
+/// 16 registers cannot hold the tile).
+pub fn dot_row_pair(t: QType, qs: &[u8], d: &[f16], xs: &[&QActs], out: &mut [f32]) {
+    let (k, half_q, half_d) = (xs.len(), qs.len() / 2, d.len() / 2);
+    assert!(k <= MAX_ROWS && out.len() == 2 * k && qs.len() == 2 * half_q);
+    assert_eq!(d.len(), 2 * half_d);
+    assert_eq!(half_d % 8, 0);
+    assert_eq!(half_q, half_d * BLOCK / if t == QType::Q4 { 2 } else { 1 });
+    assert!(
+        xs.iter().all(|x| x.d.len() == half_d),
+        "activation width differs"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if vnni() {
+        // SAFETY: vnni() only after detecting avx2, fma, f16c, avx512vnni and avx512vl; the
+        // lengths of both rows and every activation row are checked above.
+        return unsafe { avx2::dot_row_pair_vnni(t, qs, d, xs, out) };
+    }
+    let (o0, o1) = out.split_at_mut(k);
+    dot_rows(t, &qs[..half_q], &d[..half_d], xs, o0);
+    dot_rows(t, &qs[half_q..], &d[half_d..], xs, o1);
+}
+
 /// Whether the CPU has AVX-512 VNNI (with VL) on top of AVX2: then one `vpdpbusd` on 256-bit
 /// registers does the work of `maddubs` + `madd`, with 32-bit sums (no 16-bit limits).
 /// `PHI4_ISA=avx2` keeps the plain AVX2 kernels.
@@ -523,6 +550,121 @@ mod avx2 {
             (QType::Q8, 2) => dot_n::<2, false, VNNI>(qs, d, xs, out),
             (QType::Q8, 3) => dot_n::<3, false, VNNI>(qs, d, xs, out),
             (QType::Q8, _) => dot_n::<4, false, VNNI>(qs, d, xs, out),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn dot_row_pair_vnni(
+        t: QType,
+        qs: &[u8],
+        d: &[f16],
+        xs: &[&QActs],
+        out: &mut [f32],
+    ) {
+        match (t, xs.len()) {
+            (_, 0) => {}
+            (QType::Q4, 1) => pair_n::<1, true>(qs, d, xs, out),
+            (QType::Q4, 2) => pair_n::<2, true>(qs, d, xs, out),
+            (QType::Q4, 3) => pair_n::<3, true>(qs, d, xs, out),
+            (QType::Q4, _) => pair_n::<4, true>(qs, d, xs, out),
+            (QType::Q8, 1) => pair_n::<1, false>(qs, d, xs, out),
+            (QType::Q8, 2) => pair_n::<2, false>(qs, d, xs, out),
+            (QType::Q8, 3) => pair_n::<3, false>(qs, d, xs, out),
+            (QType::Q8, _) => pair_n::<4, false>(qs, d, xs, out),
+        }
+    }
+
+    /// [`dot_n`] for two weight rows at once (VNNI only): the group sums of both rows against
+    /// N activation rows, each activation vector loaded once for both.
+    #[inline(always)]
+    unsafe fn pair_n<const N: usize, const Q4: bool>(
+        qs: &[u8],
+        d: &[f16],
+        xs: &[&QActs],
+        out: &mut [f32],
+    ) {
+        let (row_bytes, nb) = (qs.len() / 2, d.len() / 2);
+        let groups = nb / 8;
+        let group_bytes = if Q4 { 128 } else { 256 };
+        let mut xp = [std::ptr::null::<i8>(); N];
+        for r in 0..N {
+            xp[r] = xs[r].qs.as_ptr();
+        }
+        let mut acc = [[_mm256_setzero_ps(); N]; 2];
+        for g in 0..groups {
+            let w = [
+                qs.as_ptr().add(g * group_bytes),
+                qs.as_ptr().add(row_bytes + g * group_bytes),
+            ];
+            for wr in w {
+                for line in (0..group_bytes).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(wr.wrapping_add(PREFETCH + line) as *const i8);
+                }
+            }
+            let off = g * 256;
+            let x =
+                |r: usize, c: usize| _mm256_loadu_si256(xp[r].add(off + 32 * c) as *const __m256i);
+            // a: even chunks, b: odd chunks; [weight row][activation row].
+            let mut a = [[_mm256_setzero_si256(); N]; 2];
+            let mut b = [[_mm256_setzero_si256(); N]; 2];
+            if Q4 {
+                let m4 = _mm256_set1_epi8(15);
+                for m in 0..4 {
+                    let v = w.map(|wr| _mm256_loadu_si256(wr.add(32 * m) as *const __m256i));
+                    let lo = v.map(|v| _mm256_and_si256(v, m4));
+                    let hi = v.map(|v| _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+                    for r in 0..N {
+                        let (xl, xh) = (x(r, 2 * m), x(r, 2 * m + 1));
+                        for i in 0..2 {
+                            a[i][r] = _mm256_dpbusd_epi32(a[i][r], lo[i], xl);
+                            b[i][r] = _mm256_dpbusd_epi32(b[i][r], hi[i], xh);
+                        }
+                    }
+                }
+            } else {
+                for c in 0..8 {
+                    let wc = w.map(|wr| _mm256_loadu_si256(wr.add(32 * c) as *const __m256i));
+                    let aw = wc.map(|v| _mm256_sign_epi8(v, v));
+                    for r in 0..N {
+                        let xr = x(r, c);
+                        for i in 0..2 {
+                            let sx = _mm256_sign_epi8(xr, wc[i]);
+                            if c % 2 == 0 {
+                                a[i][r] = _mm256_dpbusd_epi32(a[i][r], aw[i], sx);
+                            } else {
+                                b[i][r] = _mm256_dpbusd_epi32(b[i][r], aw[i], sx);
+                            }
+                        }
+                    }
+                }
+            }
+            let dw = [0, nb].map(|base| {
+                _mm256_cvtph_ps(_mm_loadu_si128(
+                    d.as_ptr().add(base + g * 8) as *const __m128i
+                ))
+            });
+            for r in 0..N {
+                let dx = _mm256_loadu_ps(xs[r].d.as_ptr().add(g * 8));
+                let c = if Q4 {
+                    _mm256_loadu_si256(xs[r].sum8.as_ptr().add(g * 8) as *const __m256i)
+                } else {
+                    _mm256_setzero_si256()
+                };
+                for i in 0..2 {
+                    // Lane b: block b of the group.
+                    let s = _mm256_sub_epi32(_mm256_add_epi32(a[i][r], b[i][r]), c);
+                    acc[i][r] =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw[i], dx), acc[i][r]);
+                }
+            }
+        }
+        for i in 0..2 {
+            for r in 0..N {
+                let v = acc[i][r];
+                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+                let s = _mm_hadd_ps(s, s);
+                out[i * N + r] = _mm_cvtss_f32(_mm_hadd_ps(s, s));
+            }
         }
     }
 
@@ -798,6 +940,48 @@ mod tests {
                                 want[j]
                             );
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The two-row kernel (VNNI where the CPU has it, else two single-row calls) against the
+    /// scalar reference for each row.
+    #[test]
+    fn row_pairs_match_the_scalar_reference() {
+        eprintln!(
+            "pair kernel: {}",
+            if vnni() { "vnni" } else { "two dot_rows" }
+        );
+        for t in [QType::Q8, QType::Q4] {
+            for cols in [256, 3072] {
+                let (q0, d0) = quantized(t, &data(cols, 7));
+                let (q1, d1) = quantized(t, &data(cols, 8));
+                let (qs, d) = (
+                    [q0.clone(), q1.clone()].concat(),
+                    [d0.clone(), d1.clone()].concat(),
+                );
+                let acts: Vec<QActs> = (0..MAX_ROWS as u64)
+                    .map(|s| {
+                        let mut a = QActs::default();
+                        a.quantize(&data(cols, 50 + s));
+                        a
+                    })
+                    .collect();
+                for n in 1..=MAX_ROWS {
+                    let xs: Vec<&QActs> = acts[..n].iter().collect();
+                    let mut want = vec![0f32; 2 * n];
+                    scalar_dot_rows(t, &q0, &d0, &xs, &mut want[..n]);
+                    scalar_dot_rows(t, &q1, &d1, &xs, &mut want[n..]);
+                    let mut got = vec![0f32; 2 * n];
+                    dot_row_pair(t, &qs, &d, &xs, &mut got);
+                    for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+                        let tol = 1e-5 * (cols as f32).sqrt() * w.abs().max(1.0);
+                        assert!(
+                            (g - w).abs() <= tol,
+                            "{t:?} {cols} n{n} out {j}: {g} vs {w}"
+                        );
                     }
                 }
             }
