@@ -384,6 +384,29 @@ pub fn vnni() -> bool {
     })
 }
 
+/// Evaluates `$call` with the constants `$n = xs.len()` (1..=MAX_ROWS) and `$q4 = (t == Q4)`,
+/// so that a kernel can take both as const generic arguments.
+macro_rules! by_rows_and_type {
+    ($t:expr, $xs:expr, |$n:ident, $q4:ident| $call:expr) => {
+        match ($t, $xs.len()) {
+            (_, 0) => {}
+            (QType::Q4, 1) => by_rows_and_type!(@ 1, true, $n, $q4, $call),
+            (QType::Q4, 2) => by_rows_and_type!(@ 2, true, $n, $q4, $call),
+            (QType::Q4, 3) => by_rows_and_type!(@ 3, true, $n, $q4, $call),
+            (QType::Q4, _) => by_rows_and_type!(@ 4, true, $n, $q4, $call),
+            (QType::Q8, 1) => by_rows_and_type!(@ 1, false, $n, $q4, $call),
+            (QType::Q8, 2) => by_rows_and_type!(@ 2, false, $n, $q4, $call),
+            (QType::Q8, 3) => by_rows_and_type!(@ 3, false, $n, $q4, $call),
+            (QType::Q8, _) => by_rows_and_type!(@ 4, false, $n, $q4, $call),
+        }
+    };
+    (@ $nv:literal, $qv:literal, $n:ident, $q4:ident, $call:expr) => {{
+        const $n: usize = $nv;
+        const $q4: bool = $qv;
+        $call
+    }};
+}
+
 /// The same kernels with Advanced SIMD: 8×8→16-bit multiplies (`smull`) summed pairwise into
 /// 32-bit lanes (`sadalp`), a group at a time, 16 values per register. Q4 nibbles are made
 /// signed (`q - 8`) before multiplying, so no offset correction is needed. Tested against the
@@ -396,17 +419,7 @@ mod neon {
 
     #[target_feature(enable = "neon")]
     pub unsafe fn dot_rows(t: QType, qs: &[u8], d: &[f16], xs: &[&QActs], out: &mut [f32]) {
-        match (t, xs.len()) {
-            (_, 0) => {}
-            (QType::Q4, 1) => dot_n::<1, true>(qs, d, xs, out),
-            (QType::Q4, 2) => dot_n::<2, true>(qs, d, xs, out),
-            (QType::Q4, 3) => dot_n::<3, true>(qs, d, xs, out),
-            (QType::Q4, _) => dot_n::<4, true>(qs, d, xs, out),
-            (QType::Q8, 1) => dot_n::<1, false>(qs, d, xs, out),
-            (QType::Q8, 2) => dot_n::<2, false>(qs, d, xs, out),
-            (QType::Q8, 3) => dot_n::<3, false>(qs, d, xs, out),
-            (QType::Q8, _) => dot_n::<4, false>(qs, d, xs, out),
-        }
+        by_rows_and_type!(t, xs, |N, Q4| dot_n::<N, Q4>(qs, d, xs, out))
     }
 
     /// One group's weights as signed values, 16 per register: register `2c + h` holds half `h`
@@ -540,17 +553,7 @@ mod avx2 {
         xs: &[&QActs],
         out: &mut [f32],
     ) {
-        match (t, xs.len()) {
-            (_, 0) => {}
-            (QType::Q4, 1) => dot_n::<1, true, VNNI>(qs, d, xs, out),
-            (QType::Q4, 2) => dot_n::<2, true, VNNI>(qs, d, xs, out),
-            (QType::Q4, 3) => dot_n::<3, true, VNNI>(qs, d, xs, out),
-            (QType::Q4, _) => dot_n::<4, true, VNNI>(qs, d, xs, out),
-            (QType::Q8, 1) => dot_n::<1, false, VNNI>(qs, d, xs, out),
-            (QType::Q8, 2) => dot_n::<2, false, VNNI>(qs, d, xs, out),
-            (QType::Q8, 3) => dot_n::<3, false, VNNI>(qs, d, xs, out),
-            (QType::Q8, _) => dot_n::<4, false, VNNI>(qs, d, xs, out),
-        }
+        by_rows_and_type!(t, xs, |N, Q4| dot_n::<N, Q4, VNNI>(qs, d, xs, out))
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -561,17 +564,7 @@ mod avx2 {
         xs: &[&QActs],
         out: &mut [f32],
     ) {
-        match (t, xs.len()) {
-            (_, 0) => {}
-            (QType::Q4, 1) => pair_n::<1, true>(qs, d, xs, out),
-            (QType::Q4, 2) => pair_n::<2, true>(qs, d, xs, out),
-            (QType::Q4, 3) => pair_n::<3, true>(qs, d, xs, out),
-            (QType::Q4, _) => pair_n::<4, true>(qs, d, xs, out),
-            (QType::Q8, 1) => pair_n::<1, false>(qs, d, xs, out),
-            (QType::Q8, 2) => pair_n::<2, false>(qs, d, xs, out),
-            (QType::Q8, 3) => pair_n::<3, false>(qs, d, xs, out),
-            (QType::Q8, _) => pair_n::<4, false>(qs, d, xs, out),
-        }
+        by_rows_and_type!(t, xs, |N, Q4| pair_n::<N, Q4>(qs, d, xs, out))
     }
 
     /// [`dot_n`] for two weight rows at once (VNNI only): the group sums of both rows against
