@@ -7,6 +7,7 @@ use common::{tiny_dir, Reference};
 use phi4::config::Phi3Config;
 use phi4::model::{KvType, Logits, Phi3ForCausalLM, Recipe, RopeTable};
 use phi4::weights::Checkpoint;
+use std::path::Path;
 
 fn tiny() -> Phi3ForCausalLM {
     let dir = tiny_dir();
@@ -261,23 +262,36 @@ fn quantized_checkpoint_round_trips_and_loads_mapped() {
     );
 }
 
-#[test]
-fn corrupt_quantized_checkpoints_are_refused_by_name() {
+/// A quantized checkpoint of the tiny model written with `recipe`, and its safetensors header.
+fn quantized_checkpoint(recipe: Recipe) -> (tempfile::TempDir, String) {
     let out = tempfile::tempdir().unwrap();
     let mut q = tiny();
-    q.quantize(Recipe::Q8).unwrap();
-    phi4::model::quantize::write_checkpoint(&q, Some(Recipe::Q8), out.path()).unwrap();
-    let path = out.path().join("model.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
+    q.quantize(recipe).unwrap();
+    phi4::model::quantize::write_checkpoint(&q, Some(recipe), out.path()).unwrap();
+    let bytes = std::fs::read(out.path().join("model.safetensors")).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap().to_string();
+    (out, header)
+}
+
+/// Rewrites the checkpoint in `dir` with `header` in place of its own (the tensor bytes kept).
+fn replace_header(dir: &Path, header: &str) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(header.as_bytes());
+    file.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(&path, file).unwrap();
+}
+
+#[test]
+fn corrupt_quantized_checkpoints_are_refused_by_name() {
+    let (out, header) = quantized_checkpoint(Recipe::Q8);
     // Claim a different shape for one matrix: the byte count no longer fits.
     let bad = header.replacen("[160,96]", "[160,512]", 1);
     assert_ne!(bad, header, "header layout changed: {header}");
-    let mut file = (bad.len() as u64).to_le_bytes().to_vec();
-    file.extend_from_slice(bad.as_bytes());
-    file.extend_from_slice(&bytes[8 + n..]);
-    std::fs::write(&path, file).unwrap();
+    replace_header(out.path(), &bad);
     let err = format!("{:#}", Checkpoint::open_dir(out.path()).err().unwrap());
     assert!(err.contains("self_attn.qkv_proj.weight"), "{err}");
     assert!(err.contains("needs"), "{err}");
@@ -285,23 +299,12 @@ fn corrupt_quantized_checkpoints_are_refused_by_name() {
 
 #[test]
 fn checkpoints_of_another_block_layout_are_refused() {
-    let out = tempfile::tempdir().unwrap();
-    let mut q = tiny();
-    q.quantize(Recipe::Q4).unwrap();
-    phi4::model::quantize::write_checkpoint(&q, Some(Recipe::Q4), out.path()).unwrap();
-    let path = out.path().join("model.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap().to_string();
+    let (out, header) = quantized_checkpoint(Recipe::Q4);
     let current = "\"phi4.quant_layout\":\"2\"";
     assert!(header.contains(current), "{header}");
     // An older file: the same bytes under layout 1, and one from before the key existed.
     for stale in ["\"phi4.quant_layout\":\"1\"", "\"phi4.other\":\"2\""] {
-        let h = header.replacen(current, stale, 1);
-        let mut file = (h.len() as u64).to_le_bytes().to_vec();
-        file.extend_from_slice(h.as_bytes());
-        file.extend_from_slice(&bytes[8 + n..]);
-        std::fs::write(&path, file).unwrap();
+        replace_header(out.path(), &header.replacen(current, stale, 1));
         let err = format!("{:#}", Checkpoint::open_dir(out.path()).err().unwrap());
         assert!(err.contains("block layout"), "{err}");
         assert!(err.contains("phi4 quantize"), "{err}");
