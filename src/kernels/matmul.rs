@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 use super::dot::{WeightElem, MAX_ROWS, PAIR_ROWS};
 use super::quant::{self, QActs, QType};
+use super::SharedOut;
 
 /// A borrowed weight matrix, row-major `[rows, cols]`.
 #[derive(Clone, Copy)]
@@ -179,9 +180,6 @@ struct ChunkOut {
     len: usize,
 }
 
-// SAFETY: each ChunkOut writes only its own rows r0..r0 + len of y (see `by_row_chunks`).
-unsafe impl Send for ChunkOut {}
-
 impl ChunkOut {
     /// Weight rows in this chunk.
     fn len(&self) -> usize {
@@ -203,7 +201,8 @@ impl ChunkOut {
 /// its rows' outputs of every token into `y [n, rows]`.
 fn by_row_chunks(rows: usize, n: usize, y: &mut [f32], task: impl Fn(usize, &mut ChunkOut) + Sync) {
     assert_eq!(y.len(), rows * n);
-    let y = SendPtr(y.as_mut_ptr());
+    // Each chunk writes only its own rows r0..r0 + len of y.
+    let y = SharedOut::new(y);
     let run = |c: usize| {
         let r0 = c * ROW_CHUNK;
         let mut out = ChunkOut {
@@ -220,19 +219,6 @@ fn by_row_chunks(rows: usize, n: usize, y: &mut [f32], task: impl Fn(usize, &mut
         run(0);
     } else {
         (0..chunks).into_par_iter().for_each(run);
-    }
-}
-
-/// `y`'s base pointer, shared by the chunks of [`by_row_chunks`] (each writes its own rows).
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: see ChunkOut.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

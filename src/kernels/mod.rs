@@ -15,6 +15,26 @@ pub use matmul::{matmul, matvec, WeightView};
 
 use std::sync::OnceLock;
 
+/// A float buffer's base pointer handed to parallel jobs that each write their own disjoint
+/// region of it while the owner waits for all of them (each user says which regions).
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut(*mut f32);
+// SAFETY: only dereferenced by jobs writing disjoint regions, under the owner's borrow.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    pub(crate) fn new(buf: &mut [f32]) -> SharedOut {
+        SharedOut(buf.as_mut_ptr())
+    }
+
+    /// The base pointer. (A method, not the field: a closure that named the field would
+    /// capture the bare pointer, which is not `Sync`.)
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// The instruction-set level the kernels dispatch on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {

@@ -18,6 +18,7 @@ use super::quantize::Recipe;
 use super::rope::{Rope, RopeTable};
 use crate::config::Phi3Config;
 use crate::kernels::ops::{attend_one, pages, rms_norm, rope_neox, silu_mul, softmax, AttnScratch};
+use crate::kernels::SharedOut;
 use crate::weights::{check_registry, Checkpoint, Expected, Tensor};
 
 pub struct Attention {
@@ -532,7 +533,9 @@ impl Phi3ForCausalLM {
                 s.blocked[first..first + n].fill(true);
                 let cache = &*it.cache;
                 let start = cache.len; // updated after the last layer
-                let out = SharedOut(s.attn.as_mut_ptr());
+
+                // Jobs write disjoint (rows, head) blocks of the attention output.
+                let out = SharedOut::new(&mut s.attn);
                 let blocks = n.div_ceil(QUERY_BLOCK);
                 (0..nh * blocks).into_par_iter().for_each(|job| {
                     let (head, b) = (job / blocks, job % blocks);
@@ -590,7 +593,7 @@ impl Phi3ForCausalLM {
                                     q1 - q0,
                                     hd,
                                     pn,
-                                    o.0.add((first + q0) * nh * hd + head * hd),
+                                    o.get().add((first + q0) * nh * hd + head * hd),
                                     1,
                                     (nh * hd) as isize,
                                     p0 > 0,
@@ -653,13 +656,6 @@ const BLOCKED_ATTENTION_MIN: usize = 16;
 /// Query rows per block: the scores of one block are `QUERY_BLOCK × keys` floats, so memory
 /// grows linearly with the context, never with its square.
 const QUERY_BLOCK: usize = 64;
-
-/// The attention output, written by parallel jobs at disjoint (rows, head) blocks.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: jobs write disjoint regions (see the blocked attention) and the owner waits for all.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
 
 /// One sequence's share of a batched forward pass: its new tokens, its cache and the rotary
 /// table that cache uses.
