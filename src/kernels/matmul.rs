@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::dot::{WeightElem, MAX_ROWS, PAIR_ROWS};
+use super::dot::{WeightElem, BLOCK_ROWS, MAX_ROWS, PAIR_ROWS};
 use super::quant::{self, QActs, QType};
 use super::SharedOut;
 
@@ -72,6 +72,18 @@ impl WeightView<'_> {
         }
     }
 
+    /// `out[i] = W[r+i,:] · x` for `out.len()` consecutive rows from `r`.
+    #[inline]
+    fn dot_row_block(&self, r: usize, cols: usize, x: &[f32], out: &mut [f32]) {
+        let span = r * cols..(r + out.len()) * cols;
+        match self {
+            WeightView::F32(w) => f32::dot_row_block(&w[span], x, out),
+            WeightView::F16(w) => f16::dot_row_block(&w[span], x, out),
+            WeightView::BF16(w) => bf16::dot_row_block(&w[span], x, out),
+            WeightView::Quant { .. } => unreachable!("quantized rows take quantized_matmul"),
+        }
+    }
+
     /// Rows `r0..r1` widened to f32 into `out`.
     fn rows_to_f32(&self, r0: usize, r1: usize, cols: usize, out: &mut [f32]) {
         let span = r0 * cols..r1 * cols;
@@ -128,6 +140,13 @@ pub fn matmul(w: WeightView, rows: usize, cols: usize, x: &[f32], y: &mut [f32])
     }
 }
 
+/// From this width on, one activation row goes against blocks of consecutive weight rows (see
+/// [`WeightElem::dot_row_block`]); narrower rows stream faster one at a time, a single
+/// sequential stream the prefetcher follows best. Measured on a Zen 4 (32 KB L1D), bf16, 2
+/// threads, GB/s one row / blocks of 8: 3072 columns 32.2 / 29.2, 4096 23.2 / 35.9, 6144
+/// 16.4 / 35.8, 8192 19.5 / 29.7 (best of 3 runs each).
+const WIDE_COLS: usize = 4096;
+
 /// One pass over the stored weights per group of up to eight activation rows; from two rows on,
 /// two weight rows at a time against groups of up to four (see [`WeightElem::dot_pair_rows`]).
 fn stream(w: WeightView, rows: usize, cols: usize, x: &[f32], y: &mut [f32], n: usize) {
@@ -139,6 +158,17 @@ fn stream(w: WeightView, rows: usize, cols: usize, x: &[f32], y: &mut [f32], n: 
     let xs = &slots[..n];
     let task = |r0: usize, out: &mut ChunkOut| {
         let len = out.len();
+        if n == 1 && cols >= WIDE_COLS {
+            let mut t = [0f32; BLOCK_ROWS];
+            for i in (0..len).step_by(BLOCK_ROWS) {
+                let k = BLOCK_ROWS.min(len - i);
+                w.dot_row_block(r0 + i, cols, xs[0], &mut t[..k]);
+                for (j, v) in t[..k].iter().enumerate() {
+                    out.put(i + j, 0, &[*v]);
+                }
+            }
+            return;
+        }
         if n == 1 {
             for i in 0..len {
                 let mut v = 0f32;
@@ -441,6 +471,8 @@ mod tests {
             (700, 96, 3),
             (600, 160, 9),
             (37, 64, 17),
+            // Wide rows: blocks of eight rows, and a chunk whose rows are not a multiple of it.
+            (75, WIDE_COLS + 4, 1),
         ] {
             let wf = data(rows * cols, 3);
             let x = data(n * cols, 4);
