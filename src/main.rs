@@ -70,8 +70,9 @@ struct ModelArg {
     /// embeddings / LM head at 8 bits). A checkpoint from `phi4 quantize` needs no flag.
     #[arg(long, value_parser = parse_recipe)]
     quant: Option<Recipe>,
-    /// How the KV cache stores keys and values: f32, or q8 (8-bit, a quarter of the memory
-    /// and of the bytes decode attention reads, with a small loss of accuracy).
+    /// How the KV cache stores keys and values: f32; f16 (half the memory and of the bytes
+    /// decode attention reads; llama.cpp's default); or q8 (8-bit, a quarter, with a small
+    /// loss of accuracy).
     #[arg(long, value_parser = KvType::parse, default_value = "f32")]
     kv_cache: KvType,
 }
@@ -242,7 +243,7 @@ struct BenchArgs {
     /// directory instead of benchmarking, for `--model DIR` and other engines to read.
     #[arg(long, requires = "synthetic")]
     save: Option<PathBuf>,
-    /// KV cache storage: f32 or q8.
+    /// KV cache storage: f32, f16 or q8.
     #[arg(long, value_parser = KvType::parse, default_value = "f32")]
     kv_cache: KvType,
     #[arg(long, default_value_t = 512)]

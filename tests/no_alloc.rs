@@ -59,7 +59,7 @@ fn decode_steps_allocate_nothing() {
     wide.num_hidden_layers = 2;
     let cases = [None, Some(Recipe::Q8), Some(Recipe::Q4)]
         .into_iter()
-        .flat_map(|r| [(false, r, KvType::F32), (false, r, KvType::Q8)])
+        .flat_map(|r| [KvType::F32, KvType::F16, KvType::Q8].map(|kv| (false, r, kv)))
         .chain([(true, Some(Recipe::Q4), KvType::Q8)]);
     for (full_width, recipe, kv) in cases {
         {

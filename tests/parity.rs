@@ -5,7 +5,7 @@ mod common;
 
 use common::{max_abs_diff, tiny_dir, Reference};
 use phi4::config::Phi3Config;
-use phi4::model::{Logits, Phi3ForCausalLM, RopeTable};
+use phi4::model::{KvType, Logits, Phi3ForCausalLM, RopeTable};
 use phi4::weights::Checkpoint;
 
 const TOL: f32 = 2e-4;
@@ -115,4 +115,39 @@ fn blocked_attention_equals_row_by_row_with_and_without_a_cache() {
     }
     let d = max_abs_diff(&blocked, &rows);
     assert!(d < TOL, "max diff {d}");
+}
+
+#[test]
+fn half_precision_kv_cache_stays_near_the_reference() {
+    // Keys and values rounded to f16 (relative error ≤ 2⁻¹¹), by prefill (the blocked path on
+    // the long prompt) and token by token. Measured max logit diff 0.092 on logits within ±41
+    // (the f32 cache: 1.3e-4; the 8-bit one: 1.63).
+    let r = Reference::load();
+    let mut m = load();
+    m.kv_cache = KvType::F16;
+    assert_eq!(m.new_cache().dtype(), KvType::F16);
+    let v = m.config.vocab_size;
+    let mut worst = 0f32;
+    for (case, table) in [("short", RopeTable::Short), ("long", RopeTable::Long)] {
+        let prompt = r.ids(case, "prompt");
+        let full = r.tensor(&format!("{case}.logits"));
+        let logits = m
+            .forward(&prompt, &mut m.new_cache(), table, Logits::All, None)
+            .unwrap();
+        let d = max_abs_diff(&logits, full);
+        worst = worst.max(d);
+        let mut cache = m.new_cache();
+        m.forward(&prompt[..4], &mut cache, table, Logits::Last, None)
+            .unwrap();
+        for (t, &tok) in prompt.iter().enumerate().skip(4) {
+            let logits = m
+                .forward(&[tok], &mut cache, table, Logits::Last, None)
+                .unwrap();
+            let d = max_abs_diff(&logits, &full[t * v..(t + 1) * v]);
+            worst = worst.max(d);
+        }
+    }
+    assert!(worst < 0.2, "max logit diff {worst}");
+    // The gate can fail: these are not the f32 cache's logits.
+    assert!(worst > TOL, "max logit diff {worst}");
 }

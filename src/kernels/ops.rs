@@ -2,6 +2,8 @@
 //! token), so plain loops that the compiler vectorises are enough; the weights' traffic is in
 //! [`super::matmul`].
 
+use half::f16;
+
 use super::cpu;
 use super::dot::WeightElem;
 #[cfg(target_arch = "x86_64")]
@@ -61,6 +63,7 @@ pub fn kv_row_blocks(hd: usize) -> usize {
 #[derive(Clone, Copy, Debug)]
 pub enum KvRows<'a> {
     F32(&'a [f32]),
+    F16(&'a [f16]),
     /// 8-bit values, with one f32 scale per [`KV_QBLOCK`] values of each row.
     Q8 {
         qs: &'a [i8],
@@ -73,6 +76,7 @@ impl<'a> KvRows<'a> {
     pub fn sub(&self, r0: usize, r1: usize, hd: usize) -> KvRows<'a> {
         match *self {
             KvRows::F32(v) => KvRows::F32(&v[r0 * hd..r1 * hd]),
+            KvRows::F16(v) => KvRows::F16(&v[r0 * hd..r1 * hd]),
             KvRows::Q8 { qs, d } => {
                 let nb = kv_row_blocks(hd);
                 KvRows::Q8 {
@@ -90,13 +94,14 @@ impl<'a> KvRows<'a> {
     {
         match *self {
             KvRows::F32(v) => &v[..n * hd],
+            KvRows::F16(v) => {
+                let out = grown(buf, n * hd);
+                // `half` converts with F16C where the CPU has it.
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&v[..n * hd], out);
+                out
+            }
             KvRows::Q8 { qs, d } => {
-                // Grown, never cleared: every value read back is written first (zeroing the
-                // buffer on each call was 2 % of decode time).
-                if buf.len() < n * hd {
-                    buf.resize(n * hd, 0.0);
-                }
-                let out = &mut buf[..n * hd];
+                let out = grown(buf, n * hd);
                 let nb = kv_row_blocks(hd);
                 match cpu() {
                     #[cfg(target_arch = "x86_64")]
@@ -110,6 +115,15 @@ impl<'a> KvRows<'a> {
             }
         }
     }
+}
+
+/// The first `n` values of `buf`, grown to hold them but never cleared: every value read back
+/// is written first (zeroing the buffer on each call was 2 % of decode time).
+fn grown(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if buf.len() < n {
+        buf.resize(n, 0.0);
+    }
+    &mut buf[..n]
 }
 
 /// Quantizes one cached row to 8 bits: per block of [`KV_QBLOCK`] values, `q = round(x / d)`
@@ -173,7 +187,7 @@ unsafe fn dequantize_kv_avx2(qs: &[i8], d: &[f32], hd: usize, out: &mut [f32]) {
 pub struct AttnScratch {
     /// Scores, `[group][keys]`.
     pub sc: Vec<f32>,
-    /// One page widened to f32 (8-bit caches).
+    /// Rows widened to f32 (f16 and 8-bit caches).
     pub rows: Vec<f32>,
 }
 
@@ -264,6 +278,7 @@ pub fn pages<'a>(
     pages.into_iter().map_while(move |p| {
         let cap = match p {
             KvRows::F32(v) => v.len() / hd,
+            KvRows::F16(v) => v.len() / hd,
             KvRows::Q8 { qs, .. } => qs.len() / hd,
         };
         let n = cap.min(keys.saturating_sub(first));
