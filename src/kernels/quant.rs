@@ -859,6 +859,13 @@ mod tests {
         (qs, d)
     }
 
+    /// `x` quantized as an activation row.
+    fn activation(x: &[f32]) -> QActs {
+        let mut a = QActs::default();
+        a.quantize(x);
+        a
+    }
+
     #[test]
     fn round_trip_error_is_within_a_grid_step() {
         for t in [QType::Q8, QType::Q4] {
@@ -910,11 +917,7 @@ mod tests {
             for cols in [256, 3072] {
                 let (qs, d) = quantized(t, &data(cols, 3));
                 let acts: Vec<QActs> = (0..MAX_ROWS as u64)
-                    .map(|s| {
-                        let mut a = QActs::default();
-                        a.quantize(&data(cols, 40 + s));
-                        a
-                    })
+                    .map(|s| activation(&data(cols, 40 + s)))
                     .collect();
                 for n in 1..=MAX_ROWS {
                     let xs: Vec<&QActs> = acts[..n].iter().collect();
@@ -956,11 +959,7 @@ mod tests {
                     [d0.clone(), d1.clone()].concat(),
                 );
                 let acts: Vec<QActs> = (0..MAX_ROWS as u64)
-                    .map(|s| {
-                        let mut a = QActs::default();
-                        a.quantize(&data(cols, 50 + s));
-                        a
-                    })
+                    .map(|s| activation(&data(cols, 50 + s)))
                     .collect();
                 for n in 1..=MAX_ROWS {
                     let xs: Vec<&QActs> = acts[..n].iter().collect();
@@ -1013,14 +1012,7 @@ mod tests {
                 let mut deq = vec![0f32; cols];
                 dequantize_row(t, &qs, &d, &mut deq);
                 let raw: Vec<Vec<f32>> = (0..MAX_ROWS as u64).map(|s| data(cols, 20 + s)).collect();
-                let acts: Vec<QActs> = raw
-                    .iter()
-                    .map(|x| {
-                        let mut a = QActs::default();
-                        a.quantize(x);
-                        a
-                    })
-                    .collect();
+                let acts: Vec<QActs> = raw.iter().map(|x| activation(x)).collect();
                 for n in 1..=MAX_ROWS {
                     let xs: Vec<&QActs> = acts[..n].iter().collect();
                     let (mut got, mut want) = (vec![0f32; n], vec![0f32; n]);
