@@ -1,8 +1,8 @@
 //! phi4: run, serve and fine-tune Microsoft's Phi-4 small language models on ordinary hardware.
 //!
 //! Layers, lowest first (a lower layer never imports a higher one):
-//! `kernels` → `weights`/`config` → `model` → `text` → `engine` → `server` → `cli` (the `phi4`
-//! binary).
+//! `kernels` → `paging`/`weights`/`config` → `model` → `text` → `engine` → `server` → `cli`
+//! (the `phi4` binary).
 
 pub mod bench;
 pub mod config;
@@ -10,6 +10,7 @@ pub mod engine;
 pub mod hub;
 pub mod kernels;
 pub mod model;
+pub mod paging;
 pub mod server;
 pub mod text;
 pub mod weights;

@@ -344,8 +344,8 @@ fn quantize_cmd(a: QuantizeArgs) -> Result<()> {
 /// weights paged in otherwise.
 fn load_model(dir: &Path, quant: Option<Recipe>) -> Result<Phi3ForCausalLM> {
     let config = Phi3Config::from_file(&dir.join("config.json"))?;
-    let ckpt = phi4::weights::Checkpoint::open_dir(dir)?;
-    Phi3ForCausalLM::load_ready(config, &ckpt, quant, dir, true, &mut |_| {})
+    let mut ckpt = phi4::weights::Checkpoint::open_dir(dir)?;
+    Phi3ForCausalLM::load_ready(config, &mut ckpt, quant, dir, true, &mut |_| {})
 }
 
 fn load_dir(dir: &Path, quant: Option<Recipe>) -> Result<Engine> {

@@ -17,6 +17,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::kernels::quant::{self, QType};
+use crate::paging::{self, Words};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DType {
@@ -53,14 +54,14 @@ enum Bytes {
         start: usize,
         len: usize,
     },
-    Owned(Arc<Vec<u32>>, usize),
+    Owned(Arc<Words>, usize),
 }
 
 impl Bytes {
     fn as_slice(&self) -> &[u8] {
         match self {
             Bytes::Mapped { map, start, len } => &map[*start..*start + *len],
-            Bytes::Owned(v, len) => &bytemuck::cast_slice::<u32, u8>(v)[..*len],
+            Bytes::Owned(v, len) => &bytemuck::cast_slice::<u32, u8>(v.as_slice())[..*len],
         }
     }
 }
@@ -84,8 +85,9 @@ impl std::fmt::Debug for Tensor {
 impl Tensor {
     /// An owned tensor from raw little-endian bytes (u32-aligned storage).
     pub fn from_bytes(dtype: DType, shape: Vec<usize>, data: &[u8]) -> Tensor {
-        let mut words = vec![0u32; data.len().div_ceil(4)];
-        bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..data.len()].copy_from_slice(data);
+        let mut words = Words::zeroed(data.len().div_ceil(4));
+        bytemuck::cast_slice_mut::<u32, u8>(words.as_mut_slice())[..data.len()]
+            .copy_from_slice(data);
         Tensor {
             dtype,
             shape,
@@ -97,8 +99,8 @@ impl Tensor {
     /// An owned bf16 tensor whose values `fill` writes in place (no second copy of big data).
     pub fn bf16_with(shape: Vec<usize>, fill: impl FnOnce(&mut [bf16])) -> Tensor {
         let n: usize = shape.iter().product();
-        let mut words = vec![0u32; n.div_ceil(2)];
-        fill(&mut bytemuck::cast_slice_mut::<u32, bf16>(&mut words)[..n]);
+        let mut words = Words::zeroed(n.div_ceil(2));
+        fill(&mut bytemuck::cast_slice_mut::<u32, bf16>(words.as_mut_slice())[..n]);
         Tensor {
             dtype: DType::BF16,
             shape,
@@ -189,11 +191,11 @@ impl Tensor {
         fill: impl Fn(usize, &mut [f32], &mut [u8], &mut [f16]) + Sync,
     ) -> Tensor {
         let (rb, nb) = (t.row_bytes(cols), quant::row_blocks(cols));
-        let mut qs = vec![0u32; (rows * rb).div_ceil(4)];
-        let mut d = vec![0u32; (rows * nb).div_ceil(2)];
+        let mut qs = Words::zeroed((rows * rb).div_ceil(4));
+        let mut d = Words::zeroed((rows * nb).div_ceil(2));
         {
-            let qb = &mut bytemuck::cast_slice_mut::<u32, u8>(&mut qs)[..rows * rb];
-            let db = &mut bytemuck::cast_slice_mut::<u32, f16>(&mut d)[..rows * nb];
+            let qb = &mut bytemuck::cast_slice_mut::<u32, u8>(qs.as_mut_slice())[..rows * rb];
+            let db = &mut bytemuck::cast_slice_mut::<u32, f16>(d.as_mut_slice())[..rows * nb];
             qb.par_chunks_mut(rb)
                 .zip(db.par_chunks_mut(nb))
                 .enumerate()
@@ -363,24 +365,42 @@ impl Checkpoint {
         self.maps.iter().map(|m| m.len() as u64).sum()
     }
 
-    /// Reads every page of the mapped files once, so the first forward pass does not stall on
-    /// disk; `progress` receives the bytes done so far.
-    pub fn prefault(&self, mut progress: impl FnMut(u64)) {
+    /// Readies the mapped files for use in place: each is paged in once, so the first forward
+    /// pass does not stall on disk, in huge pages where it can be ([`paging::settle`] may
+    /// replace a mapping; its tensors then view the new one). `progress` receives the bytes
+    /// done so far.
+    pub fn prefault(&mut self, mut progress: impl FnMut(u64)) -> Result<()> {
         const STEP: usize = 64 << 20;
         let mut done = 0u64;
-        for m in &self.maps {
+        for i in 0..self.maps.len() {
+            let old = self.maps[i].clone();
+            let settled = match self.files.get(i) {
+                Some(path) => paging::settle(&old, path)?,
+                None => None,
+            };
+            if let Some(fresh) = settled {
+                let fresh = Arc::new(fresh);
+                for t in self.tensors.values_mut() {
+                    for b in std::iter::once(&mut t.bytes).chain(t.scales.as_mut()) {
+                        if let Bytes::Mapped { map, .. } = b {
+                            if Arc::ptr_eq(map, &old) {
+                                *map = fresh.clone();
+                            }
+                        }
+                    }
+                }
+                self.maps[i] = fresh;
+            }
+            let m = &self.maps[i];
             #[cfg(unix)]
             let _ = m.advise(memmap2::Advice::WillNeed);
             for chunk in m.chunks(STEP) {
-                let mut acc = 0u8;
-                for page in chunk.chunks(4096) {
-                    acc ^= page[0];
-                }
-                std::hint::black_box(acc);
+                paging::touch(chunk);
                 done += chunk.len() as u64;
                 progress(done);
             }
         }
+        Ok(())
     }
 }
 
@@ -419,6 +439,7 @@ fn map_safetensors(path: &Path) -> Result<Mapped> {
     let map = Arc::new(
         unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?,
     );
+    paging::advise(&map);
     let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map[..])
         .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
     let base = 8 + header_len;

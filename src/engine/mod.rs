@@ -131,12 +131,13 @@ impl Engine {
         };
         let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
         let template = ChatTemplate::from_model_dir(dir)?;
-        let ckpt = Checkpoint::open_dir(dir)?;
+        let mut ckpt = Checkpoint::open_dir(dir)?;
         let total = ckpt.mapped_bytes();
         // Quantizing reads every weight once; the mapping is released when `ckpt` goes.
-        let model = Phi3ForCausalLM::load_ready(config, &ckpt, quant, dir, true, &mut |done| {
-            progress(done, total)
-        })?;
+        let model =
+            Phi3ForCausalLM::load_ready(config, &mut ckpt, quant, dir, true, &mut |done| {
+                progress(done, total)
+            })?;
         Ok(Engine::new(model, tokenizer, template, &gen))
     }
 

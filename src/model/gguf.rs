@@ -141,6 +141,7 @@ impl GgufFile {
         let map = Arc::new(
             unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?,
         );
+        crate::paging::advise(&map);
         Self::parse(map, path)
             .with_context(|| format!("{} is not a readable GGUF file", path.display()))
     }
@@ -450,14 +451,21 @@ impl GgufFile {
     /// `Engine::load_gguf`. `quant` re-quantizes the float matrices; quantized ones stay as read.
     pub fn model(&self, quant: Option<Recipe>) -> Result<Phi3ForCausalLM> {
         let config = self.config()?;
-        let ckpt = self.checkpoint()?;
+        let mut ckpt = self.checkpoint()?;
         // Reading the whole file in would bring back the pages of the converted tensors (a
         // 2.3 GB Q4_0 file peaked at 4.6 GB); only a file used in place is worth prefaulting.
         let floats_only = self
             .tensors
             .values()
             .all(|t| matches!(t.ggml, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16));
-        Phi3ForCausalLM::load_ready(config, &ckpt, quant, &self.path, floats_only, &mut |_| {})
+        Phi3ForCausalLM::load_ready(
+            config,
+            &mut ckpt,
+            quant,
+            &self.path,
+            floats_only,
+            &mut |_| {},
+        )
     }
 }
 

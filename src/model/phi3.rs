@@ -101,22 +101,33 @@ impl Phi3ForCausalLM {
 
     /// [`Self::load`], then ready to run: with `quant` the float matrices are quantized (the
     /// mapping can go afterwards); otherwise, when `prefault`, the mapping is paged in now
-    /// rather than during the first tokens. `source` names the checkpoint in errors.
+    /// rather than during the first tokens (see [`Checkpoint::prefault`]). `source` names the
+    /// checkpoint in errors.
     pub fn load_ready(
         config: Phi3Config,
-        ckpt: &Checkpoint,
+        ckpt: &mut Checkpoint,
         quant: Option<Recipe>,
         source: &std::path::Path,
         prefault: bool,
         progress: &mut dyn FnMut(u64),
     ) -> Result<Phi3ForCausalLM> {
-        let mut model = Self::load(config, ckpt)
-            .with_context(|| format!("loading weights from {}", source.display()))?;
+        let load = |ckpt: &Checkpoint| {
+            Self::load(config.clone(), ckpt)
+                .with_context(|| format!("loading weights from {}", source.display()))
+        };
+        // Every tensor is checked before any is read.
+        let mut model = load(ckpt)?;
         match quant {
             Some(recipe) => model
                 .quantize(recipe)
                 .with_context(|| format!("quantizing {} ({})", source.display(), recipe.name()))?,
-            None if prefault => ckpt.prefault(progress),
+            None if prefault => {
+                // Prefaulting may move the tensors into a copy, which the model must view.
+                drop(model);
+                ckpt.prefault(progress)
+                    .with_context(|| format!("reading {}", source.display()))?;
+                model = load(ckpt)?;
+            }
             None => {}
         }
         Ok(model)
