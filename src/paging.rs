@@ -96,7 +96,13 @@ pub fn settle(map: &Mmap, path: &Path) -> Result<Option<Mmap>> {
     advise_any(&probe);
     // SAFETY: inside the probe mapping.
     unsafe { std::ptr::read_volatile(probe.as_ptr()) };
-    if pmd_mapped_kb(probe.as_ptr() as usize) != Some(HUGE as u64 / 1024) || !page_out(map) {
+    if pmd_mapped_kb(probe.as_ptr() as usize) != Some(HUGE as u64 / 1024) {
+        return Ok(None);
+    }
+    // Without enough free 2 MB blocks the read-back gets small pages again, and so would every
+    // later load: the file would be read from disk each time for nothing.
+    let free = std::fs::read_to_string("/proc/buddyinfo").map_or(None, |s| free_huge_bytes(&s));
+    if free.is_some_and(|b| b < map.len() as u64) || !page_out(map) {
         return Ok(None);
     }
     // SAFETY: as above.
@@ -159,6 +165,22 @@ fn mostly_huge(map: &Mmap) -> Option<bool> {
     Some(pmd_mapped_kb(base)? >= samples as u64 * 1024)
 }
 
+/// Free memory in blocks of 2 MB or more, from /proc/buddyinfo (one line per zone: the number
+/// of free blocks of 4 KB · 2^order for order 0, 1, …).
+fn free_huge_bytes(buddyinfo: &str) -> Option<u64> {
+    let mut total = 0u64;
+    for line in buddyinfo.lines() {
+        let counts = line.split_once("zone")?.1.split_whitespace().skip(1);
+        for (order, n) in counts.enumerate() {
+            let n: u64 = n.parse().ok()?;
+            if order >= 9 {
+                total += n << (12 + order);
+            }
+        }
+    }
+    Some(total)
+}
+
 /// `FilePmdMapped` of the mapping that starts at `addr`, from /proc/self/smaps.
 fn pmd_mapped_kb(addr: usize) -> Option<u64> {
     let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
@@ -192,6 +214,15 @@ mod tests {
             w.as_mut_slice()[n - 1] = 7;
             assert_eq!(w.as_slice()[n - 1], 7);
         }
+    }
+
+    #[test]
+    fn free_huge_blocks_are_counted_from_buddyinfo() {
+        let info = "Node 0, zone      DMA      0      0      0      0      0      0      0      0      1      1      3\n\
+                    Node 0, zone   Normal  25766   6055   2554   1031    510    251    146    121    221    457    772\n";
+        // Orders 9 (2 MB) and 10 (4 MB): DMA 1 + 3 × 2, Normal 457 + 772 × 2, in 2 MB blocks.
+        assert_eq!(free_huge_bytes(info), Some((1 + 6 + 457 + 1544) << 21));
+        assert_eq!(free_huge_bytes("Node 0, zone Normal x y"), None);
     }
 
     #[test]
