@@ -187,7 +187,9 @@ fn pmd_mapped_kb(addr: usize) -> Option<u64> {
     let mut ours = false;
     for line in smaps.lines() {
         let mut words = line.split_whitespace();
-        let first = words.next()?;
+        let Some(first) = words.next() else {
+            continue;
+        };
         if let Some((start, _)) = first.split_once('-') {
             if !first.ends_with(':') {
                 ours = usize::from_str_radix(start, 16).ok() == Some(addr);
