@@ -339,6 +339,37 @@ pub fn dot_rows(t: QType, qs: &[u8], d: &[f16], xs: &[&QActs], out: &mut [f32]) 
     }
 }
 
+/// `out[i] = w_i · x` for consecutive weight rows `w_0 .. w_{out.len()}` (`qs`, `d` hold them
+/// all): one call per run of rows instead of one per row, so the checks and the kernel choice
+/// are paid once (decode calls this for every chunk of every product).
+pub fn dot_row_run(t: QType, qs: &[u8], d: &[f16], x: &QActs, out: &mut [f32]) {
+    let rows = out.len();
+    assert!(rows > 0 && d.len().is_multiple_of(rows) && qs.len().is_multiple_of(rows));
+    let (nb, rb) = (d.len() / rows, qs.len() / rows);
+    assert_eq!(nb % 8, 0);
+    assert_eq!(rb, nb * BLOCK / if t == QType::Q4 { 2 } else { 1 });
+    assert_eq!(x.d.len(), nb, "activation width differs");
+    match cpu() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: vnni() only after detecting avx512vnni and avx512vl on top of Avx2; every
+        // row's length is checked above.
+        Isa::Avx2 if vnni() => return unsafe { avx2::dot_row_run_vnni(t, qs, d, x, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: cpu() returns Avx2 only after detecting avx2, fma and f16c; lengths as above.
+        Isa::Avx2 => return unsafe { avx2::dot_row_run(t, qs, d, x, out) },
+        _ => {}
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        dot_rows(
+            t,
+            &qs[i * rb..(i + 1) * rb],
+            &d[i * nb..(i + 1) * nb],
+            &[x],
+            std::slice::from_mut(o),
+        );
+    }
+}
+
 /// `out[j] = w0 · xs[j]` and `out[k + j] = w1 · xs[j]` for two adjacent weight rows (`qs`, `d`
 /// hold both, `k = xs.len() <= MAX_ROWS`). With AVX-512 VNNI one pass computes the 2 × k tile,
 /// so each activation load feeds two `vpdpbusd` (32 registers hold its 16 accumulators). On
@@ -554,6 +585,37 @@ mod avx2 {
         out: &mut [f32],
     ) {
         by_rows_and_type!(t, xs, |N, Q4| dot_n::<N, Q4, VNNI>(qs, d, xs, out))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_row_run(t: QType, qs: &[u8], d: &[f16], x: &QActs, out: &mut [f32]) {
+        dot_row_run_with::<false>(t, qs, d, x, out)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn dot_row_run_vnni(t: QType, qs: &[u8], d: &[f16], x: &QActs, out: &mut [f32]) {
+        dot_row_run_with::<true>(t, qs, d, x, out)
+    }
+
+    #[inline(always)]
+    unsafe fn dot_row_run_with<const VNNI: bool>(
+        t: QType,
+        qs: &[u8],
+        d: &[f16],
+        x: &QActs,
+        out: &mut [f32],
+    ) {
+        let rows = out.len();
+        let (rb, nb) = (qs.len() / rows, d.len() / rows);
+        let xs = [x];
+        for (i, o) in out.iter_mut().enumerate() {
+            let (q, dd) = (&qs[i * rb..(i + 1) * rb], &d[i * nb..(i + 1) * nb]);
+            let o = std::slice::from_mut(o);
+            match t {
+                QType::Q4 => dot_n::<1, true, VNNI>(q, dd, &xs, o),
+                QType::Q8 => dot_n::<1, false, VNNI>(q, dd, &xs, o),
+            }
+        }
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -937,6 +999,38 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// A run of weight rows against one activation row (decode's entry point) against the
+    /// scalar reference for each row, with whichever kernel the CPU gets.
+    #[test]
+    fn row_runs_match_the_scalar_reference() {
+        for t in [QType::Q8, QType::Q4] {
+            for cols in [256, 3072] {
+                let rows = 5;
+                let (rb, nb) = (t.row_bytes(cols), row_blocks(cols));
+                let (mut qs, mut d) = (vec![0u8; rows * rb], vec![f16::ZERO; rows * nb]);
+                for r in 0..rows {
+                    let (q, s) = quantized(t, &data(cols, 60 + r as u64));
+                    qs[r * rb..(r + 1) * rb].copy_from_slice(&q);
+                    d[r * nb..(r + 1) * nb].copy_from_slice(&s);
+                }
+                let x = activation(&data(cols, 7));
+                let mut got = vec![0f32; rows];
+                dot_row_run(t, &qs, &d, &x, &mut got);
+                for (r, g) in got.iter().enumerate() {
+                    let mut want = [0f32];
+                    let (q, s) = (&qs[r * rb..(r + 1) * rb], &d[r * nb..(r + 1) * nb]);
+                    scalar_dot_rows(t, q, s, &[&x], &mut want);
+                    let tol = 1e-5 * (cols as f32).sqrt() * want[0].abs().max(1.0);
+                    assert!(
+                        (g - want[0]).abs() <= tol,
+                        "{t:?} {cols} row {r}: {g} vs {}",
+                        want[0]
+                    );
                 }
             }
         }
