@@ -112,6 +112,15 @@ pub fn settle(map: &Mmap, path: &Path) -> Result<Option<Mmap>> {
     Ok(Some(fresh))
 }
 
+/// Drops this process's resident pages of `len` bytes at `start` of a read-only file mapping
+/// that will not be read again soon: the page cache keeps them, and a later read maps them
+/// back from it.
+pub fn release(map: &Mmap, start: usize, len: usize) {
+    // SAFETY: a read-only shared file mapping; DONTNEED only drops this process's view of
+    // resident pages, never what they read.
+    let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) };
+}
+
 /// Asks the kernel to drop `span`'s pages from memory (clean file pages leave the page cache
 /// unless another process maps them too). Only pages this process maps are dropped, so every
 /// page is read first.

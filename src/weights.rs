@@ -58,14 +58,20 @@ enum Bytes {
 }
 
 impl Bytes {
-    /// Drops this process's resident pages of mapped bytes (the page cache keeps them; a later
-    /// read maps them again). Owned bytes stay.
+    /// Drops this process's resident pages of mapped bytes ([`paging::release`]). Owned bytes
+    /// stay.
     fn release(&self) {
         if let Bytes::Mapped { map, start, len } = self {
-            // SAFETY: a read-only shared file mapping: DONTNEED never changes what it reads.
-            let _ = unsafe {
-                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, *start, *len)
-            };
+            paging::release(map, *start, *len);
+        }
+    }
+
+    /// Points bytes mapped from `old` at the same place in `fresh` (a new mapping of the file).
+    fn remap(&mut self, old: &Arc<Mmap>, fresh: &Arc<Mmap>) {
+        if let Bytes::Mapped { map, .. } = self {
+            if Arc::ptr_eq(map, old) {
+                *map = fresh.clone();
+            }
         }
     }
 
@@ -397,12 +403,9 @@ impl Checkpoint {
             if let Some(fresh) = settled {
                 let fresh = Arc::new(fresh);
                 for t in self.tensors.values_mut() {
-                    for b in std::iter::once(&mut t.bytes).chain(t.scales.as_mut()) {
-                        if let Bytes::Mapped { map, .. } = b {
-                            if Arc::ptr_eq(map, &old) {
-                                *map = fresh.clone();
-                            }
-                        }
+                    t.bytes.remap(&old, &fresh);
+                    if let Some(s) = &mut t.scales {
+                        s.remap(&old, &fresh);
                     }
                 }
                 self.maps[i] = fresh;

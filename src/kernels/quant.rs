@@ -607,14 +607,9 @@ mod avx2 {
     ) {
         let rows = out.len();
         let (rb, nb) = (qs.len() / rows, d.len() / rows);
-        let xs = [x];
         for (i, o) in out.iter_mut().enumerate() {
             let (q, dd) = (&qs[i * rb..(i + 1) * rb], &d[i * nb..(i + 1) * nb]);
-            let o = std::slice::from_mut(o);
-            match t {
-                QType::Q4 => dot_n::<1, true, VNNI>(q, dd, &xs, o),
-                QType::Q8 => dot_n::<1, false, VNNI>(q, dd, &xs, o),
-            }
+            dot_rows_with::<VNNI>(t, q, dd, &[x], std::slice::from_mut(o));
         }
     }
 

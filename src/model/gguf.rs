@@ -426,15 +426,7 @@ impl GgufFile {
                     });
                     // The source pages are never read again: without this they stay resident
                     // next to the converted copy while the rest of the file converts.
-                    // SAFETY: a read-only shared file mapping; DONTNEED only drops resident
-                    // pages, which a later access (a neighbouring tensor's) reads back from the file.
-                    let _ = unsafe {
-                        self.map.unchecked_advise_range(
-                            memmap2::UncheckedAdvice::DontNeed,
-                            t.offset,
-                            bytes,
-                        )
-                    };
+                    crate::paging::release(&self.map, t.offset, bytes);
                     converted
                 }
             };
