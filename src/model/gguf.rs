@@ -415,19 +415,26 @@ impl GgufFile {
                         GgmlType::Q4_0 | GgmlType::Q4K => QType::Q4,
                         _ => QType::Q8,
                     };
-                    let converted = Tensor::quantize_rows(target, rows, cols, |r, row, qs, d| {
-                        let src = &src[r * rb..(r + 1) * rb];
-                        if q == GgmlType::Q4_0 {
-                            ggml::repack_q4_0_row(src, cols, qs, d);
-                        } else {
-                            ggml::dequantize_row(q, src, row);
-                            quant::quantize_row(target, row, qs, d);
-                        }
-                    });
-                    // The source pages are never read again: without this they stay resident
-                    // next to the converted copy while the rest of the file converts.
-                    crate::paging::release(&self.map, t.offset, bytes);
-                    converted
+                    Tensor::quantize_rows(
+                        target,
+                        rows,
+                        cols,
+                        |r, row, qs, d| {
+                            let src = &src[r * rb..(r + 1) * rb];
+                            if q == GgmlType::Q4_0 {
+                                ggml::repack_q4_0_row(src, cols, qs, d);
+                            } else {
+                                ggml::dequantize_row(q, src, row);
+                                quant::quantize_row(target, row, qs, d);
+                            }
+                        },
+                        // The source rows are never read again: without this they stay
+                        // resident next to the converted copy while the rest converts.
+                        |done| {
+                            let at = t.offset + done.start * rb;
+                            crate::paging::release(&self.map, at, done.len() * rb)
+                        },
+                    )
                 }
             };
             out.insert(hf, tensor);
