@@ -32,27 +32,16 @@ fn accuracy(
     q: &Phi3ForCausalLM,
     prompts: &[(Vec<u32>, RopeTable)],
 ) -> (f64, f64) {
-    let v = f.config.vocab_size;
-    let (mut kl, mut agree, mut n) = (0f64, 0usize, 0usize);
+    let (mut a, mut b) = (Vec::new(), Vec::new());
     for (p, table) in prompts {
-        let a = f
-            .forward(p, &mut f.new_cache(), *table, Logits::All, None)
-            .unwrap();
-        let b = q
-            .forward(p, &mut q.new_cache(), *table, Logits::All, None)
-            .unwrap();
-        for (x, y) in a.chunks(v).zip(b.chunks(v)) {
-            let (lx, ly) = (log_softmax(x), log_softmax(y));
-            kl += lx
-                .iter()
-                .zip(&ly)
-                .map(|(p, q)| p.exp() * (p - q))
-                .sum::<f64>();
-            agree += (argmax(x) == argmax(y)) as usize;
-            n += 1;
-        }
+        let run = |m: &Phi3ForCausalLM| {
+            m.forward(p, &mut m.new_cache(), *table, Logits::All, None)
+                .unwrap()
+        };
+        a.extend(run(f));
+        b.extend(run(q));
     }
-    (kl / n as f64, agree as f64 / n as f64)
+    compare(&a, &b, f.config.vocab_size)
 }
 
 /// Thresholds per model and recipe: (max mean KL, min top-1 agreement), set about 1.5× above
