@@ -58,8 +58,8 @@ enum Bytes {
 }
 
 impl Bytes {
-    /// Drops this process's resident pages of mapped bytes ([`paging::release`]). Owned bytes
-    /// stay.
+    /// Drops this process's resident pages of the mapped bytes at offsets `span` of these
+    /// bytes ([`paging::release`]; a later read maps them back). Owned bytes stay.
     fn release(&self, span: std::ops::Range<usize>) {
         if let Bytes::Mapped { map, start, len } = self {
             let end = span.end.min(*len);
