@@ -43,6 +43,8 @@ pub struct BenchReport {
     /// KV cache storage and its size at the end of a run.
     pub kv_cache: &'static str,
     pub kv_cache_mb: f64,
+    /// How activations met bf16 weights (`f32` or `bf16`).
+    pub bf16_acts: &'static str,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -149,6 +151,7 @@ pub fn run(model: &Phi3ForCausalLM, opts: &BenchOptions) -> Result<BenchReport> 
         peak_rss_mb: peak_rss,
         kv_cache: model.kv_cache.name(),
         kv_cache_mb: kv_bytes as f64 / 1e6,
+        bf16_acts: model.bf16_acts().name(),
     })
 }
 

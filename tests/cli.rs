@@ -167,6 +167,18 @@ fn bad_input_exits_non_zero_with_a_reason() {
                 "run".into(),
                 "--model".into(),
                 tiny(),
+                "--bf16-acts".into(),
+                "fp8".into(),
+                "--prompt".into(),
+                "x".into(),
+            ],
+            "unknown activation precision",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--model".into(),
+                tiny(),
                 "--prompt-file".into(),
                 bad_prompt.display().to_string(),
             ],
@@ -253,6 +265,8 @@ fn bench_runs_on_the_tiny_checkpoint() {
             "1",
             "--kv-cache",
             "q8",
+            "--bf16-acts",
+            "bf16",
             "--json",
         ],
         None,
@@ -260,6 +274,7 @@ fn bench_runs_on_the_tiny_checkpoint() {
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["kv_cache"], "q8");
+    assert_eq!(v["bf16_acts"], "bf16");
     assert!(v["kv_cache_mb"].as_f64().unwrap() > 0.0);
     for k in [
         "prefill_tokens_per_s",

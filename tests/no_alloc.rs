@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use common::tiny_dir;
 use phi4::config::Phi3Config;
+use phi4::kernels::bf16::Bf16Acts::{Bf16, F32};
 use phi4::model::{KvType, Logits, Phi3ForCausalLM, Recipe, RopeTable};
 use phi4::weights::Checkpoint;
 
@@ -59,9 +60,12 @@ fn decode_steps_allocate_nothing() {
     wide.num_hidden_layers = 2;
     let cases = [None, Some(Recipe::Q8), Some(Recipe::Q4)]
         .into_iter()
-        .flat_map(|r| [KvType::F32, KvType::F16, KvType::Q8].map(|kv| (false, r, kv)))
-        .chain([(true, Some(Recipe::Q4), KvType::Q8)]);
-    for (full_width, recipe, kv) in cases {
+        .flat_map(|r| [KvType::F32, KvType::F16, KvType::Q8].map(|kv| (false, r, kv, F32)))
+        .chain([
+            (true, Some(Recipe::Q4), KvType::Q8, F32),
+            (false, None, KvType::F16, Bf16),
+        ]);
+    for (full_width, recipe, kv, acts) in cases {
         {
             let mut m = if full_width {
                 Phi3ForCausalLM::synthetic(wide.clone(), 3)
@@ -72,6 +76,7 @@ fn decode_steps_allocate_nothing() {
                 m.quantize(r).unwrap();
             }
             m.kv_cache = kv;
+            m.set_bf16_acts(acts);
             let counted = pool.install(|| {
                 let mut cache = m.new_cache();
                 let mut logits = Vec::new();
@@ -109,7 +114,7 @@ fn decode_steps_allocate_nothing() {
             });
             assert_eq!(
                 counted, 0,
-                "{recipe:?} weights, {kv:?} cache, full width: {full_width}"
+                "{recipe:?} weights, {kv:?} cache, {acts:?} activations, full width: {full_width}"
             );
         }
     }

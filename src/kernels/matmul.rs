@@ -202,7 +202,7 @@ fn stream(w: WeightView, rows: usize, cols: usize, x: &[f32], y: &mut [f32], n: 
 /// The outputs of one chunk of weight rows inside `y [n, rows]`: the chunk's rows of every
 /// token, written in place. (Writing `[row][token]` chunks and transposing afterwards allocated
 /// a `rows × n` buffer per product: 32 MB for gate_up at 512 tokens, page faults included.)
-struct ChunkOut {
+pub(super) struct ChunkOut {
     y: *mut f32,
     rows: usize,
     n: usize,
@@ -212,12 +212,12 @@ struct ChunkOut {
 
 impl ChunkOut {
     /// Weight rows in this chunk.
-    fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.len
     }
 
     /// `y[t0 + j][r0 + i] = v[j]`.
-    fn put(&mut self, i: usize, t0: usize, v: &[f32]) {
+    pub(super) fn put(&mut self, i: usize, t0: usize, v: &[f32]) {
         assert!(i < self.len && t0 + v.len() <= self.n);
         for (j, &x) in v.iter().enumerate() {
             // SAFETY: in bounds by the assert (y has n × rows values, r0 + len ≤ rows); no
@@ -229,7 +229,12 @@ impl ChunkOut {
 
 /// Runs `task(first_row, out)` over chunks of ROW_CHUNK weight rows in parallel, each writing
 /// its rows' outputs of every token into `y [n, rows]`.
-fn by_row_chunks(rows: usize, n: usize, y: &mut [f32], task: impl Fn(usize, &mut ChunkOut) + Sync) {
+pub(super) fn by_row_chunks(
+    rows: usize,
+    n: usize,
+    y: &mut [f32],
+    task: impl Fn(usize, &mut ChunkOut) + Sync,
+) {
     assert_eq!(y.len(), rows * n);
     // Each chunk writes only its own rows r0..r0 + len of y.
     let y = SharedOut::new(y);

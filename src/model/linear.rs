@@ -6,6 +6,7 @@
 
 use anyhow::{bail, Result};
 
+use crate::kernels::bf16::{matmul_bf16, Bf16Acts};
 use crate::kernels::quant::QType;
 use crate::kernels::{matmul, WeightView};
 use crate::weights::{DType, Tensor};
@@ -16,6 +17,8 @@ pub struct Linear {
     weight: Tensor,
     pub out_features: usize,
     pub in_features: usize,
+    /// How activations meet the weight when it is bf16 (other dtypes ignore it).
+    bf16_acts: Bf16Acts,
 }
 
 impl Linear {
@@ -30,6 +33,7 @@ impl Linear {
             out_features: weight.shape[0],
             in_features: weight.shape[1],
             weight,
+            bf16_acts: Bf16Acts::default(),
         })
     }
 
@@ -58,9 +62,21 @@ impl Linear {
         Linear::new(self.weight.quantize(t)?)
     }
 
+    pub fn bf16_acts(&self) -> Bf16Acts {
+        self.bf16_acts
+    }
+
+    pub fn set_bf16_acts(&mut self, acts: Bf16Acts) {
+        self.bf16_acts = acts;
+    }
+
     /// `x` is `[n, in_features]`, `y` is `[n, out_features]`, both row-major.
     pub fn forward(&self, x: &[f32], y: &mut [f32]) {
-        matmul(self.view(), self.out_features, self.in_features, x, y);
+        let (rows, cols) = (self.out_features, self.in_features);
+        match self.view() {
+            WeightView::BF16(w) => matmul_bf16(w, rows, cols, x, y, self.bf16_acts),
+            view => matmul(view, rows, cols, x, y),
+        }
     }
 
     /// Bytes read per full pass over the weight (what bounds decode speed).

@@ -17,6 +17,7 @@ use super::linear::Linear;
 use super::quantize::Recipe;
 use super::rope::{Rope, RopeTable};
 use crate::config::Phi3Config;
+use crate::kernels::bf16::Bf16Acts;
 use crate::kernels::ops::{attend_one, pages, rms_norm, rope_neox, silu_mul, softmax, AttnScratch};
 use crate::kernels::SharedOut;
 use crate::weights::{check_registry, Checkpoint, Expected, Tensor};
@@ -271,6 +272,26 @@ impl Phi3ForCausalLM {
             self.lm_head = self.lm_head.quantize(recipe.qtype("lm_head.weight"))?;
         }
         Ok(())
+    }
+
+    /// How activations meet bf16 weights in every projection and the LM head (see
+    /// [`Bf16Acts`]); quantized and f16/f32 weights are not affected.
+    pub fn set_bf16_acts(&mut self, acts: Bf16Acts) {
+        for layer in &mut self.model.layers {
+            for lin in [
+                &mut layer.self_attn.qkv_proj,
+                &mut layer.self_attn.o_proj,
+                &mut layer.mlp.gate_up_proj,
+                &mut layer.mlp.down_proj,
+            ] {
+                lin.set_bf16_acts(acts);
+            }
+        }
+        self.lm_head.set_bf16_acts(acts);
+    }
+
+    pub fn bf16_acts(&self) -> Bf16Acts {
+        self.lm_head.bf16_acts()
     }
 
     pub fn new_cache(&self) -> KvCache {

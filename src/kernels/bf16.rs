@@ -1,0 +1,415 @@
+//! bf16 weights against activations rounded to bf16 (`--bf16-acts bf16`, what llama.cpp does for
+//! BF16 weights and PyTorch in bf16): on CPUs with AVX-512 BF16 one `vdpbf16ps` does 32 bf16
+//! products with f32 sums, twice what an f32 FMA does, and the weights are read as stored
+//! instead of widened to f32 first. Rounding costs up to 2⁻⁸ of each activation.
+//!
+//! The default keeps f32 activations and the f32 kernels of [`super::matmul`]. (Splitting each
+//! activation into two bf16 parts would keep 16 of its 24 bits at the f32 FMA rate; measured, not
+//! kept: its logits drift past the decode parity test's tolerance, see BENCHMARKS.md.) Without
+//! AVX-512 BF16 the rounded activations go through those f32 kernels, with the same numbers.
+//!
+//! Products go as dot products of whole rows (both operands run along the columns), a tile of
+//! up to [`TILE_TOKENS`] activation rows against [`TILE_ROWS`] weight rows at a time: 24 f32
+//! accumulators, each summed across its lanes once per row. Weight rows are split across
+//! threads in chunks that stay in L2 while every group of activation rows (in L1) passes over
+//! them.
+
+use std::cell::RefCell;
+
+use half::bf16;
+use rayon::prelude::*;
+
+use super::matmul::{by_row_chunks, matmul, ChunkOut, WeightView};
+
+/// How activations meet bf16 weights (see the module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Bf16Acts {
+    /// f32 activations: the reference's numbers.
+    #[default]
+    F32,
+    /// Activations rounded to bf16 first.
+    Bf16,
+}
+
+impl Bf16Acts {
+    pub fn parse(s: &str) -> Result<Bf16Acts, String> {
+        match s {
+            "f32" => Ok(Bf16Acts::F32),
+            "bf16" => Ok(Bf16Acts::Bf16),
+            _ => Err(format!(
+                "unknown activation precision {s:?} for bf16 weights (expected f32 or bf16)"
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Bf16Acts::F32 => "f32",
+            Bf16Acts::Bf16 => "bf16",
+        }
+    }
+}
+
+/// Activation rows per tile.
+pub const TILE_TOKENS: usize = 4;
+/// Weight rows per tile. 4 × 6 accumulators, 6 weight vectors and one activation vector fill 31
+/// of the 32 vector registers.
+pub const TILE_ROWS: usize = 6;
+
+/// Whether the `vdpbf16ps` kernels run: AVX-512 F/BW/BF16 present, and `PHI4_ISA` does not ask
+/// for plain AVX2 (`avx2`) or the scalar reference (`scalar`).
+pub fn available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            super::cpu() == super::Isa::Avx2
+                && std::env::var("PHI4_ISA").map_or(true, |v| v != "avx2")
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// `y[t, r] = W[r,:] · x[t,:]` with `x` `[n, cols]` and `y` `[n, rows]` row-major, the
+/// activations as `acts` says.
+pub fn matmul_bf16(w: &[bf16], rows: usize, cols: usize, x: &[f32], y: &mut [f32], acts: Bf16Acts) {
+    let n = x.len() / cols;
+    assert_eq!(x.len(), n * cols);
+    assert_eq!(y.len(), n * rows);
+    assert_eq!(w.len(), rows * cols);
+    let view = WeightView::BF16(w);
+    if acts == Bf16Acts::F32 {
+        return matmul(view, rows, cols, x, y);
+    }
+    if !available() {
+        return with_buffer(&WIDENED, n * cols, n <= KEEP_ROWS, |r: &mut [f32]| {
+            for (o, v) in r.iter_mut().zip(x) {
+                *o = bf16::from_f32(*v).to_f32();
+            }
+            matmul(view, rows, cols, r, y)
+        });
+    }
+    with_buffer(&ROUNDED, n * cols, n <= KEEP_ROWS, |held: &mut [u16]| {
+        if n == 1 {
+            round(x, held);
+        } else {
+            held.par_chunks_mut(cols)
+                .zip(x.par_chunks(cols))
+                .for_each(|(h, row)| round(row, h));
+        }
+        let held = &*held;
+        let task = |r0: usize, out: &mut ChunkOut| {
+            let len = out.len();
+            let mut res = [0f32; TILE_TOKENS * TILE_ROWS];
+            for t0 in (0..n).step_by(TILE_TOKENS) {
+                let m = TILE_TOKENS.min(n - t0);
+                let xs: [&[u16]; TILE_TOKENS] = std::array::from_fn(|i| {
+                    let t = t0 + i.min(m - 1);
+                    &held[t * cols..(t + 1) * cols]
+                });
+                for i in (0..len).step_by(TILE_ROWS) {
+                    let k = TILE_ROWS.min(len - i);
+                    let ws = &w[(r0 + i) * cols..(r0 + i + k) * cols];
+                    tile(ws, &xs[..m], cols, &mut res[..k * m]);
+                    for j in 0..k {
+                        out.put(i + j, t0, &res[j * m..(j + 1) * m]);
+                    }
+                }
+            }
+        };
+        by_row_chunks(rows, n, y, task);
+    });
+}
+
+/// Products of up to this many activation rows keep their buffer on the thread for the next
+/// call, so that decode does not allocate; longer ones allocate their own.
+const KEEP_ROWS: usize = 16;
+
+thread_local! {
+    static ROUNDED: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    static WIDENED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on a buffer of `len` values: the thread's kept one when `keep` and no product on
+/// this thread holds it already (a rayon worker may start one inside another).
+fn with_buffer<T: Copy + Default, R>(
+    kept: &'static std::thread::LocalKey<RefCell<Vec<T>>>,
+    len: usize,
+    keep: bool,
+    f: impl FnOnce(&mut [T]) -> R,
+) -> R {
+    let mut f = Some(f);
+    let r = kept.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) if keep => {
+            if buf.len() < len {
+                buf.resize(len, T::default());
+            }
+            Some((f.take().unwrap())(&mut buf[..len]))
+        }
+        _ => None,
+    });
+    match r {
+        Some(r) => r,
+        None => (f.take().unwrap())(&mut vec![T::default(); len]),
+    }
+}
+
+/// `x` rounded to the nearest bf16 (ties to even), as bits.
+fn round(x: &[f32], out: &mut [u16]) {
+    assert_eq!(out.len(), x.len());
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: available() checked AVX-512 F/BW/VL/BF16; lengths asserted above.
+        return unsafe { x86::round(x, out) };
+    }
+    scalar_round(x, out)
+}
+
+/// Reference of [`round`].
+pub fn scalar_round(x: &[f32], out: &mut [u16]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = bf16::from_f32(v).to_bits();
+    }
+}
+
+/// `out[j * m + i] = W[j,:] · x[i]` for the `k = out.len() / m` rows of `w` and the `m = xs.len()`
+/// activation rows (bf16 bits).
+fn tile(w: &[bf16], xs: &[&[u16]], cols: usize, out: &mut [f32]) {
+    let (m, k) = (xs.len(), out.len() / xs.len());
+    assert!((1..=TILE_TOKENS).contains(&m) && (1..=TILE_ROWS).contains(&k));
+    assert_eq!(w.len(), k * cols);
+    assert!(xs.iter().all(|x| x.len() == cols));
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: available() checked the features; shapes asserted above.
+        return unsafe { x86::tile(w, xs, cols, out) };
+    }
+    scalar_tile(w, xs, cols, out)
+}
+
+/// Reference of [`tile`]: every product in f32, summed in order.
+pub fn scalar_tile(w: &[bf16], xs: &[&[u16]], cols: usize, out: &mut [f32]) {
+    let m = xs.len();
+    for (j, row) in w.chunks(cols).enumerate() {
+        for (i, x) in xs.iter().enumerate() {
+            let mut s = 0f32;
+            for (a, b) in row.iter().zip(x.iter()) {
+                s += a.to_f32() * bf16::from_bits(*b).to_f32();
+            }
+            out[j * m + i] = s;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// [`super::round`], 16 values at a time.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn round(x: &[f32], out: &mut [u16]) {
+        let body = x.len() / 16 * 16;
+        for i in (0..body).step_by(16) {
+            let h: __m256i =
+                std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(x.as_ptr().add(i))));
+            _mm256_storeu_si256(out.as_mut_ptr().add(i).cast(), h);
+        }
+        super::scalar_round(&x[body..], &mut out[body..]);
+    }
+
+    #[inline(always)]
+    unsafe fn load(p: *const u16) -> __m512bh {
+        std::mem::transmute(_mm512_loadu_si512(p.cast()))
+    }
+
+    #[inline(always)]
+    unsafe fn load_masked(p: *const u16, mask: __mmask32) -> __m512bh {
+        std::mem::transmute(_mm512_maskz_loadu_epi16(mask, p.cast()))
+    }
+
+    /// Runs the tile kernel for `m` activation rows and `k` weight rows, both as constants.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn tile(w: &[half::bf16], xs: &[&[u16]], cols: usize, out: &mut [f32]) {
+        let w = w.as_ptr().cast::<u16>();
+        let x: [*const u16; 4] = std::array::from_fn(|i| xs[i.min(xs.len() - 1)].as_ptr());
+        let k = out.len() / xs.len();
+        let o = out.as_mut_ptr();
+        match (xs.len(), k) {
+            (1, 1) => run::<1, 1>(w, x, cols, o),
+            (1, 2) => run::<1, 2>(w, x, cols, o),
+            (1, 3) => run::<1, 3>(w, x, cols, o),
+            (1, 4) => run::<1, 4>(w, x, cols, o),
+            (1, 5) => run::<1, 5>(w, x, cols, o),
+            (1, 6) => run::<1, 6>(w, x, cols, o),
+            (2, 1) => run::<2, 1>(w, x, cols, o),
+            (2, 2) => run::<2, 2>(w, x, cols, o),
+            (2, 3) => run::<2, 3>(w, x, cols, o),
+            (2, 4) => run::<2, 4>(w, x, cols, o),
+            (2, 5) => run::<2, 5>(w, x, cols, o),
+            (2, 6) => run::<2, 6>(w, x, cols, o),
+            (3, 1) => run::<3, 1>(w, x, cols, o),
+            (3, 2) => run::<3, 2>(w, x, cols, o),
+            (3, 3) => run::<3, 3>(w, x, cols, o),
+            (3, 4) => run::<3, 4>(w, x, cols, o),
+            (3, 5) => run::<3, 5>(w, x, cols, o),
+            (3, 6) => run::<3, 6>(w, x, cols, o),
+            (4, 1) => run::<4, 1>(w, x, cols, o),
+            (4, 2) => run::<4, 2>(w, x, cols, o),
+            (4, 3) => run::<4, 3>(w, x, cols, o),
+            (4, 4) => run::<4, 4>(w, x, cols, o),
+            (4, 5) => run::<4, 5>(w, x, cols, o),
+            (4, 6) => run::<4, 6>(w, x, cols, o),
+            _ => unreachable!("tile shapes are checked by the caller"),
+        }
+    }
+
+    /// `out[j * M + i] = W[j,:] · x[i]`: `M × N` accumulators of 16 lanes, each taking 32
+    /// products per step; weight row `j` starts at `w + j·cols`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn run<const M: usize, const N: usize>(
+        w: *const u16,
+        x: [*const u16; 4],
+        cols: usize,
+        out: *mut f32,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); N]; M];
+        let step = |acc: &mut [[__m512; N]; M], wv: [__m512bh; N], xv: [__m512bh; M]| {
+            for (row, x) in acc.iter_mut().zip(xv) {
+                for (a, w) in row.iter_mut().zip(wv) {
+                    *a = _mm512_dpbf16_ps(*a, w, x);
+                }
+            }
+        };
+        let body = cols / 32 * 32;
+        let mut c = 0;
+        while c < body {
+            step(
+                &mut acc,
+                std::array::from_fn(|j| load(w.add(j * cols + c))),
+                std::array::from_fn(|i| load(x[i].add(c))),
+            );
+            c += 32;
+        }
+        if body < cols {
+            let mask: __mmask32 = (1u32 << (cols - body)) - 1;
+            step(
+                &mut acc,
+                std::array::from_fn(|j| load_masked(w.add(j * cols + c), mask)),
+                std::array::from_fn(|i| load_masked(x[i].add(c), mask)),
+            );
+        }
+        for (i, row) in acc.iter().enumerate() {
+            for (j, a) in row.iter().enumerate() {
+                *out.add(j * M + i) = _mm512_reduce_add_ps(*a);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::kernels::test_data as data;
+
+    /// Sums in f64 over the f32 activations, and the sums of the products' magnitudes (what
+    /// bounds the error of a relative error per activation).
+    fn f64_reference(w: &[bf16], rows: usize, cols: usize, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
+        let n = x.len() / cols;
+        let (mut y, mut mag) = (vec![0f64; n * rows], vec![0f64; n * rows]);
+        for t in 0..n {
+            for r in 0..rows {
+                for c in 0..cols {
+                    let p = w[r * cols + c].to_f32() as f64 * x[t * cols + c] as f64;
+                    y[t * rows + r] += p;
+                    mag[t * rows + r] += p.abs();
+                }
+            }
+        }
+        (y, mag)
+    }
+
+    #[test]
+    fn rounding_matches_the_scalar_rounding_within_2e_minus_8() {
+        let x: Vec<f32> = data(1000, 11).iter().map(|v| v * 37.0).collect();
+        let (mut got, mut want) = (vec![0u16; x.len()], vec![0u16; x.len()]);
+        round(&x, &mut got);
+        scalar_round(&x, &mut want);
+        assert_eq!(got, want);
+        for (&v, &b) in x.iter().zip(&got) {
+            let back = bf16::from_bits(b).to_f32();
+            assert!((back - v).abs() <= v.abs() * 2f32.powi(-8), "{v}: {back}");
+        }
+    }
+
+    /// Every tile shape (token and row tails) and column tails (masked loads): the SIMD tile
+    /// against the scalar one on the same activations.
+    #[test]
+    fn tiles_match_the_scalar_tile() {
+        for cols in [32, 40, 96, 1000] {
+            let w: Vec<bf16> = data(TILE_ROWS * cols, 3)
+                .iter()
+                .map(|&v| bf16::from_f32(v))
+                .collect();
+            let x = data(TILE_TOKENS * cols, 4);
+            let mut held = vec![0u16; TILE_TOKENS * cols];
+            scalar_round(&x, &mut held);
+            let xs: Vec<&[u16]> = held.chunks(cols).collect();
+            for m in 1..=TILE_TOKENS {
+                for k in 1..=TILE_ROWS {
+                    let (mut got, mut want) = ([0f32; 24], [0f32; 24]);
+                    let w = &w[..k * cols];
+                    tile(w, &xs[..m], cols, &mut got[..k * m]);
+                    scalar_tile(w, &xs[..m], cols, &mut want[..k * m]);
+                    for (g, e) in got.iter().zip(&want) {
+                        let tol = 1e-6 * (cols as f32).sqrt();
+                        assert!((g - e).abs() <= tol, "{m}x{k} {cols}: {g} vs {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Products over threads and row chunks, decode and batches, against f64 sums over the
+    /// f32 activations: within what rounding them may lose (2⁻⁸ of each product's magnitude)
+    /// plus f32 summation, and visibly further off than the f32 default.
+    #[test]
+    fn products_match_f32_activations_within_the_rounding_error() {
+        for (rows, cols, n) in [
+            (1, 32, 1),
+            (7, 40, 1),
+            (131, 96, 3),
+            (200, 160, 9),
+            (70, 1000, 5),
+        ] {
+            let w: Vec<bf16> = data(rows * cols, 3)
+                .iter()
+                .map(|&v| bf16::from_f32(v))
+                .collect();
+            let x = data(n * cols, 4);
+            let (exact, mag) = f64_reference(&w, rows, cols, &x);
+            let mut errs = [0f64; 2];
+            for (a, acts) in [Bf16Acts::F32, Bf16Acts::Bf16].into_iter().enumerate() {
+                let mut got = vec![0f32; n * rows];
+                matmul_bf16(&w, rows, cols, &x, &mut got, acts);
+                let rounding = match acts {
+                    Bf16Acts::F32 => 0.0,
+                    Bf16Acts::Bf16 => 2f64.powi(-8),
+                };
+                for (i, &g) in got.iter().enumerate() {
+                    let tol = (rounding + cols as f64 * 2f64.powi(-24)) * mag[i];
+                    let err = (g as f64 - exact[i]).abs();
+                    let tag = format!("{acts:?} {rows}x{cols} n={n} [{i}]");
+                    assert!(err <= tol, "{tag}: {g} vs {}", exact[i]);
+                    errs[a] = errs[a].max(err);
+                }
+            }
+            assert!(errs[1] > 10.0 * errs[0], "{rows}x{cols} n={n}: {errs:?}");
+        }
+    }
+}
