@@ -34,14 +34,18 @@ PROMPT, GEN = 512, 128
 # llama.cpp keeps its KV cache in f16 unless told otherwise; phi4 runs with the same.
 KV_CACHE = "f16"
 
-# (label, phi4 recipe or None for bf16, llama.cpp file type)
+# (label, phi4 variant, llama.cpp file type). A variant is a `phi4 quantize` recipe, or bf16
+# weights with f32 activations (phi4's default) or with activations rounded to bf16 as llama.cpp
+# does for BF16 (`--bf16-acts bf16`).
 PAIRS = [
     ("4-bit", "q4", "Q4_0"),
     ("4-bit", "q4-edge", "Q4_K_M"),
     ("4-bit", "q4", "Q4_K_M"),
     ("8-bit", "q8", "Q8_0"),
-    ("16-bit", None, "BF16"),
+    ("16-bit", "bf16", "BF16"),
+    ("16-bit", "bf16-acts", "BF16"),
 ]
+RECIPES = ("q4", "q4-edge", "q8")
 FTYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15}
 
 
@@ -209,10 +213,18 @@ def run_child(cmd):
     return json.loads(text[text.find("{"):])  # phi4 prints one JSON object, the llama child one line
 
 
-def phi4_run(phi4, model_dir, threads):
+def phi4_model(work, variant):
+    """The checkpoint directory and extra flags of a phi4 variant."""
+    if variant in RECIPES:
+        return work / f"phi4-{variant}", []
+    return work / "bf16", (["--bf16-acts", "bf16"] if variant == "bf16-acts" else [])
+
+
+def phi4_run(phi4, work, variant, threads):
+    model_dir, flags = phi4_model(work, variant)
     r = run_child([phi4, "--threads", str(threads), "bench", "--model", str(model_dir),
                    "--prompt-tokens", str(PROMPT), "--gen-tokens", str(GEN), "--runs", "1",
-                   "--kv-cache", KV_CACHE, "--json"])
+                   "--kv-cache", KV_CACHE, "--json"] + flags)
     return {"prefill": r["prefill_tokens_per_s"], "decode": r["decode_tokens_per_s"],
             "rss_mb": r["peak_rss_mb"], "bw": r["memory_bandwidth_gb_s"],
             "weights_gb": r["weight_bytes_per_token"] / 1e9}
@@ -250,20 +262,20 @@ def main():
         if ftype != "BF16" and not g.exists():
             print("llama.cpp quantize", ftype, flush=True)
             llama_quantize(gguf_bf16, g, ftype, args.threads)
-        if recipe and not (w / f"phi4-{recipe}" / "model.safetensors").exists():
+        if recipe in RECIPES and not (w / f"phi4-{recipe}" / "model.safetensors").exists():
             subprocess.run([phi4, "quantize", "--model", str(w / "bf16"), "--out",
                             str(w / f"phi4-{recipe}"), "--recipe", recipe], check=True)
     rows = []
     for label, recipe, ftype in pairs:
         ours, theirs = [], []
         for i in range(args.runs):
-            ours.append(phi4_run(phi4, w / (f"phi4-{recipe}" if recipe else "bf16"), args.threads))
+            ours.append(phi4_run(phi4, w, recipe, args.threads))
             theirs.append(llama_run(w / f"llama-{ftype}.gguf", args.threads))
-            print(f"{recipe or 'bf16'} vs {ftype} run {i + 1}: phi4 {ours[-1]} llama.cpp {theirs[-1]}",
+            print(f"{recipe} vs {ftype} run {i + 1}: phi4 {ours[-1]} llama.cpp {theirs[-1]}",
                   flush=True)
         m = lambda runs, k: median([r[k] for r in runs])
         rows.append({
-            "bits": label, "phi4": recipe or "bf16", "llama.cpp": ftype,
+            "bits": label, "phi4": recipe, "llama.cpp": ftype,
             "phi4_prefill": m(ours, "prefill"), "llama_prefill": m(theirs, "prefill"),
             "phi4_decode": m(ours, "decode"), "llama_decode": m(theirs, "decode"),
             "phi4_rss_mb": m(ours, "rss_mb"), "llama_rss_mb": m(theirs, "rss_mb"),
