@@ -56,7 +56,7 @@ pub const TILE_TOKENS: usize = 4;
 /// of the 32 vector registers.
 pub const TILE_ROWS: usize = 6;
 
-/// Whether the `vdpbf16ps` kernels run: AVX-512 F/BW/BF16 present, and `PHI4_ISA` does not ask
+/// Whether the `vdpbf16ps` kernels run: AVX-512 F/BW/VL/BF16 present, and `PHI4_ISA` does not ask
 /// for plain AVX2 (`avx2`) or the scalar reference (`scalar`).
 pub fn available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
