@@ -76,10 +76,9 @@ struct ModelArg {
     /// loss of accuracy).
     #[arg(long, value_parser = KvType::parse, default_value = "f32")]
     kv_cache: KvType,
-    /// With bf16 weights: f32 multiplies them with f32 activations (the reference's numbers;
-    /// on AVX-512 BF16 each activation goes as two bf16 parts, within 2^-16 of it); bf16 rounds
-    /// activations to bf16 first, as llama.cpp does for BF16 weights: about twice the prefill
-    /// speed on AVX-512 BF16, an error of up to 2^-8 per activation.
+    /// With bf16 weights: f32 multiplies them with f32 activations (the reference's numbers);
+    /// bf16 rounds activations to bf16 first, as llama.cpp does for BF16 weights: about twice
+    /// the prefill speed on AVX-512 BF16, an error of up to 2^-8 per activation.
     #[arg(long, value_parser = Bf16Acts::parse, default_value = "f32")]
     bf16_acts: Bf16Acts,
 }
