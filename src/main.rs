@@ -71,6 +71,13 @@ struct ModelArg {
     /// embeddings / LM head at 8 bits). A checkpoint from `phi4 quantize` needs no flag.
     #[arg(long, value_parser = parse_recipe)]
     quant: Option<Recipe>,
+    #[command(flatten)]
+    opts: ModelOptions,
+}
+
+/// How a loaded model runs, whatever its weights: `run`, `chat`, `serve` and `bench` take these.
+#[derive(Args)]
+struct ModelOptions {
     /// How the KV cache stores keys and values: f32; f16 (half the memory and of the bytes
     /// decode attention reads; llama.cpp's default); or q8 (8-bit, a quarter, with a small
     /// loss of accuracy).
@@ -81,6 +88,13 @@ struct ModelArg {
     /// the prefill speed on AVX-512 BF16, an error of up to 2^-8 per activation.
     #[arg(long, value_parser = Bf16Acts::parse, default_value = "f32")]
     bf16_acts: Bf16Acts,
+}
+
+impl ModelOptions {
+    fn apply(&self, model: &mut Phi3ForCausalLM) {
+        model.kv_cache = self.kv_cache;
+        model.set_bf16_acts(self.bf16_acts);
+    }
 }
 
 fn parse_recipe(s: &str) -> Result<Recipe> {
@@ -249,12 +263,8 @@ struct BenchArgs {
     /// directory instead of benchmarking, for `--model DIR` and other engines to read.
     #[arg(long, requires = "synthetic")]
     save: Option<PathBuf>,
-    /// KV cache storage: f32, f16 or q8.
-    #[arg(long, value_parser = KvType::parse, default_value = "f32")]
-    kv_cache: KvType,
-    /// Activations against bf16 weights: f32 or bf16 (see `phi4 run --help`).
-    #[arg(long, value_parser = Bf16Acts::parse, default_value = "f32")]
-    bf16_acts: Bf16Acts,
+    #[command(flatten)]
+    opts: ModelOptions,
     #[arg(long, default_value_t = 512)]
     prompt_tokens: usize,
     #[arg(long, default_value_t = 128)]
@@ -304,14 +314,13 @@ fn is_gguf(spec: &str) -> bool {
     spec.ends_with(".gguf") && Path::new(spec).is_file()
 }
 
-fn load_engine(spec: &str, quant: Option<Recipe>, kv: KvType, acts: Bf16Acts) -> Result<Engine> {
+fn load_engine(spec: &str, quant: Option<Recipe>, opts: &ModelOptions) -> Result<Engine> {
     let mut engine = if is_gguf(spec) {
         Engine::load_gguf(Path::new(spec), quant)?
     } else {
         load_dir(&resolve_model(spec)?, quant)?
     };
-    engine.model.kv_cache = kv;
-    engine.model.set_bf16_acts(acts);
+    opts.apply(&mut engine.model);
     Ok(engine)
 }
 
@@ -405,12 +414,7 @@ fn read_prompt(a: &RunArgs) -> Result<String> {
 fn run(a: RunArgs) -> Result<()> {
     let params = a.sampling.params()?;
     let prompt = read_prompt(&a)?;
-    let mut engine = load_engine(
-        &a.model.model,
-        a.model.quant,
-        a.model.kv_cache,
-        a.model.bf16_acts,
-    )?;
+    let mut engine = load_engine(&a.model.model, a.model.quant, &a.model.opts)?;
     engine.rope_policy = a.sampling.policy();
     let ids = if a.raw {
         engine.tokenizer.encode(&prompt)?
@@ -459,12 +463,7 @@ fn run(a: RunArgs) -> Result<()> {
 
 fn chat(a: ChatArgs) -> Result<()> {
     let params = a.sampling.params()?;
-    let mut engine = load_engine(
-        &a.model.model,
-        a.model.quant,
-        a.model.kv_cache,
-        a.model.bf16_acts,
-    )?;
+    let mut engine = load_engine(&a.model.model, a.model.quant, &a.model.opts)?;
     engine.rope_policy = a.sampling.policy();
     let interactive = std::io::stdin().is_terminal();
     let mut history: Vec<Message> = Vec::new();
@@ -556,12 +555,7 @@ fn serve(a: ServeArgs) -> Result<()> {
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(&addr))
         .with_context(|| format!("cannot listen on {addr}"))?;
-    let mut engine = load_engine(
-        &a.model.model,
-        a.model.quant,
-        a.model.kv_cache,
-        a.model.bf16_acts,
-    )?;
+    let mut engine = load_engine(&a.model.model, a.model.quant, &a.model.opts)?;
     engine.rope_policy = a.rope_policy.into();
     if let Some(n) = a.max_model_len {
         let ctx = engine.model.config.max_position_embeddings;
@@ -626,20 +620,18 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     let mut synthetic = None;
     let (model, label): (&Phi3ForCausalLM, String) = match (&a.model, a.synthetic) {
         (Some(m), _) if !a.concurrency.is_empty() => {
-            let e: &Engine = engine.insert(load_engine(m, a.quant, a.kv_cache, a.bf16_acts)?);
+            let e: &Engine = engine.insert(load_engine(m, a.quant, &a.opts)?);
             (&e.model, m.clone())
         }
         (Some(m), _) if is_gguf(m) => {
             let mut model = phi4::model::gguf::GgufFile::open(Path::new(m))?.model(a.quant)?;
-            model.kv_cache = a.kv_cache;
-            model.set_bf16_acts(a.bf16_acts);
+            a.opts.apply(&mut model);
             (synthetic.insert(model), m.clone())
         }
         (Some(m), _) => {
             // Single-stream figures need only the weights: no tokenizer or template.
             let mut model = load_model(&resolve_model(m)?, a.quant)?;
-            model.kv_cache = a.kv_cache;
-            model.set_bf16_acts(a.bf16_acts);
+            a.opts.apply(&mut model);
             (synthetic.insert(model), m.clone())
         }
         (None, true) => {
@@ -661,8 +653,7 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
                 eprintln!("wrote {} ({format})", dir.display());
                 return Ok(());
             }
-            m.kv_cache = a.kv_cache;
-            m.set_bf16_acts(a.bf16_acts);
+            a.opts.apply(&mut m);
             let s: &Phi3ForCausalLM = synthetic.insert(m);
             (s, format!("synthetic Phi-4-mini {format}"))
         }
