@@ -39,6 +39,18 @@ pub struct DecoderLayer {
     pub mlp: Mlp,
 }
 
+impl DecoderLayer {
+    /// The layer's projections, each with its name under `model.layers.{i}`.
+    pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 4] {
+        [
+            ("self_attn.qkv_proj", &mut self.self_attn.qkv_proj),
+            ("self_attn.o_proj", &mut self.self_attn.o_proj),
+            ("mlp.gate_up_proj", &mut self.mlp.gate_up_proj),
+            ("mlp.down_proj", &mut self.mlp.down_proj),
+        ]
+    }
+}
+
 pub struct Phi3Model {
     pub embed_tokens: Tensor,
     pub layers: Vec<DecoderLayer>,
@@ -246,12 +258,7 @@ impl Phi3ForCausalLM {
     pub fn quantize(&mut self, recipe: Recipe) -> Result<()> {
         for (l, layer) in self.model.layers.iter_mut().enumerate() {
             let p = format!("model.layers.{l}");
-            for (name, lin) in [
-                ("self_attn.qkv_proj", &mut layer.self_attn.qkv_proj),
-                ("self_attn.o_proj", &mut layer.self_attn.o_proj),
-                ("mlp.gate_up_proj", &mut layer.mlp.gate_up_proj),
-                ("mlp.down_proj", &mut layer.mlp.down_proj),
-            ] {
+            for (name, lin) in layer.linears_mut() {
                 let full = format!("{p}.{name}.weight");
                 if lin.weight().dtype.is_float() {
                     *lin = lin.quantize(recipe.qtype(&full)).context(full)?;
@@ -278,12 +285,7 @@ impl Phi3ForCausalLM {
     /// [`Bf16Acts`]); quantized and f16/f32 weights are not affected.
     pub fn set_bf16_acts(&mut self, acts: Bf16Acts) {
         for layer in &mut self.model.layers {
-            for lin in [
-                &mut layer.self_attn.qkv_proj,
-                &mut layer.self_attn.o_proj,
-                &mut layer.mlp.gate_up_proj,
-                &mut layer.mlp.down_proj,
-            ] {
+            for (_, lin) in layer.linears_mut() {
                 lin.set_bf16_acts(acts);
             }
         }
