@@ -19,7 +19,7 @@ use std::cell::RefCell;
 use half::bf16;
 use rayon::prelude::*;
 
-use super::matmul::{by_row_chunks, matmul, ChunkOut, WeightView};
+use super::matmul::{by_row_chunks, matmul, with_buffer, ChunkOut, WeightView};
 
 /// How activations meet bf16 weights (see the module docs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -87,14 +87,14 @@ pub fn matmul_bf16(w: &[bf16], rows: usize, cols: usize, x: &[f32], y: &mut [f32
         return matmul(view, rows, cols, x, y);
     }
     if !available() {
-        return with_buffer(&WIDENED, n * cols, n <= KEEP_ROWS, |r: &mut [f32]| {
+        return with_buffer(&WIDENED, n * cols, n, |r: &mut [f32]| {
             for (o, v) in r.iter_mut().zip(x) {
                 *o = bf16::from_f32(*v).to_f32();
             }
             matmul(view, rows, cols, r, y)
         });
     }
-    with_buffer(&ROUNDED, n * cols, n <= KEEP_ROWS, |held: &mut [u16]| {
+    with_buffer(&ROUNDED, n * cols, n, |held: &mut [u16]| {
         if n == 1 {
             round(x, held);
         } else {
@@ -126,37 +126,9 @@ pub fn matmul_bf16(w: &[bf16], rows: usize, cols: usize, x: &[f32], y: &mut [f32
     });
 }
 
-/// Products of up to this many activation rows keep their buffer on the thread for the next
-/// call, so that decode does not allocate; longer ones allocate their own.
-const KEEP_ROWS: usize = 16;
-
 thread_local! {
     static ROUNDED: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
     static WIDENED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` on a buffer of `len` values: the thread's kept one when `keep` and no product on
-/// this thread holds it already (a rayon worker may start one inside another).
-fn with_buffer<T: Copy + Default, R>(
-    kept: &'static std::thread::LocalKey<RefCell<Vec<T>>>,
-    len: usize,
-    keep: bool,
-    f: impl FnOnce(&mut [T]) -> R,
-) -> R {
-    let mut f = Some(f);
-    let r = kept.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) if keep => {
-            if buf.len() < len {
-                buf.resize(len, T::default());
-            }
-            Some((f.take().unwrap())(&mut buf[..len]))
-        }
-        _ => None,
-    });
-    match r {
-        Some(r) => r,
-        None => (f.take().unwrap())(&mut vec![T::default(); len]),
-    }
 }
 
 /// `x` rounded to the nearest bf16 (ties to even), as bits.

@@ -336,28 +336,41 @@ fn quantized_matmul(
         };
         by_row_chunks(rows, n, y, task);
     };
-    if n <= KEEP_ACT_ROWS {
-        KEPT_ACTS.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut kept) => {
-                if kept.len() < n {
-                    kept.resize_with(n, QActs::default);
-                }
-                run(&mut kept[..n], y)
-            }
-            // A product started inside another on this thread (a rayon worker that stole it).
-            Err(_) => run(&mut vec![QActs::default(); n], y),
-        })
-    } else {
-        run(&mut vec![QActs::default(); n], y)
-    }
+    with_buffer(&KEPT_ACTS, n, n, |acts| run(acts, y))
 }
-
-/// Products of up to this many activation rows (decode steps, small batches) quantize them into
-/// buffers kept on the thread for the next call, so that decode does not allocate.
-const KEEP_ACT_ROWS: usize = 16;
 
 thread_local! {
     static KEPT_ACTS: RefCell<Vec<QActs>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Products of up to this many activation rows (decode steps, small batches) keep their
+/// activation buffers on the thread for the next call, so that decode does not allocate;
+/// longer ones allocate their own.
+const KEEP_ROWS: usize = 16;
+
+/// Runs `f` on a buffer of `len` values for a product of `n` activation rows: the thread's
+/// `kept` one when `n <= KEEP_ROWS` and no product on this thread holds it already (a rayon
+/// worker that stole a product started inside another), else a new one.
+pub(super) fn with_buffer<T: Clone + Default, R>(
+    kept: &'static std::thread::LocalKey<RefCell<Vec<T>>>,
+    len: usize,
+    n: usize,
+    f: impl FnOnce(&mut [T]) -> R,
+) -> R {
+    let mut f = Some(f);
+    let r = kept.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) if n <= KEEP_ROWS => {
+            if buf.len() < len {
+                buf.resize(len, T::default());
+            }
+            Some((f.take().unwrap())(&mut buf[..len]))
+        }
+        _ => None,
+    });
+    match r {
+        Some(r) => r,
+        None => (f.take().unwrap())(&mut vec![T::default(); len]),
+    }
 }
 
 /// Widens W to f32 a block of rows at a time and multiplies with `gemm`'s packed kernels.
