@@ -124,16 +124,11 @@ fn compare(a: &[f32], b: &[f32], v: usize) -> (f64, f64) {
     (kl / n as f64, agree as f64 / n as f64)
 }
 
-#[test]
-fn eight_bit_kv_cache_passes_the_accuracy_gate() {
-    // Measured: tiny KL 6.9e-3 / top-1 0.95 (long prompt), 3.3e-3 / 1.0 (chat), the same by
-    // prefill and token by token; synthetic (2 full-width layers) KL 6.6e-4 / top-1 0.875.
-    // Thresholds about 1.7× above: a tenth to a quarter of the q8 weight recipe's divergence.
+/// KL and top-1 of `q` against the fixture as loaded, on the long and chat prompts, by prefill
+/// and token by token: `(case, path, (kl, top1))`.
+fn tiny_gate_runs(q: &Phi3ForCausalLM) -> Vec<(&'static str, &'static str, (f64, f64))> {
     let r = Reference::load();
     let f = tiny();
-    let mut q = tiny();
-    q.kv_cache = KvType::Q8;
-    assert_eq!(q.new_cache().dtype(), KvType::Q8);
     let v = f.config.vocab_size;
     let mut measured = Vec::new();
     for (case, table) in [("long", RopeTable::Long), ("chat", RopeTable::Short)] {
@@ -145,9 +140,39 @@ fn eight_bit_kv_cache_passes_the_accuracy_gate() {
             .forward(&p, &mut q.new_cache(), table, Logits::All, None)
             .unwrap();
         measured.push((case, "prefill", compare(&a, &b, v)));
-        let d = token_by_token(&q, &p, table);
+        let d = token_by_token(q, &p, table);
         measured.push((case, "decode", compare(&a, &d, v)));
     }
+    measured
+}
+
+/// KL and top-1 of synthetic weights as `change` leaves them against the same weights
+/// unchanged: 2 full-width layers, a 24-token prompt by prefill.
+fn synthetic_gate_run(change: impl Fn(&mut Phi3ForCausalLM)) -> (f64, f64) {
+    let mut cfg = Phi3Config::phi4_mini();
+    cfg.num_hidden_layers = 2;
+    let f = Phi3ForCausalLM::synthetic(cfg.clone(), 7);
+    let mut q = Phi3ForCausalLM::synthetic(cfg, 7);
+    change(&mut q);
+    let p: Vec<u32> = (0..24).map(|i| (i * 7919 + 104729) % 199_999).collect();
+    let a = f
+        .forward(&p, &mut f.new_cache(), RopeTable::Short, Logits::All, None)
+        .unwrap();
+    let b = q
+        .forward(&p, &mut q.new_cache(), RopeTable::Short, Logits::All, None)
+        .unwrap();
+    compare(&a, &b, f.config.vocab_size)
+}
+
+#[test]
+fn eight_bit_kv_cache_passes_the_accuracy_gate() {
+    // Measured: tiny KL 6.9e-3 / top-1 0.95 (long prompt), 3.3e-3 / 1.0 (chat), the same by
+    // prefill and token by token; synthetic (2 full-width layers) KL 6.6e-4 / top-1 0.875.
+    // Thresholds about 1.7× above: a tenth to a quarter of the q8 weight recipe's divergence.
+    let mut q = tiny();
+    q.kv_cache = KvType::Q8;
+    assert_eq!(q.new_cache().dtype(), KvType::Q8);
+    let measured = tiny_gate_runs(&q);
     for (case, path, (kl, top1)) in &measured {
         eprintln!("tiny {case} {path}: KL {kl:.2e}, top-1 {top1:.3}");
         assert!(
@@ -158,19 +183,7 @@ fn eight_bit_kv_cache_passes_the_accuracy_gate() {
     // The gate can fail: the 8-bit cache is not the f32 one.
     assert!(measured.iter().any(|(_, _, (kl, _))| *kl > 1e-7));
 
-    let mut cfg = Phi3Config::phi4_mini();
-    cfg.num_hidden_layers = 2;
-    let f = Phi3ForCausalLM::synthetic(cfg.clone(), 7);
-    let mut q = Phi3ForCausalLM::synthetic(cfg, 7);
-    q.kv_cache = KvType::Q8;
-    let p: Vec<u32> = (0..24).map(|i| (i * 7919 + 104729) % 199_999).collect();
-    let a = f
-        .forward(&p, &mut f.new_cache(), RopeTable::Short, Logits::All, None)
-        .unwrap();
-    let b = q
-        .forward(&p, &mut q.new_cache(), RopeTable::Short, Logits::All, None)
-        .unwrap();
-    let (kl, top1) = compare(&a, &b, f.config.vocab_size);
+    let (kl, top1) = synthetic_gate_run(|m| m.kv_cache = KvType::Q8);
     eprintln!("synthetic prefill: KL {kl:.2e}, top-1 {top1:.3}");
     assert!(
         kl < 1.2e-3 && top1 >= 0.8,
@@ -184,43 +197,14 @@ fn bf16_activations_pass_the_accuracy_gate() {
     // 1.7e-3 / top-1 0.96 (long prompt, prefill and token by token), 1.5e-3 / 1.0 (chat);
     // synthetic (2 full-width layers) 1.8e-4 / 0.958. Thresholds about 1.7× above: a twentieth
     // of the q8 recipe's divergence, a quarter of the 8-bit KV cache's.
-    let r = Reference::load();
-    let f = tiny();
     let mut b = tiny();
     b.set_bf16_acts(Bf16Acts::Bf16);
-    let v = f.config.vocab_size;
-    let mut measured = Vec::new();
-    for (case, table) in [("long", RopeTable::Long), ("chat", RopeTable::Short)] {
-        let p = r.ids(case, "prompt");
-        let a = f
-            .forward(&p, &mut f.new_cache(), table, Logits::All, None)
-            .unwrap();
-        let prefill = b
-            .forward(&p, &mut b.new_cache(), table, Logits::All, None)
-            .unwrap();
-        measured.push(("tiny", case, "prefill", compare(&a, &prefill, v)));
-        let d = token_by_token(&b, &p, table);
-        measured.push(("tiny", case, "decode", compare(&a, &d, v)));
-    }
-    let mut cfg = Phi3Config::phi4_mini();
-    cfg.num_hidden_layers = 2;
-    let f = Phi3ForCausalLM::synthetic(cfg.clone(), 7);
-    let mut b = Phi3ForCausalLM::synthetic(cfg, 7);
-    b.set_bf16_acts(Bf16Acts::Bf16);
-    let p: Vec<u32> = (0..24).map(|i| (i * 7919 + 104729) % 199_999).collect();
-    let a = f
-        .forward(&p, &mut f.new_cache(), RopeTable::Short, Logits::All, None)
-        .unwrap();
-    let prefill = b
-        .forward(&p, &mut b.new_cache(), RopeTable::Short, Logits::All, None)
-        .unwrap();
-    let v = f.config.vocab_size;
-    measured.push((
-        "synthetic",
-        "24 tokens",
-        "prefill",
-        compare(&a, &prefill, v),
-    ));
+    let mut measured: Vec<_> = tiny_gate_runs(&b)
+        .into_iter()
+        .map(|(case, path, m)| ("tiny", case, path, m))
+        .collect();
+    let synthetic = synthetic_gate_run(|m| m.set_bf16_acts(Bf16Acts::Bf16));
+    measured.push(("synthetic", "24 tokens", "prefill", synthetic));
     for (model, case, path, (kl, top1)) in &measured {
         eprintln!("{model} {case} {path}: KL {kl:.2e}, top-1 {top1:.3}");
         let (max_kl, min_top1) = match *model {
