@@ -12,14 +12,15 @@
 //! up to [`TILE_TOKENS`] activation rows against [`TILE_ROWS`] weight rows at a time: 24 f32
 //! accumulators, each summed across its lanes once per row. Weight rows are split across
 //! threads in chunks that stay in L2 while every group of activation rows (in L1) passes over
-//! them.
+//! them. Decode (one activation row) reads one weight row at a time instead (see [`decode_f32`]
+//! for why), and so does the f32 default on AVX-512.
 
 use std::cell::RefCell;
 
 use half::bf16;
 use rayon::prelude::*;
 
-use super::matmul::{by_row_chunks, matmul, with_buffer, ChunkOut, WeightView};
+use super::matmul::{by_row_chunks, matmul, with_buffer, ChunkOut, WeightView, WIDE_COLS};
 
 /// How activations meet bf16 weights (see the module docs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -63,12 +64,25 @@ pub fn available() -> bool {
     *AVAILABLE.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
+            avx512() && is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// Whether the f32-activation decode kernel runs: AVX-512 F/BW/VL (no BF16 instructions needed),
+/// under the same `PHI4_ISA` rules as [`available`].
+pub fn avx512() -> bool {
+    static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVX512.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
             super::cpu() == super::Isa::Avx2
                 && std::env::var("PHI4_ISA").map_or(true, |v| v != "avx2")
                 && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vl")
-                && is_x86_feature_detected!("avx512bf16")
         }
         #[cfg(not(target_arch = "x86_64"))]
         false
@@ -84,6 +98,9 @@ pub fn matmul_bf16(w: &[bf16], rows: usize, cols: usize, x: &[f32], y: &mut [f32
     assert_eq!(w.len(), rows * cols);
     let view = WeightView::BF16(w);
     if acts == Bf16Acts::F32 {
+        if n == 1 && avx512() {
+            return decode_f32(w, rows, cols, x, y);
+        }
         return matmul(view, rows, cols, x, y);
     }
     if !available() {
@@ -105,6 +122,14 @@ pub fn matmul_bf16(w: &[bf16], rows: usize, cols: usize, x: &[f32], y: &mut [f32
         let held = &*held;
         let task = |r0: usize, out: &mut ChunkOut| {
             let len = out.len();
+            if n == 1 {
+                // One weight row at a time: see decode_f32.
+                for i in 0..len {
+                    let row = &w[(r0 + i) * cols..(r0 + i + 1) * cols];
+                    out.put(i, 0, &[row_dot(row, held)]);
+                }
+                return;
+            }
             let mut res = [0f32; TILE_TOKENS * TILE_ROWS];
             for t0 in (0..n).step_by(TILE_TOKENS) {
                 let m = TILE_TOKENS.min(n - t0);
@@ -126,9 +151,88 @@ pub fn matmul_bf16(w: &[bf16], rows: usize, cols: usize, x: &[f32], y: &mut [f32
     });
 }
 
+/// Weight rows per pass of the wide-row decode kernel.
+pub const DECODE_BLOCK: usize = 8;
+
+/// One f32 activation row against bf16 weights, on AVX-512 F/BW/VL. Decode reads every weight
+/// byte once, so what counts is how fast one core can stream: a bf16 pair sits in one 32-bit
+/// lane, and the lane masked to its top half is the odd value as f32, the lane shifted left by
+/// 16 the even one. So one 64-byte load, an AND, a shift and two FMAs (against the activations
+/// split into even and odd columns once per product) take 32 weights, where the AVX2 kernel
+/// needs four loads and four widening shuffles. Rows of [`WIDE_COLS`] columns or more go
+/// [`DECODE_BLOCK`] at a time against one activation load, as in [`super::dot`], because their
+/// activations do not stay in L1 beside the weight stream. Measured, weights from memory in
+/// 2 MB pages, one thread (where a core's own stream rate shows; two threads share the memory
+/// bus), GB/s AVX2 kernels / these: 3072-column rows 18–20 / 23–26, `down_proj` (8192) 18–22 /
+/// 17–19 with four rows per pass.
+fn decode_f32(w: &[bf16], rows: usize, cols: usize, x: &[f32], y: &mut [f32]) {
+    let pairs = cols / 2;
+    with_buffer(&SPLIT, 2 * pairs, 1, |split: &mut [f32]| {
+        let (even, odd) = split.split_at_mut(pairs);
+        for (i, p) in x.chunks_exact(2).enumerate() {
+            even[i] = p[0];
+            odd[i] = p[1];
+        }
+        let (even, odd) = (&*even, &*odd);
+        let task = |r0: usize, out: &mut ChunkOut| {
+            let len = out.len();
+            let mut i = 0;
+            if cols >= WIDE_COLS {
+                let mut t = [0f32; DECODE_BLOCK];
+                while i + DECODE_BLOCK <= len {
+                    let ws = &w[(r0 + i) * cols..(r0 + i + DECODE_BLOCK) * cols];
+                    split_dot(ws, x, even, odd, &mut t);
+                    for (j, v) in t.iter().enumerate() {
+                        out.put(i + j, 0, &[*v]);
+                    }
+                    i += DECODE_BLOCK;
+                }
+            }
+            for i in i..len {
+                let mut v = 0f32;
+                let ws = &w[(r0 + i) * cols..(r0 + i + 1) * cols];
+                split_dot(ws, x, even, odd, std::slice::from_mut(&mut v));
+                out.put(i, 0, &[v]);
+            }
+        };
+        by_row_chunks(rows, 1, y, task);
+    })
+}
+
 thread_local! {
     static ROUNDED: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
     static WIDENED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SPLIT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `out[j] = W[j,:] · x` for the `out.len()` rows of `w` (1 or [`DECODE_BLOCK`]), with `even`
+/// and `odd` the activations at even and odd columns.
+fn split_dot(w: &[bf16], x: &[f32], even: &[f32], odd: &[f32], out: &mut [f32]) {
+    let cols = x.len();
+    assert!(out.len() == 1 || out.len() == DECODE_BLOCK);
+    assert_eq!(w.len(), out.len() * cols);
+    assert!(even.len() == cols / 2 && odd.len() == cols / 2);
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: avx512() checked the features; shapes asserted above.
+        return unsafe { x86::split_dot(w, x, even, odd, out) };
+    }
+    for (o, row) in out.iter_mut().zip(w.chunks(cols)) {
+        *o = row.iter().zip(x).map(|(a, b)| a.to_f32() * b).sum();
+    }
+}
+
+/// `W[r,:] · x` for one weight row against activations rounded to bf16 (bits).
+fn row_dot(w: &[bf16], x: &[u16]) -> f32 {
+    assert_eq!(w.len(), x.len());
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: available() checked the features; lengths asserted above.
+        return unsafe { x86::row_dot(w, x) };
+    }
+    let mut out = [0f32];
+    scalar_tile(w, &[x], x.len(), &mut out);
+    out[0]
 }
 
 /// `x` rounded to the nearest bf16 (ties to even), as bits.
@@ -202,6 +306,107 @@ mod x86 {
     #[inline(always)]
     unsafe fn load_masked(p: *const u16, mask: __mmask32) -> __m512bh {
         std::mem::transmute(_mm512_maskz_loadu_epi16(mask, p.cast()))
+    }
+
+    /// [`super::row_dot`]: four accumulators over 128 columns a step, then 32, then a masked
+    /// tail.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn row_dot(w: &[half::bf16], x: &[u16]) -> f32 {
+        let cols = x.len();
+        let (w, x) = (w.as_ptr().cast::<u16>(), x.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut c = 0;
+        while c + 128 <= cols {
+            for (u, a) in acc.iter_mut().enumerate() {
+                let o = c + 32 * u;
+                *a = _mm512_dpbf16_ps(*a, load(w.add(o)), load(x.add(o)));
+            }
+            c += 128;
+        }
+        while c + 32 <= cols {
+            acc[0] = _mm512_dpbf16_ps(acc[0], load(w.add(c)), load(x.add(c)));
+            c += 32;
+        }
+        if c < cols {
+            let mask: __mmask32 = (1u32 << (cols - c)) - 1;
+            let (wv, xv) = (load_masked(w.add(c), mask), load_masked(x.add(c), mask));
+            acc[1] = _mm512_dpbf16_ps(acc[1], wv, xv);
+        }
+        let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        _mm512_reduce_add_ps(s)
+    }
+
+    /// [`super::split_dot`]: one row with eight accumulators (even and odd columns of four
+    /// steps of 32), or [`super::DECODE_BLOCK`] rows with one accumulator each against one
+    /// load of the activations. Columns past the last multiple of 32 are summed in scalar.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    pub unsafe fn split_dot(
+        w: &[half::bf16],
+        x: &[f32],
+        even: &[f32],
+        odd: &[f32],
+        out: &mut [f32],
+    ) {
+        let cols = x.len();
+        let body = cols / 32 * 32;
+        let (wp, ep, op) = (w.as_ptr().cast::<u16>(), even.as_ptr(), odd.as_ptr());
+        let top = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+        // Lane i of the 32 bf16 at column c holds columns c + 2i (low half) and c + 2i + 1.
+        let widen = |p: *const u16| {
+            let v = _mm512_loadu_si512(p.cast());
+            (
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v)),
+                _mm512_castsi512_ps(_mm512_and_si512(v, top)),
+            )
+        };
+        if out.len() == 1 {
+            let mut acc = [_mm512_setzero_ps(); 8];
+            let mut c = 0;
+            while c + 128 <= body {
+                for u in 0..4 {
+                    let o = c + 32 * u;
+                    let (e, d) = widen(wp.add(o));
+                    acc[2 * u] = _mm512_fmadd_ps(e, _mm512_loadu_ps(ep.add(o / 2)), acc[2 * u]);
+                    acc[2 * u + 1] =
+                        _mm512_fmadd_ps(d, _mm512_loadu_ps(op.add(o / 2)), acc[2 * u + 1]);
+                }
+                c += 128;
+            }
+            while c < body {
+                let (e, d) = widen(wp.add(c));
+                acc[0] = _mm512_fmadd_ps(e, _mm512_loadu_ps(ep.add(c / 2)), acc[0]);
+                acc[1] = _mm512_fmadd_ps(d, _mm512_loadu_ps(op.add(c / 2)), acc[1]);
+                c += 32;
+            }
+            let mut s = acc[0];
+            for a in &acc[1..] {
+                s = _mm512_add_ps(s, *a);
+            }
+            out[0] = _mm512_reduce_add_ps(s) + tail(&w[body..], &x[body..]);
+            return;
+        }
+        let mut acc = [_mm512_setzero_ps(); super::DECODE_BLOCK];
+        let mut c = 0;
+        while c < body {
+            let (xe, xo) = (
+                _mm512_loadu_ps(ep.add(c / 2)),
+                _mm512_loadu_ps(op.add(c / 2)),
+            );
+            for (r, a) in acc.iter_mut().enumerate() {
+                let (e, d) = widen(wp.add(r * cols + c));
+                *a = _mm512_fmadd_ps(d, xo, _mm512_fmadd_ps(e, xe, *a));
+            }
+            c += 32;
+        }
+        for (r, o) in out.iter_mut().enumerate() {
+            let row = &w[r * cols..(r + 1) * cols];
+            *o = _mm512_reduce_add_ps(acc[r]) + tail(&row[body..], &x[body..]);
+        }
+    }
+
+    #[inline(always)]
+    fn tail(w: &[half::bf16], x: &[f32]) -> f32 {
+        w.iter().zip(x).map(|(a, b)| a.to_f32() * b).sum()
     }
 
     /// Runs the tile kernel for `m` activation rows and `k` weight rows, both as constants.
@@ -358,6 +563,9 @@ mod tests {
         for (rows, cols, n) in [
             (1, 32, 1),
             (7, 40, 1),
+            (70, 1000, 1),
+            (21, WIDE_COLS + 40, 1),
+            (9, 2 * WIDE_COLS, 1),
             (131, 96, 3),
             (200, 160, 9),
             (70, 1000, 5),

@@ -145,7 +145,7 @@ pub fn matmul(w: WeightView, rows: usize, cols: usize, x: &[f32], y: &mut [f32])
 /// sequential stream the prefetcher follows best. Measured on a Zen 4 (32 KB L1D), bf16, 2
 /// threads, GB/s one row / blocks of 8: 3072 columns 32.2 / 29.2, 4096 23.2 / 35.9, 6144
 /// 16.4 / 35.8, 8192 19.5 / 29.7 (best of 2–3 runs each).
-const WIDE_COLS: usize = 4096;
+pub(super) const WIDE_COLS: usize = 4096;
 
 /// One pass over the stored weights per group of up to eight activation rows; from two rows on,
 /// two weight rows at a time against groups of up to four (see [`WeightElem::dot_pair_rows`]).
