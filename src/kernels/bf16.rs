@@ -163,8 +163,8 @@ pub const DECODE_BLOCK: usize = 8;
 /// [`DECODE_BLOCK`] at a time against one activation load, as in [`super::dot`], because their
 /// activations do not stay in L1 beside the weight stream. Measured, weights from memory in
 /// 2 MB pages, one thread (where a core's own stream rate shows; two threads share the memory
-/// bus), GB/s AVX2 kernels / these: 3072-column rows 18–20 / 23–26, `down_proj` (8192) 18–22 /
-/// 17–19 with four rows per pass.
+/// bus), GB/s AVX2 kernels / these, two runs: 3072-column rows 18–21 / 22–25, `down_proj`
+/// (8192 columns) 19–20 / 20 (BENCHMARKS.md, run G).
 fn decode_f32(w: &[bf16], rows: usize, cols: usize, x: &[f32], y: &mut [f32]) {
     let pairs = cols / 2;
     with_buffer(&SPLIT, 2 * pairs, 1, |split: &mut [f32]| {
