@@ -20,6 +20,7 @@ use std::cell::RefCell;
 use half::bf16;
 use rayon::prelude::*;
 
+use super::avx512;
 use super::matmul::{by_row_chunks, matmul, with_buffer, ChunkOut, WeightView, WIDE_COLS};
 
 /// How activations meet bf16 weights (see the module docs).
@@ -57,32 +58,13 @@ pub const TILE_TOKENS: usize = 4;
 /// of the 32 vector registers.
 pub const TILE_ROWS: usize = 6;
 
-/// Whether the `vdpbf16ps` kernels run: AVX-512 F/BW/VL/BF16 present, and `PHI4_ISA` does not ask
-/// for plain AVX2 (`avx2`) or the scalar reference (`scalar`).
+/// Whether the `vdpbf16ps` kernels run: [`super::avx512`] and AVX-512 BF16.
 pub fn available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVAILABLE.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
             avx512() && is_x86_feature_detected!("avx512bf16")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
-    })
-}
-
-/// Whether the f32-activation decode kernel runs: AVX-512 F/BW/VL (no BF16 instructions needed),
-/// under the same `PHI4_ISA` rules as [`available`].
-pub fn avx512() -> bool {
-    static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVX512.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            super::cpu() == super::Isa::Avx2
-                && std::env::var("PHI4_ISA").map_or(true, |v| v != "avx2")
-                && is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vl")
         }
         #[cfg(not(target_arch = "x86_64"))]
         false

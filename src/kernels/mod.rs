@@ -73,6 +73,25 @@ pub fn cpu() -> Isa {
     })
 }
 
+/// Whether AVX-512 F/BW/VL kernels may run: the CPU has them on top of [`Isa::Avx2`], and
+/// `PHI4_ISA` asks for neither plain AVX2 (`avx2`) nor the scalar reference (`scalar`). Each
+/// family of AVX-512 kernels adds the extension it needs ([`quant::vnni`], [`bf16::available`]).
+pub fn avx512() -> bool {
+    static AVX512: OnceLock<bool> = OnceLock::new();
+    *AVX512.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            cpu() == Isa::Avx2
+                && std::env::var("PHI4_ISA").map_or(true, |v| v != "avx2")
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
 /// Deterministic values in [-0.5, 0.5) for kernel tests.
 #[cfg(test)]
 pub(crate) fn test_data(n: usize, seed: u64) -> Vec<f32> {

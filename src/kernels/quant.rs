@@ -327,7 +327,7 @@ pub fn dot_rows(t: QType, qs: &[u8], d: &[f16], xs: &[&QActs], out: &mut [f32]) 
     );
     match cpu() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as below, and vnni() only after detecting avx512vnni and avx512vl.
+        // SAFETY: as below, and vnni() only after detecting AVX-512 F/BW/VL and VNNI.
         Isa::Avx2 if vnni() => unsafe { avx2::dot_rows_vnni(t, qs, d, xs, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: cpu() returns Avx2 only after detecting avx2, fma and f16c; lengths checked above.
@@ -351,7 +351,7 @@ pub fn dot_row_run(t: QType, qs: &[u8], d: &[f16], x: &QActs, out: &mut [f32]) {
     assert_eq!(x.d.len(), nb, "activation width differs");
     match cpu() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: vnni() only after detecting avx512vnni and avx512vl on top of Avx2; every
+        // SAFETY: vnni() only after detecting AVX-512 F/BW/VL/VNNI on top of Avx2; every
         // row's length is checked above.
         Isa::Avx2 if vnni() => return unsafe { avx2::dot_row_run_vnni(t, qs, d, x, out) },
         #[cfg(target_arch = "x86_64")]
@@ -388,7 +388,7 @@ pub fn dot_row_pair(t: QType, qs: &[u8], d: &[f16], xs: &[&QActs], out: &mut [f3
     );
     #[cfg(target_arch = "x86_64")]
     if vnni() {
-        // SAFETY: vnni() only after detecting avx2, fma, f16c, avx512vnni and avx512vl; the
+        // SAFETY: vnni() only after detecting avx2, fma, f16c and AVX-512 F/BW/VL/VNNI; the
         // lengths of both rows and every activation row are checked above.
         return unsafe { avx2::dot_row_pair_vnni(t, qs, d, xs, out) };
     }
@@ -397,7 +397,7 @@ pub fn dot_row_pair(t: QType, qs: &[u8], d: &[f16], xs: &[&QActs], out: &mut [f3
     dot_rows(t, &qs[half_q..], &d[half_d..], xs, o1);
 }
 
-/// Whether the CPU has AVX-512 VNNI (with VL) on top of AVX2: then one `vpdpbusd` on 256-bit
+/// Whether the CPU has AVX-512 VNNI on top of [`super::avx512`]: then one `vpdpbusd` on 256-bit
 /// registers does the work of `maddubs` + `madd`, with 32-bit sums (no 16-bit limits).
 /// `PHI4_ISA=avx2` keeps the plain AVX2 kernels.
 pub fn vnni() -> bool {
@@ -405,10 +405,7 @@ pub fn vnni() -> bool {
     *VNNI.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            cpu() == Isa::Avx2
-                && std::env::var("PHI4_ISA").map_or(true, |v| v != "avx2")
-                && is_x86_feature_detected!("avx512vnni")
-                && is_x86_feature_detected!("avx512vl")
+            super::avx512() && is_x86_feature_detected!("avx512vnni")
         }
         #[cfg(not(target_arch = "x86_64"))]
         false
