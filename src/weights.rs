@@ -24,7 +24,7 @@ pub enum DType {
     F32,
     F16,
     BF16,
-    /// Raw bytes: the values of a quantized tensor as stored on disk, before [`crate::quant`]
+    /// Raw bytes: the values of a quantized tensor as stored on disk, before [`crate::kernels::quant`]
     /// pairs them with their scales.
     U8,
     /// Block-quantized rows ([`crate::kernels::quant`]): the values, with the scales beside.

@@ -3,7 +3,7 @@
 //! products with f32 sums, twice what an f32 FMA does, and the weights are read as stored
 //! instead of widened to f32 first. Rounding costs up to 2⁻⁸ of each activation.
 //!
-//! The default keeps f32 activations and the f32 kernels of [`super::matmul`]. (Splitting each
+//! The default keeps f32 activations and the f32 kernels of [`super::matmul`](mod@super::matmul). (Splitting each
 //! activation into two bf16 parts would keep 16 of its 24 bits at the f32 FMA rate; measured, not
 //! kept: its logits drift past the decode parity test's tolerance, see BENCHMARKS.md.) Without
 //! AVX-512 BF16 the rounded activations go through those f32 kernels, with the same numbers.
@@ -12,7 +12,7 @@
 //! up to [`TILE_TOKENS`] activation rows against [`TILE_ROWS`] weight rows at a time: 24 f32
 //! accumulators, each summed across its lanes once per row. Weight rows are split across
 //! threads in chunks that stay in L2 while every group of activation rows (in L1) passes over
-//! them. Decode (one activation row) reads one weight row at a time instead (see [`decode_f32`]
+//! them. Decode (one activation row) reads one weight row at a time instead (see `decode_f32`
 //! for why), and so does the f32 default on AVX-512.
 
 use std::cell::RefCell;
@@ -228,7 +228,7 @@ fn round(x: &[f32], out: &mut [u16]) {
     scalar_round(x, out)
 }
 
-/// Reference of [`round`].
+/// Reference of `round`.
 pub fn scalar_round(x: &[f32], out: &mut [u16]) {
     for (o, &v) in out.iter_mut().zip(x) {
         *o = bf16::from_f32(v).to_bits();
@@ -250,7 +250,7 @@ fn tile(w: &[bf16], xs: &[&[u16]], cols: usize, out: &mut [f32]) {
     scalar_tile(w, xs, cols, out)
 }
 
-/// Reference of [`tile`]: every product in f32, summed in order.
+/// Reference of `tile`: every product in f32, summed in order.
 pub fn scalar_tile(w: &[bf16], xs: &[&[u16]], cols: usize, out: &mut [f32]) {
     let m = xs.len();
     for (j, row) in w.chunks(cols).enumerate() {

@@ -1,6 +1,6 @@
 //! Element-wise and row-wise ops of the decoder. These touch activations only (kilobytes per
 //! token), so plain loops that the compiler vectorises are enough; the weights' traffic is in
-//! [`super::matmul`].
+//! [`super::matmul`](mod@super::matmul).
 
 use half::f16;
 
