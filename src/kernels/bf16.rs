@@ -21,6 +21,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::avx512;
+use super::dot::BLOCK_ROWS;
 use super::matmul::{by_row_chunks, matmul, with_buffer, ChunkOut, WeightView, WIDE_COLS};
 
 /// How activations meet bf16 weights (see the module docs).
@@ -133,16 +134,13 @@ pub fn matmul_bf16(w: &[bf16], rows: usize, cols: usize, x: &[f32], y: &mut [f32
     });
 }
 
-/// Weight rows per pass of the wide-row decode kernel.
-pub const DECODE_BLOCK: usize = 8;
-
 /// One f32 activation row against bf16 weights, on AVX-512 F/BW/VL. Decode reads every weight
 /// byte once, so what counts is how fast one core can stream: a bf16 pair sits in one 32-bit
 /// lane, and the lane masked to its top half is the odd value as f32, the lane shifted left by
 /// 16 the even one. So one 64-byte load, an AND, a shift and two FMAs (against the activations
 /// split into even and odd columns once per product) take 32 weights, where the AVX2 kernel
 /// needs four loads and four widening shuffles. Rows of [`WIDE_COLS`] columns or more go
-/// [`DECODE_BLOCK`] at a time against one activation load, as in [`super::dot`], because their
+/// [`BLOCK_ROWS`] at a time against one activation load, as in [`super::dot`], because their
 /// activations do not stay in L1 beside the weight stream. Measured, weights from memory in
 /// 2 MB pages, one thread (where a core's own stream rate shows; two threads share the memory
 /// bus), GB/s AVX2 kernels / these, two runs: 3072-column rows 18–21 / 22–25, `down_proj`
@@ -160,14 +158,14 @@ fn decode_f32(w: &[bf16], rows: usize, cols: usize, x: &[f32], y: &mut [f32]) {
             let len = out.len();
             let mut i = 0;
             if cols >= WIDE_COLS {
-                let mut t = [0f32; DECODE_BLOCK];
-                while i + DECODE_BLOCK <= len {
-                    let ws = &w[(r0 + i) * cols..(r0 + i + DECODE_BLOCK) * cols];
+                let mut t = [0f32; BLOCK_ROWS];
+                while i + BLOCK_ROWS <= len {
+                    let ws = &w[(r0 + i) * cols..(r0 + i + BLOCK_ROWS) * cols];
                     split_dot(ws, x, even, odd, &mut t);
                     for (j, v) in t.iter().enumerate() {
                         out.put(i + j, 0, &[*v]);
                     }
-                    i += DECODE_BLOCK;
+                    i += BLOCK_ROWS;
                 }
             }
             for i in i..len {
@@ -187,11 +185,11 @@ thread_local! {
     static SPLIT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `out[j] = W[j,:] · x` for the `out.len()` rows of `w` (1 or [`DECODE_BLOCK`]), with `even`
+/// `out[j] = W[j,:] · x` for the `out.len()` rows of `w` (1 or [`BLOCK_ROWS`]), with `even`
 /// and `odd` the activations at even and odd columns.
 fn split_dot(w: &[bf16], x: &[f32], even: &[f32], odd: &[f32], out: &mut [f32]) {
     let cols = x.len();
-    assert!(out.len() == 1 || out.len() == DECODE_BLOCK);
+    assert!(out.len() == 1 || out.len() == BLOCK_ROWS);
     assert_eq!(w.len(), out.len() * cols);
     assert!(even.len() == cols / 2 && odd.len() == cols / 2);
     #[cfg(target_arch = "x86_64")]
@@ -319,8 +317,9 @@ mod x86 {
     }
 
     /// [`super::split_dot`]: one row with eight accumulators (even and odd columns of four
-    /// steps of 32), or [`super::DECODE_BLOCK`] rows with one accumulator each against one
-    /// load of the activations. Columns past the last multiple of 32 are summed in scalar.
+    /// steps of 32), or [`BLOCK_ROWS`](super::BLOCK_ROWS) rows with one accumulator each
+    /// against one load of the activations. Columns past the last multiple of 32 are summed in
+    /// scalar.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
     pub unsafe fn split_dot(
         w: &[half::bf16],
@@ -367,7 +366,7 @@ mod x86 {
             out[0] = _mm512_reduce_add_ps(s) + tail(&w[body..], &x[body..]);
             return;
         }
-        let mut acc = [_mm512_setzero_ps(); super::DECODE_BLOCK];
+        let mut acc = [_mm512_setzero_ps(); super::BLOCK_ROWS];
         let mut c = 0;
         while c < body {
             let (xe, xo) = (
