@@ -176,26 +176,18 @@ def llama_quantize(src, dst, ftype, threads):
 LLAMA_CHILD = r"""
 import json, sys, time
 import numpy as np
-import llama_cpp as L
-path, threads, prompt_n, gen_n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-L.llama_backend_init()
-mp = L.llama_model_default_params()
-model = L.llama_model_load_from_file(path.encode(), mp)
-cp = L.llama_context_default_params()
-cp.n_ctx = 1024; cp.n_batch = 512; cp.n_ubatch = 512
-cp.n_threads = threads; cp.n_threads_batch = threads
-ctx = L.llama_init_from_model(model, cp)
-n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+scripts, path, threads, prompt_n, gen_n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+sys.path.insert(0, scripts)
+from llama_step import open_context
+decode, argmax = open_context(path, threads)
+def step(toks):
+    decode(toks)
+    return argmax()
 rng = np.random.default_rng(0x12345678)
 prompt = [int(x) for x in rng.integers(0, 199999, prompt_n)]
-def decode(toks):
-    arr = (L.llama_token * len(toks))(*toks)
-    if L.llama_decode(ctx, L.llama_batch_get_one(arr, len(toks))) != 0:
-        raise SystemExit("llama_decode failed")
-    return int(np.argmax(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))))
-t0 = time.perf_counter(); tok = decode(prompt); t1 = time.perf_counter()
+t0 = time.perf_counter(); tok = step(prompt); t1 = time.perf_counter()
 for _ in range(gen_n):
-    tok = decode([tok])
+    tok = step([tok])
 t2 = time.perf_counter()
 hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({"prefill": prompt_n / (t1 - t0), "decode": gen_n / (t2 - t1),
@@ -231,7 +223,8 @@ def phi4_run(phi4, work, variant, threads):
 
 
 def llama_run(path, threads):
-    return run_child([sys.executable, "-c", LLAMA_CHILD, str(path), str(threads), str(PROMPT), str(GEN)])
+    return run_child([sys.executable, "-c", LLAMA_CHILD, str(ROOT / "scripts"), str(path),
+                      str(threads), str(PROMPT), str(GEN)])
 
 
 def median(xs):
