@@ -39,6 +39,13 @@ pub struct BenchReport {
     /// Decode speed if every weight byte streamed at the measured bandwidth.
     pub decode_ceiling_tokens_per_s: f64,
     pub decode_fraction_of_ceiling: f64,
+    /// Median speed of the plain read passes over the decode weights taken between decode
+    /// steps (see [`READ_EVERY`]).
+    pub weight_read_gb_s: Option<f64>,
+    /// Median over those passes of (read pass time / time of the decode step beside it): the
+    /// share of the bandwidth ceiling decode reaches, each step against the host's bandwidth of
+    /// the same moment and the same pages.
+    pub decode_fraction_of_weight_read: Option<f64>,
     pub peak_rss_mb: Option<f64>,
     /// KV cache storage and its size at the end of a run.
     pub kv_cache: &'static str,
@@ -57,6 +64,33 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// Every this many decode steps, `phi4 bench` also reads the weights a step reads with a plain
+/// loop (alternately just before and just after the step). The probe of
+/// [`memory_bandwidth_gb_s`] runs once, and this host's bandwidth moves by up to ±30 % from one
+/// second to the next, so a fraction of it says as much about the moment as about decode; a read
+/// of the same pages beside each measured step does not.
+pub const READ_EVERY: usize = 4;
+
+/// Sums `words` with every thread. Integer sums vectorise (no float reassociation needed), so
+/// the loop is bound by loads.
+fn read_words(words: &[u32]) -> u32 {
+    words
+        .par_chunks(1 << 16)
+        .map(|c| c.iter().fold(0u32, |a, b| a.wrapping_add(*b)))
+        .reduce(|| 0, u32::wrapping_add)
+}
+
+/// Seconds one plain read of `parts` takes with every thread.
+fn read_pass(parts: &[&[u8]]) -> f64 {
+    let t = Instant::now();
+    let s = parts
+        .iter()
+        .map(|p| read_words(bytemuck::pod_align_to::<u8, u32>(p).1))
+        .fold(0u32, u32::wrapping_add);
+    std::hint::black_box(s);
+    t.elapsed().as_secs_f64()
+}
+
 /// Read bandwidth of this machine with all threads: best of several passes over 1 GiB, held
 /// in the same kind of pages as the weights ([`crate::paging`]; 4 KB pages read 8–30 % slower).
 pub fn memory_bandwidth_gb_s() -> f64 {
@@ -71,12 +105,7 @@ pub fn memory_bandwidth_gb_s() -> f64 {
     let mut best = 0f64;
     for _ in 0..5 {
         let t = Instant::now();
-        // Integer sums vectorise (no float reassociation needed), so the loop is load-bound.
-        let s: u32 = buf
-            .par_chunks(1 << 16)
-            .map(|c| c.iter().fold(0u32, |a, b| a.wrapping_add(*b)))
-            .reduce(|| 0, u32::wrapping_add);
-        std::hint::black_box(s);
+        std::hint::black_box(read_words(buf));
         best = best.max((words * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
     }
     best
@@ -108,6 +137,9 @@ pub fn run(model: &Phi3ForCausalLM, opts: &BenchOptions) -> Result<BenchReport> 
     let table = model
         .rope
         .table_for_len(opts.prompt_tokens + opts.gen_tokens);
+    let weights = model.decode_weights();
+    let bytes: usize = weights.iter().map(|p| p.len()).sum();
+    let (mut reads, mut fractions) = (Vec::new(), Vec::new());
     let mut runs = Vec::new();
     let mut kv_bytes = 0;
     for _ in 0..opts.runs {
@@ -116,13 +148,23 @@ pub fn run(model: &Phi3ForCausalLM, opts: &BenchOptions) -> Result<BenchReport> 
         let logits = model.forward(&prompt, &mut cache, table, Logits::Last, None)?;
         let ttft = t0.elapsed().as_secs_f64();
         let mut tok = argmax(&logits);
-        let t1 = Instant::now();
+        let mut dt = 0.0;
         let mut l = Vec::new();
-        for _ in 0..opts.gen_tokens {
+        for i in 0..opts.gen_tokens {
+            let sampled = i % READ_EVERY == READ_EVERY - 1;
+            let read_first = (i / READ_EVERY) % 2 == 1;
+            let before = (sampled && read_first).then(|| read_pass(&weights));
+            let t = Instant::now();
             model.forward_into(&[tok], &mut cache, table, Logits::Last, None, &mut l)?;
             tok = argmax(&l);
+            let step = t.elapsed().as_secs_f64();
+            dt += step;
+            let after = (sampled && !read_first).then(|| read_pass(&weights));
+            if let Some(read) = before.or(after) {
+                reads.push(bytes as f64 / read / 1e9);
+                fractions.push(read / step);
+            }
         }
-        let dt = t1.elapsed().as_secs_f64();
         kv_bytes = cache.bytes();
         runs.push(BenchRun {
             prefill_tokens_per_s: opts.prompt_tokens as f64 / ttft,
@@ -133,7 +175,6 @@ pub fn run(model: &Phi3ForCausalLM, opts: &BenchOptions) -> Result<BenchReport> 
     // Read before the bandwidth probe, whose 1 GiB buffer would otherwise count as ours.
     let peak_rss = peak_rss_mb();
     let bw = memory_bandwidth_gb_s();
-    let bytes = model.weight_bytes();
     let ceiling = bw * 1e9 / bytes as f64;
     let decode = median(runs.iter().map(|r| r.decode_tokens_per_s).collect());
     Ok(BenchReport {
@@ -148,6 +189,9 @@ pub fn run(model: &Phi3ForCausalLM, opts: &BenchOptions) -> Result<BenchReport> 
         memory_bandwidth_gb_s: bw,
         decode_ceiling_tokens_per_s: ceiling,
         decode_fraction_of_ceiling: decode / ceiling,
+        // None with fewer than READ_EVERY decode steps.
+        weight_read_gb_s: (!reads.is_empty()).then(|| median(reads)),
+        decode_fraction_of_weight_read: (!fractions.is_empty()).then(|| median(fractions)),
         peak_rss_mb: peak_rss,
         kv_cache: model.kv_cache.name(),
         kv_cache_mb: kv_bytes as f64 / 1e6,

@@ -691,6 +691,16 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
             report.weight_bytes_per_token as f64 / 1e9,
             100.0 * report.decode_fraction_of_ceiling
         );
+        if let (Some(read), Some(frac)) = (
+            report.weight_read_gb_s,
+            report.decode_fraction_of_weight_read,
+        ) {
+            println!(
+                "decode vs a plain read of the same weights beside every {}th step ({read:.1} GB/s): {:.0}%",
+                bench::READ_EVERY,
+                100.0 * frac
+            );
+        }
         if let Some(rss) = report.peak_rss_mb {
             println!("peak RSS: {rss:.0} MB");
         }

@@ -143,7 +143,14 @@ impl Tensor {
 
     /// Bytes held: values plus, for a quantized tensor, its scales.
     pub fn nbytes(&self) -> usize {
-        self.raw().len() + self.scales.as_ref().map_or(0, |s| s.as_slice().len())
+        self.parts().iter().map(|p| p.len()).sum()
+    }
+
+    /// The memory a product with this tensor reads: its values and, if quantized, its scales.
+    pub fn parts(&self) -> Vec<&[u8]> {
+        let mut parts = vec![self.raw()];
+        parts.extend(self.scales.as_ref().map(|s| s.as_slice()));
+        parts
     }
 
     /// A quantized tensor's format, values and scales.

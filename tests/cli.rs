@@ -281,6 +281,8 @@ fn bench_runs_on_the_tiny_checkpoint() {
         "decode_tokens_per_s",
         "time_to_first_token_ms",
         "decode_ceiling_tokens_per_s",
+        "weight_read_gb_s",
+        "decode_fraction_of_weight_read",
     ] {
         assert!(v[k].as_f64().unwrap() > 0.0, "{k}");
     }

@@ -81,6 +81,22 @@ fn load_err(dir: &Path) -> String {
 }
 
 #[test]
+fn decode_weight_bytes_are_the_projections_and_the_tied_head() {
+    // What `phi4 bench` divides bandwidth by and reads beside decode steps: every layer's four
+    // projections and the LM head, not the norms; counted here from the config alone.
+    let dir = tiny_dir();
+    let cfg = Phi3Config::from_file(&dir.join("config.json")).unwrap();
+    let m = Phi3ForCausalLM::load(cfg.clone(), &Checkpoint::open_dir(&dir).unwrap()).unwrap();
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let attn = cfg.num_attention_heads * cfg.head_dim();
+    let per_layer = cfg.qkv_dim() * h + h * attn + 2 * i * h + h * i;
+    let values = cfg.num_hidden_layers * per_layer + v * h;
+    assert_eq!(m.model.embed_tokens.dtype, DType::BF16);
+    assert_eq!(m.weight_bytes(), 2 * values);
+    assert_eq!(m.decode_weights().len(), 4 * cfg.num_hidden_layers + 1);
+}
+
+#[test]
 fn published_rope_scaling_layout_gives_identical_logits() {
     let d = copy_tiny();
     edit_config(d.path(), |v| {

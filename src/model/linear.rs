@@ -78,9 +78,4 @@ impl Linear {
             view => matmul(view, rows, cols, x, y),
         }
     }
-
-    /// Bytes read per full pass over the weight (what bounds decode speed).
-    pub fn weight_bytes(&self) -> usize {
-        self.weight.nbytes()
-    }
 }

@@ -307,18 +307,25 @@ impl Phi3ForCausalLM {
 
     /// Bytes of weights one decode step reads.
     pub fn weight_bytes(&self) -> usize {
-        let per_layer: usize = self
-            .model
-            .layers
-            .iter()
-            .map(|l| {
-                l.self_attn.qkv_proj.weight_bytes()
-                    + l.self_attn.o_proj.weight_bytes()
-                    + l.mlp.gate_up_proj.weight_bytes()
-                    + l.mlp.down_proj.weight_bytes()
-            })
-            .sum();
-        per_layer + self.lm_head.weight_bytes()
+        self.decode_weights().iter().map(|p| p.len()).sum()
+    }
+
+    /// The weight memory one decode step reads: every layer's projections and the LM head
+    /// (the embedding row it also reads is one of 200 K).
+    pub fn decode_weights(&self) -> Vec<&[u8]> {
+        let mut parts = Vec::new();
+        for l in &self.model.layers {
+            for lin in [
+                &l.self_attn.qkv_proj,
+                &l.self_attn.o_proj,
+                &l.mlp.gate_up_proj,
+                &l.mlp.down_proj,
+            ] {
+                parts.extend(lin.weight().parts());
+            }
+        }
+        parts.extend(self.lm_head.weight().parts());
+        parts
     }
 
     fn embed(&self, tokens: &[u32], x: &mut [f32]) -> Result<()> {
