@@ -41,6 +41,16 @@ pub struct DecoderLayer {
 
 impl DecoderLayer {
     /// The layer's projections, each with its name under `model.layers.{i}`.
+    pub fn linears(&self) -> [(&'static str, &Linear); 4] {
+        [
+            ("self_attn.qkv_proj", &self.self_attn.qkv_proj),
+            ("self_attn.o_proj", &self.self_attn.o_proj),
+            ("mlp.gate_up_proj", &self.mlp.gate_up_proj),
+            ("mlp.down_proj", &self.mlp.down_proj),
+        ]
+    }
+
+    /// [`DecoderLayer::linears`], mutable.
     pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 4] {
         [
             ("self_attn.qkv_proj", &mut self.self_attn.qkv_proj),
@@ -315,12 +325,7 @@ impl Phi3ForCausalLM {
     pub fn decode_weights(&self) -> Vec<&[u8]> {
         let mut parts = Vec::new();
         for l in &self.model.layers {
-            for lin in [
-                &l.self_attn.qkv_proj,
-                &l.self_attn.o_proj,
-                &l.mlp.gate_up_proj,
-                &l.mlp.down_proj,
-            ] {
+            for (_, lin) in l.linears() {
                 parts.extend(lin.weight().parts());
             }
         }
