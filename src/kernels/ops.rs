@@ -490,7 +490,9 @@ unsafe fn scores_f16_avx512<const G: usize, const C: usize>(
             // Halves added, then three rounds of pairwise adds leave row r's sum in lane r.
             let y: [__m256; 8] = std::array::from_fn(|r| {
                 let v = acc[r][g];
-                _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v))
+                // (The f64 extract is AVX-512 F; the f32 one would need DQ.)
+                let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+                _mm256_add_ps(_mm512_castps512_ps256(v), high)
             });
             let h01 = _mm256_hadd_ps(y[0], y[1]);
             let h23 = _mm256_hadd_ps(y[2], y[3]);
