@@ -35,6 +35,12 @@ pub fn softmax(x: &mut [f32]) {
 
 /// `silu(gate) * up`, written into `gate`.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len());
+    #[cfg(target_arch = "x86_64")]
+    if super::avx512() {
+        // SAFETY: AVX-512 F detected; lengths checked above.
+        return unsafe { silu_mul_avx512(gate, up) };
+    }
     for (g, u) in gate.iter_mut().zip(up) {
         *g = *g / (1.0 + (-*g).exp()) * u;
     }
@@ -488,14 +494,42 @@ unsafe fn softmax_avx512(x: &mut [f32]) {
     }
 }
 
-/// `exp(x)` for `x ≤ 0`, to about 1 ulp: `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2`, Cephes' degree-5
-/// polynomial for `(eʳ − 1 − r) / r²`, then `2ⁿ` by `vscalefps` (which also rounds results
-/// below the normal range, down to 0 from `x < −104`).
+/// [`silu_mul`] sixteen values at a time. It runs on one thread between two parallel products,
+/// so libm's exponentials one at a time (8192 per layer) kept the other thread waiting:
+/// 0.8–1.1 ms of a decode step over 32 layers, against 0.1 ms this way.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn silu_mul_avx512(gate: &mut [f32], up: &[f32]) {
+    use std::arch::x86_64::*;
+    let n = gate.len();
+    let (g, u) = (gate.as_mut_ptr(), up.as_ptr());
+    for i in (0..n).step_by(16) {
+        let k: __mmask16 = if n - i >= 16 {
+            0xffff
+        } else {
+            (1 << (n - i)) - 1
+        };
+        let x = _mm512_maskz_loadu_ps(k, g.add(i));
+        let e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), x));
+        let silu = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0), e));
+        let y = _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(k, u.add(i)));
+        _mm512_mask_storeu_ps(g.add(i), k, y);
+    }
+}
+
+/// `exp(x)` to about 1 ulp: `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2`, Cephes' degree-5 polynomial
+/// for `(eʳ − 1 − r) / r²`, then `2ⁿ` by `vscalefps`, which also rounds results below the
+/// normal range (to 0 from `x < −104`) and gives +∞ above `ln f32::MAX`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
-    let x = _mm512_max_ps(x, _mm512_set1_ps(-104.0));
+    // The upper clamp keeps n within what scalef turns into +∞ rather than a NaN from ∞ − ∞.
+    // (x second: min and max return their second operand when either is NaN, so NaN stays.)
+    let x = _mm512_min_ps(
+        _mm512_set1_ps(100.0),
+        _mm512_max_ps(_mm512_set1_ps(-104.0), x),
+    );
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
         _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
     );
@@ -871,6 +905,48 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_silu_matches_the_definition() {
+        if !crate::kernels::avx512() {
+            return;
+        }
+        for n in [1, 15, 16, 17, 8192] {
+            for spread in [0.1f32, 3.0, 30.0, 200.0] {
+                let x: Vec<f32> = crate::kernels::test_data(n, 3 * n as u64)
+                    .iter()
+                    .map(|v| v * spread)
+                    .collect();
+                let up = crate::kernels::test_data(n, 5 * n as u64);
+                let mut got = x.clone();
+                // SAFETY: AVX-512 F detected above.
+                unsafe { silu_mul_avx512(&mut got, &up) };
+                for i in 0..n {
+                    let (g, u) = (x[i] as f64, up[i] as f64);
+                    let want = g / (1.0 + (-g).exp()) * u;
+                    let tol = 1e-6 * want.abs() + 1e-37;
+                    assert!(
+                        (got[i] as f64 - want).abs() <= tol,
+                        "n {n}, spread {spread}, {i}: {} vs {want}",
+                        got[i]
+                    );
+                }
+            }
+        }
+        let mut nan = [f32::NAN, 1.0, f32::INFINITY, f32::NEG_INFINITY];
+        // SAFETY: as above.
+        unsafe { silu_mul_avx512(&mut nan, &[1.0; 4]) };
+        // −∞ · sigmoid(−∞) is NaN here as in the scalar loop and in torch.
+        assert!(
+            nan[0].is_nan() && nan[2] == f32::INFINITY && nan[3].is_nan(),
+            "{nan:?}"
+        );
+        let mut scores = [0.5, f32::NAN, 1.0];
+        // SAFETY: as above.
+        unsafe { softmax_avx512(&mut scores) };
+        assert!(scores.iter().all(|v| v.is_nan()), "{scores:?}");
     }
 
     #[test]
