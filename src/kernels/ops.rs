@@ -468,13 +468,7 @@ impl F16Avx512 {
 unsafe fn softmax_avx512(x: &mut [f32]) {
     use std::arch::x86_64::*;
     let n = x.len();
-    let mask = |i: usize| -> __mmask16 {
-        if n - i >= 16 {
-            0xffff
-        } else {
-            (1 << (n - i)) - 1
-        }
-    };
+    let mask = |i: usize| lanes_from(i, n);
     let p = x.as_mut_ptr();
     let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
     for i in (0..n).step_by(16) {
@@ -504,16 +498,23 @@ unsafe fn silu_mul_avx512(gate: &mut [f32], up: &[f32]) {
     let n = gate.len();
     let (g, u) = (gate.as_mut_ptr(), up.as_ptr());
     for i in (0..n).step_by(16) {
-        let k: __mmask16 = if n - i >= 16 {
-            0xffff
-        } else {
-            (1 << (n - i)) - 1
-        };
+        let k = lanes_from(i, n);
         let x = _mm512_maskz_loadu_ps(k, g.add(i));
         let e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), x));
         let silu = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0), e));
         let y = _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(k, u.add(i)));
         _mm512_mask_storeu_ps(g.add(i), k, y);
+    }
+}
+
+/// The lanes of a 16-wide step at `i` that fall before `n`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn lanes_from(i: usize, n: usize) -> std::arch::x86_64::__mmask16 {
+    if n - i >= 16 {
+        0xffff
+    } else {
+        (1 << (n - i)) - 1
     }
 }
 
