@@ -115,9 +115,9 @@ fn blocked_attention_equals_row_by_row_with_and_without_a_cache() {
     }
     let d = max_abs_diff(&blocked, &rows);
     // Both paths round differently (blocked products vs one row at a time, over 300 positions
-    // and logits up to ±41), and the sixteen-wide exp of silu (within 2 ulp, like libm's
-    // one at a time) moves those roundings: measured 1.7e-4 with libm's, 2.2e-4 with the
-    // vector one. A wrong mask or position in either path moves logits by 1e-1 and more.
+    // and logits up to ±41), and the sixteen-wide exp of silu and softmax (within 2 ulp, like
+    // libm's one at a time) moves those roundings: measured 1.7e-4 with libm's, 2.2e-4 with
+    // the vector silu, 2.3e-4 with both. A wrong mask or position moves logits by 1e-1 and more.
     assert!(d < 5e-4, "max diff {d}");
 }
 
