@@ -22,6 +22,8 @@ use rayon::prelude::*;
 
 use super::avx512;
 use super::dot::BLOCK_ROWS;
+#[cfg(target_arch = "x86_64")]
+use super::matmul::ROW_CHUNK;
 use super::matmul::{by_row_chunks, matmul, with_buffer, ChunkOut, WeightView, WIDE_COLS};
 
 /// How activations meet bf16 weights (see the module docs).
@@ -109,31 +111,168 @@ pub fn matmul_bf16(w: &[bf16], rows: usize, cols: usize, x: &[f32], y: &mut [f32
     }
     let stride = cols + ACT_PAD;
     with_buffer(&ROUNDED, n * stride, n, |held: &mut [u16]| {
-        held.par_chunks_mut(stride)
-            .zip(x.par_chunks(cols))
-            .for_each(|(h, row)| round(row, &mut h[..cols]));
-        let held = &*held;
-        let task = |r0: usize, out: &mut ChunkOut| {
-            let len = out.len();
-            let mut res = [0f32; TILE_TOKENS * TILE_ROWS];
-            for t0 in (0..n).step_by(TILE_TOKENS) {
-                let m = TILE_TOKENS.min(n - t0);
-                let xs: [&[u16]; TILE_TOKENS] = std::array::from_fn(|i| {
-                    let t = t0 + i.min(m - 1);
-                    &held[t * stride..t * stride + cols]
-                });
-                for i in (0..len).step_by(TILE_ROWS) {
-                    let k = TILE_ROWS.min(len - i);
-                    let ws = &w[(r0 + i) * cols..(r0 + i + k) * cols];
-                    tile(ws, &xs[..m], cols, &mut res[..k * m]);
-                    for j in 0..k {
-                        out.put(i + j, t0, &res[j * m..(j + 1) * m]);
-                    }
+        rounded_products(w, rows, cols, x, held, stride, y)
+    });
+}
+
+/// [`matmul_bf16`] with bf16 activations: `x` rounded into `held` (rows `stride` apart,
+/// `stride > cols`, whatever it held before), then the tiles, or with many rows on AVX-512 BF16
+/// the panels.
+fn rounded_products(
+    w: &[bf16],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    held: &mut [u16],
+    stride: usize,
+    y: &mut [f32],
+) {
+    let n = x.len() / cols;
+    assert!(stride > cols && held.len() == n * stride);
+    held.par_chunks_mut(stride)
+        .zip(x.par_chunks(cols))
+        .for_each(|(h, row)| {
+            round(row, &mut h[..cols]);
+            // The packed kernel reads an odd row's last value as a pair with the one after it,
+            // whose weight is packed as zero: a stale value there (inf, say) would make the sum
+            // NaN.
+            h[cols] = 0;
+        });
+    let held = &*held;
+    if n >= PANEL_MIN_TOKENS && available() {
+        #[cfg(target_arch = "x86_64")]
+        return by_row_chunks(rows, n, y, |r0, out| {
+            panels(w, rows, cols, r0, held, stride, n, out)
+        });
+    }
+    let task = |r0: usize, out: &mut ChunkOut| {
+        let len = out.len();
+        let mut res = [0f32; TILE_TOKENS * TILE_ROWS];
+        for t0 in (0..n).step_by(TILE_TOKENS) {
+            let m = TILE_TOKENS.min(n - t0);
+            let xs: [&[u16]; TILE_TOKENS] = std::array::from_fn(|i| {
+                let t = t0 + i.min(m - 1);
+                &held[t * stride..t * stride + cols]
+            });
+            for i in (0..len).step_by(TILE_ROWS) {
+                let k = TILE_ROWS.min(len - i);
+                let ws = &w[(r0 + i) * cols..(r0 + i + k) * cols];
+                tile(ws, &xs[..m], cols, &mut res[..k * m]);
+                for j in 0..k {
+                    out.put(i + j, t0, &res[j * m..(j + 1) * m]);
                 }
             }
-        };
-        by_row_chunks(rows, n, y, task);
-    });
+        }
+    };
+    by_row_chunks(rows, n, y, task);
+}
+
+/// Activation rows from which prefill takes [`panels`] instead of [`tile`]: packing costs the
+/// same whatever the number of rows. Measured, one layer's four products, 2 threads, G
+/// products/s panels / tiles (four alternating reps): 16 rows 90 / 106, 32 rows 124 / 138,
+/// 64 rows 155 / 157, 96 rows 141–165 / 152–165, 256 rows 174–200 / 172–193, 512 rows
+/// 166–186 / 147–154.
+const PANEL_MIN_TOKENS: usize = 128;
+/// Activation rows per pass over a packed panel: 6 × 4 accumulators, 4 weight vectors and one
+/// broadcast activation pair fill 29 of the 32 vector registers.
+#[cfg(target_arch = "x86_64")]
+const PANEL_TOKENS: usize = 6;
+/// Columns per packed panel: 64 rows × 2048 bf16 is 256 KB, which stays in L2 while the
+/// activations stream past it.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const PANEL_COLS: usize = 2048;
+
+/// Rows `r0..r0 + out.len()` (≤ 64) of `w` against all `n` rounded activation rows of `held`
+/// (row stride `stride`), for prefill. `vdpbf16ps` multiplies pairs of bf16 in each 32-bit
+/// lane, so the chunk's weights are packed for it first, [`PANEL_COLS`] columns at a time: for
+/// each column pair, the pairs of 16 rows side by side in one vector ([`x86::pack`]). Then each
+/// step takes four such vectors (64 rows) and one activation pair broadcast per token, and the
+/// 6 × 4 accumulators hold 16 outputs each, stored as they stand: no lane sums and fewer loads
+/// per product than [`tile`]'s dot products (10 per 24 `vdpbf16ps` there, with the weight rows
+/// passing through L1 beside the activations; 4 vectors and 6 broadcasts from L1/L2 here).
+///
+/// Packing is where the weights come from memory (once per prefill): 3–4 % of a 512-token
+/// prefill's samples (`perf`). While the activations pass over one panel, the last passes
+/// prefetch the next panel's weights (the next columns, or the next chunk's rows, which rayon
+/// mostly gives the same thread) into L2, one cache line every 8 steps: bf16 prefill of 512
+/// tokens with / without, seven alternating pairs, 1.04–1.13× (median 1.07×).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn panels(
+    w: &[bf16],
+    rows: usize,
+    cols: usize,
+    r0: usize,
+    held: &[u16],
+    stride: usize,
+    n: usize,
+    out: &mut ChunkOut,
+) {
+    let len = out.len();
+    assert!(len <= ROW_CHUNK && r0 + len <= rows && w.len() == rows * cols);
+    assert!(held.len() >= n * stride && stride > cols);
+    let vectors = len.div_ceil(16);
+    let groups = n.div_ceil(PANEL_TOKENS);
+    let chunk = &w[r0 * cols..(r0 + len) * cols];
+    with_buffer(
+        &PANEL,
+        vectors * 16 * PANEL_COLS / 2,
+        1,
+        |panel: &mut [u32]| {
+            for c0 in (0..cols).step_by(PANEL_COLS) {
+                let kc = PANEL_COLS.min(cols - c0);
+                // SAFETY (both calls): matmul_bf16 takes this path only when available(); `chunk`
+                // has len rows of cols, the panel room for vectors × 16 × kc/2 pairs, each
+                // activation row one value past cols (stride > cols), and out.row gives len outputs
+                // per token.
+                unsafe { x86::pack(chunk, len, cols, c0, kc, panel) };
+                // The next panel's weights: rows nr0.. (up to 64), columns nc0..nc0 + nk.
+                let (nr0, nc0) = if c0 + kc < cols {
+                    (r0, c0 + kc)
+                } else {
+                    (r0 + len, 0)
+                };
+                let (nlen, nk) = (
+                    ROW_CHUNK.min(rows.saturating_sub(nr0)),
+                    PANEL_COLS.min(cols - nc0),
+                );
+                let row_lines = (nk * 2).div_ceil(64);
+                // Each of the last passes takes `per` of those rows.
+                let per = nlen.div_ceil(groups);
+                let first = groups - nlen.div_ceil(per.max(1));
+                for (g, t0) in (0..n).step_by(PANEL_TOKENS).enumerate() {
+                    let pr = if g >= first {
+                        ((g - first) * per).min(nlen)
+                    } else {
+                        nlen
+                    };
+                    let ahead = x86::Ahead {
+                        at: w[(nr0 + pr).min(rows - 1) * cols + nc0..].as_ptr().cast(),
+                        row_bytes: cols * 2,
+                        lines: per.min(nlen - pr) * row_lines,
+                        row_lines,
+                    };
+                    let m = PANEL_TOKENS.min(n - t0);
+                    let xs: [*const u16; PANEL_TOKENS] =
+                        std::array::from_fn(|i| held[(t0 + i.min(m - 1)) * stride + c0..].as_ptr());
+                    let ys: [*mut f32; PANEL_TOKENS] =
+                        std::array::from_fn(|i| out.row(t0 + i.min(m - 1)));
+                    unsafe {
+                        x86::panel(
+                            panel,
+                            vectors,
+                            kc.div_ceil(2),
+                            &xs[..m],
+                            &ys[..m],
+                            len,
+                            c0 > 0,
+                            ahead,
+                        )
+                    };
+                }
+            }
+        },
+    )
 }
 
 /// One f32 activation row against bf16 weights, on AVX-512 F/BW/VL. Decode reads every weight
@@ -185,6 +324,7 @@ thread_local! {
     static ROUNDED: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
     static WIDENED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static SPLIT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static PANEL: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `out[j] = W[j,:] · x` for the `out.len()` rows of `w` (1 or [`BLOCK_ROWS`]), with `even`
@@ -265,6 +405,168 @@ mod x86 {
             _mm256_storeu_si256(out.as_mut_ptr().add(i).cast(), h);
         }
         super::scalar_round(&x[body..], &mut out[body..]);
+    }
+
+    /// Packs columns `c0..c0 + kc` of the `len` rows of `w` (row length `cols`) for [`panel`]:
+    /// `out[(p * V + v) * 16 + l]` = the bf16 pair at columns `c0 + 2p`, `c0 + 2p + 1` of row
+    /// `16 v + l`, with `V = len / 16` rounded up; rows past `len` and a column past `c0 + kc`
+    /// are zero.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn pack(
+        w: &[half::bf16],
+        len: usize,
+        cols: usize,
+        c0: usize,
+        kc: usize,
+        out: &mut [u32],
+    ) {
+        let vectors = len.div_ceil(16);
+        let pairs = kc.div_ceil(2);
+        assert!(len * cols <= w.len() && c0 + kc <= cols && out.len() >= pairs * vectors * 16);
+        let (wp, op) = (w.as_ptr().cast::<u16>(), out.as_mut_ptr());
+        for v in 0..vectors {
+            for p0 in (0..pairs).step_by(16) {
+                let c = c0 + 2 * p0;
+                let left = (c0 + kc - c).min(32);
+                let mask = (u64::MAX >> (64 - left)) as __mmask32;
+                // Rows past len: an all-zero mask, which reads nothing.
+                let mut r: [__m512i; 16] = std::array::from_fn(|l| {
+                    let row = 16 * v + l;
+                    let m = if row < len { mask } else { 0 };
+                    _mm512_maskz_loadu_epi16(m, wp.wrapping_add(row * cols + c).cast())
+                });
+                transpose(&mut r);
+                for (i, r) in r.iter().take(pairs - p0).enumerate() {
+                    _mm512_storeu_si512(op.add(((p0 + i) * vectors + v) * 16).cast(), *r);
+                }
+            }
+        }
+    }
+
+    /// Transposes 16 × 16 32-bit values: `r[i]` lane `j` becomes `r[j]` lane `i`.
+    #[inline(always)]
+    unsafe fn transpose(r: &mut [__m512i; 16]) {
+        // Pairs of rows interleaved, then pairs of pairs: b[4i + c] holds, in each 128-bit lane
+        // L, rows 4i..4i + 4 of column 4L + c; the last two steps gather lane L of
+        // b[c], b[4 + c], b[8 + c], b[12 + c].
+        let mut a = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        let mut b = [_mm512_setzero_si512(); 16];
+        for i in 0..4 {
+            b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+            b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+            b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+            b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+        }
+        for c in 0..4 {
+            let e0 = _mm512_shuffle_i32x4::<0x44>(b[c], b[4 + c]);
+            let e1 = _mm512_shuffle_i32x4::<0xEE>(b[c], b[4 + c]);
+            let f0 = _mm512_shuffle_i32x4::<0x44>(b[8 + c], b[12 + c]);
+            let f1 = _mm512_shuffle_i32x4::<0xEE>(b[8 + c], b[12 + c]);
+            r[c] = _mm512_shuffle_i32x4::<0x88>(e0, f0);
+            r[4 + c] = _mm512_shuffle_i32x4::<0xDD>(e0, f0);
+            r[8 + c] = _mm512_shuffle_i32x4::<0x88>(e1, f1);
+            r[12 + c] = _mm512_shuffle_i32x4::<0xDD>(e1, f1);
+        }
+    }
+
+    /// `y[i][16 v + l] (+)= Σ_p panel pair (p, v, l) · x[i] pair p` for the `m = xs.len()`
+    /// activation rows and `vectors` vectors of a [`pack`]ed panel, storing the first `len`
+    /// outputs of each row; with `add`, onto what `y` holds (a panel after the first).
+    /// Weights for the next panel to fetch into L2 during a [`panel`] pass: `lines` cache lines,
+    /// `row_lines` from each row starting at `at`, rows `row_bytes` apart.
+    #[derive(Clone, Copy)]
+    pub struct Ahead {
+        pub at: *const u8,
+        pub row_bytes: usize,
+        pub lines: usize,
+        pub row_lines: usize,
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn panel(
+        panel: &[u32],
+        vectors: usize,
+        pairs: usize,
+        xs: &[*const u16],
+        ys: &[*mut f32],
+        len: usize,
+        add: bool,
+        ahead: Ahead,
+    ) {
+        assert!(panel.len() >= pairs * vectors * 16 && xs.len() == ys.len());
+        assert!(len <= vectors * 16 && len > (vectors - 1) * 16);
+        let p = panel.as_ptr();
+        let x: [*const u16; 6] = std::array::from_fn(|i| xs[i.min(xs.len() - 1)]);
+        let y: [*mut f32; 6] = std::array::from_fn(|i| ys[i.min(ys.len() - 1)]);
+        macro_rules! go {
+            ($($m:literal)*) => {
+                match (xs.len(), vectors) {
+                    $(
+                        ($m, 1) => run_panel::<$m, 1>(p, pairs, x, y, len, add, ahead),
+                        ($m, 2) => run_panel::<$m, 2>(p, pairs, x, y, len, add, ahead),
+                        ($m, 3) => run_panel::<$m, 3>(p, pairs, x, y, len, add, ahead),
+                        ($m, 4) => run_panel::<$m, 4>(p, pairs, x, y, len, add, ahead),
+                    )*
+                    _ => unreachable!("panel shapes are checked by the caller"),
+                }
+            };
+        }
+        go!(1 2 3 4 5 6);
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn run_panel<const M: usize, const V: usize>(
+        p: *const u32,
+        pairs: usize,
+        x: [*const u16; 6],
+        y: [*mut f32; 6],
+        len: usize,
+        add: bool,
+        ahead: Ahead,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); V]; M];
+        let mut line = 0;
+        for k in 0..pairs {
+            if k % 8 == 0 && line < ahead.lines {
+                let (r, l) = (line / ahead.row_lines, line % ahead.row_lines);
+                let at = ahead.at.wrapping_add(r * ahead.row_bytes + 64 * l).cast();
+                _mm_prefetch::<_MM_HINT_T1>(at);
+                line += 1;
+            }
+            let wv: [__m512bh; V] = std::array::from_fn(|v| {
+                std::mem::transmute(_mm512_loadu_si512(p.add((k * V + v) * 16).cast()))
+            });
+            for (row, x) in acc.iter_mut().zip(x) {
+                let b: __m512bh = std::mem::transmute(_mm512_set1_epi32(
+                    x.add(2 * k).cast::<i32>().read_unaligned(),
+                ));
+                for (a, w) in row.iter_mut().zip(wv) {
+                    *a = _mm512_dpbf16_ps(*a, w, b);
+                }
+            }
+        }
+        for (row, y) in acc.iter().zip(y) {
+            for (v, a) in row.iter().enumerate() {
+                let left = len - 16 * v;
+                let mask = if left >= 16 {
+                    0xFFFF
+                } else {
+                    (1u16 << left) - 1
+                };
+                let at = y.add(16 * v);
+                let sum = if add {
+                    _mm512_add_ps(*a, _mm512_maskz_loadu_ps(mask, at))
+                } else {
+                    *a
+                };
+                _mm512_mask_storeu_ps(at, mask, sum);
+            }
+        }
     }
 
     #[inline(always)]
@@ -497,6 +799,50 @@ mod tests {
         }
     }
 
+    /// The packed-panel prefill path (row, column and token tails, an odd row length, several
+    /// column panels) against the scalar tile on the same rounded activations, with the
+    /// rounded rows' buffer full of infinities beforehand (what a reused buffer may hold past
+    /// an odd row's end).
+    #[test]
+    fn panels_match_the_scalar_tile() {
+        for (rows, cols, n) in [
+            (64, 32, PANEL_MIN_TOKENS),
+            (17, 33, PANEL_MIN_TOKENS + 1),
+            (130, 2 * PANEL_COLS + 70, PANEL_MIN_TOKENS + 2),
+            (200, 96, PANEL_MIN_TOKENS + 3),
+            (1, 7, PANEL_MIN_TOKENS + 5),
+        ] {
+            let w: Vec<bf16> = data(rows * cols, 5)
+                .iter()
+                .map(|&v| bf16::from_f32(v))
+                .collect();
+            let x = data(n * cols, 6);
+            let stride = cols + ACT_PAD;
+            let mut stale = vec![bf16::INFINITY.to_bits(); n * stride];
+            let mut got = vec![0f32; n * rows];
+            rounded_products(&w, rows, cols, &x, &mut stale, stride, &mut got);
+            let mut held = vec![0u16; n * cols];
+            scalar_round(&x, &mut held);
+            for t in 0..n {
+                let xs = [&held[t * cols..(t + 1) * cols]];
+                for r in 0..rows {
+                    let row = &w[r * cols..(r + 1) * cols];
+                    let mut want = [0f32];
+                    scalar_tile(row, &xs, cols, &mut want);
+                    let mag: f32 = row
+                        .iter()
+                        .zip(xs[0])
+                        .map(|(a, &b)| (a.to_f32() * bf16::from_bits(b).to_f32()).abs())
+                        .sum();
+                    let g = got[t * rows + r];
+                    let tol = cols as f32 * 2f32.powi(-23) * mag;
+                    let tag = format!("{rows}x{cols} n={n} [{t},{r}]");
+                    assert!((g - want[0]).abs() <= tol, "{tag}: {g} vs {}", want[0]);
+                }
+            }
+        }
+    }
+
     /// Products over threads and row chunks, decode and batches, against f64 sums over the
     /// f32 activations: within what rounding them may lose (2⁻⁸ of each product's magnitude)
     /// plus f32 summation, and visibly further off than the f32 default.
@@ -511,6 +857,7 @@ mod tests {
             (131, 96, 3),
             (200, 160, 9),
             (70, 1000, 5),
+            (70, 1000, PANEL_MIN_TOKENS + 2),
         ] {
             let w: Vec<bf16> = data(rows * cols, 3)
                 .iter()

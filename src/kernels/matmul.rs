@@ -105,7 +105,7 @@ impl WeightView<'_> {
 /// Weight rows per parallel task on the streaming path: large enough that scheduling costs
 /// nothing next to the memory traffic, small enough that both cores stay busy to the end and a
 /// chunk stays in L2 while every group of activation rows passes over it.
-const ROW_CHUNK: usize = 64;
+pub(super) const ROW_CHUNK: usize = 64;
 
 /// `y[r] = W[r,:] · x` for every row r.
 pub fn matvec(w: WeightView, cols: usize, x: &[f32], y: &mut [f32]) {
@@ -214,6 +214,15 @@ impl ChunkOut {
     /// Weight rows in this chunk.
     pub(super) fn len(&self) -> usize {
         self.len
+    }
+
+    /// Where this chunk's outputs of token `t` start: `len()` values from `y[t][r0]` are this
+    /// chunk's to write.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(super) fn row(&mut self, t: usize) -> *mut f32 {
+        assert!(t < self.n);
+        // SAFETY: t < n and r0 < rows, so within y's n × rows values.
+        unsafe { self.y.add(t * self.rows + self.r0) }
     }
 
     /// `y[t0 + j][r0 + i] = v[j]`.
