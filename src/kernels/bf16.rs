@@ -3,17 +3,20 @@
 //! products with f32 sums, twice what an f32 FMA does, and the weights are read as stored
 //! instead of widened to f32 first. Rounding costs up to 2⁻⁸ of each activation.
 //!
-//! The default keeps f32 activations and the f32 kernels of [`super::matmul`](mod@super::matmul). (Splitting each
-//! activation into two bf16 parts would keep 16 of its 24 bits at the f32 FMA rate; measured, not
-//! kept: its logits drift past the decode parity test's tolerance, see BENCHMARKS.md.) Without
-//! AVX-512 BF16 the rounded activations go through those f32 kernels, with the same numbers.
+//! The default keeps f32 activations and the f32 kernels of [`super::matmul`](mod@super::matmul),
+//! except on AVX-512, where decode and prefill of 32+ rows have their own (`decode_f32`, and
+//! `panels` with the weights widened as they are packed). (Splitting each activation into two
+//! bf16 parts would keep 16 of its 24 bits at the f32 FMA rate; measured, not kept: its logits
+//! drift past the decode parity test's tolerance, see BENCHMARKS.md.) Without AVX-512 BF16 the
+//! rounded activations go through those f32 kernels, with the same numbers.
 //!
-//! Products go as dot products of whole rows (both operands run along the columns), a tile of
-//! up to [`TILE_TOKENS`] activation rows against [`TILE_ROWS`] weight rows at a time: 24 f32
-//! accumulators, each summed across its lanes once per row. Weight rows are split across
-//! threads in chunks that stay in L2 while every group of activation rows (in L1) passes over
-//! them. Decode (one activation row) takes the rounded activations through the f32 decode
-//! kernels instead (see `decode_f32`).
+//! Up to 127 rounded rows go as dot products of whole rows (both operands run along the
+//! columns), a tile of up to [`TILE_TOKENS`] activation rows against [`TILE_ROWS`] weight rows
+//! at a time: 24 f32 accumulators, each summed across its lanes once per row. Weight rows are
+//! split across threads in chunks that stay in L2 while every group of activation rows (in L1)
+//! passes over them. From 128 rows the weights are packed for broadcast activations instead
+//! (`panels`). Decode (one activation row) takes the rounded activations through the f32
+//! decode kernels (see `decode_f32`).
 
 use std::cell::RefCell;
 
@@ -94,6 +97,12 @@ pub fn matmul_bf16(w: &[bf16], rows: usize, cols: usize, x: &[f32], y: &mut [f32
         if n == 1 && avx512() {
             return decode_f32(w, rows, cols, x, y);
         }
+        #[cfg(target_arch = "x86_64")]
+        if n >= PANEL_MIN_TOKENS_F32 && avx512() {
+            return by_row_chunks(rows, n, y, |r0, out| {
+                panels(w, rows, cols, r0, PanelActs::F32(x), n, out)
+            });
+        }
         return matmul(view, rows, cols, x, y);
     }
     if n == 1 || !available() {
@@ -142,7 +151,7 @@ fn rounded_products(
     if n >= PANEL_MIN_TOKENS && available() {
         #[cfg(target_arch = "x86_64")]
         return by_row_chunks(rows, n, y, |r0, out| {
-            panels(w, rows, cols, r0, held, stride, n, out)
+            panels(w, rows, cols, r0, PanelActs::Bf16 { held, stride }, n, out)
         });
     }
     let task = |r0: usize, out: &mut ChunkOut| {
@@ -167,24 +176,64 @@ fn rounded_products(
     by_row_chunks(rows, n, y, task);
 }
 
-/// Activation rows from which prefill takes [`panels`] instead of [`tile`]: packing costs the
-/// same whatever the number of rows. Measured, one layer's four products, 2 threads, G
-/// products/s panels / tiles (four alternating reps): 16 rows 90 / 106, 32 rows 124 / 138,
+/// Rows of bf16 activations from which prefill takes [`panels`] instead of [`tile`]: packing
+/// costs the same whatever the number of rows. Measured, one layer's four products, 2 threads,
+/// G products/s panels / tiles (four alternating reps): 16 rows 90 / 106, 32 rows 124 / 138,
 /// 64 rows 155 / 157, 96 rows 141–165 / 152–165, 256 rows 174–200 / 172–193, 512 rows
 /// 166–186 / 147–154.
 const PANEL_MIN_TOKENS: usize = 128;
+/// The same for f32 activations, against widening a block of weights to f32 for the `gemm`
+/// crate (from 64 rows) or the pair kernel of [`super::dot`]: same measure, panels / those, 16
+/// rows 42–56 / 50–53, 32 rows 63–70 / 53–56, 64 rows 71–93 / 40–53, 96 rows 79–93 / 46–47,
+/// 512 rows 94–107 / 70–82 (the f32 FMA peak is ~117 here).
+#[cfg(target_arch = "x86_64")]
+const PANEL_MIN_TOKENS_F32: usize = 32;
 /// Activation rows per pass over a packed panel: 6 × 4 accumulators, 4 weight vectors and one
 /// broadcast activation pair fill 29 of the 32 vector registers.
 #[cfg(target_arch = "x86_64")]
 const PANEL_TOKENS: usize = 6;
-/// Columns per packed panel: 64 rows × 2048 bf16 is 256 KB, which stays in L2 while the
-/// activations stream past it.
+/// Steps per packed panel (a column pair each for bf16 activations, a column for f32): 64 rows
+/// × 1024 steps of 32 bits is 256 KB, which stays in L2 while the activations stream past it.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-const PANEL_COLS: usize = 2048;
+const PANEL_STEPS: usize = 1024;
+
+/// The activations [`panels`] reads: rows rounded to bf16 (`stride` apart), whose pairs meet
+/// packed weight pairs in `vdpbf16ps`; or the f32 rows themselves, against weights widened to
+/// f32 as they are packed, in f32 FMAs. Either way one step reads 32 bits of each row.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum PanelActs<'a> {
+    Bf16 { held: &'a [u16], stride: usize },
+    F32(&'a [f32]),
+}
+
+#[cfg(target_arch = "x86_64")]
+impl PanelActs<'_> {
+    fn is_f32(self) -> bool {
+        matches!(self, PanelActs::F32(_))
+    }
+
+    /// Columns per step.
+    fn step_cols(self) -> usize {
+        if self.is_f32() {
+            1
+        } else {
+            2
+        }
+    }
+
+    /// Row `t` from column `c` on.
+    fn at(self, t: usize, c: usize, cols: usize) -> *const u8 {
+        match self {
+            PanelActs::Bf16 { held, stride } => held[t * stride + c..].as_ptr().cast(),
+            PanelActs::F32(x) => x[t * cols + c..].as_ptr().cast(),
+        }
+    }
+}
 
 /// Rows `r0..r0 + out.len()` (≤ 64) of `w` against all `n` rounded activation rows of `held`
 /// (row stride `stride`), for prefill. `vdpbf16ps` multiplies pairs of bf16 in each 32-bit
-/// lane, so the chunk's weights are packed for it first, [`PANEL_COLS`] columns at a time: for
+/// lane, so the chunk's weights are packed for it first, [`PANEL_STEPS`] pairs at a time: for
 /// each column pair, the pairs of 16 rows side by side in one vector ([`x86::pack`]). Then each
 /// step takes four such vectors (64 rows) and one activation pair broadcast per token, and the
 /// 6 × 4 accumulators hold 16 outputs each, stored as they stand: no lane sums and fewer loads
@@ -203,40 +252,41 @@ fn panels(
     rows: usize,
     cols: usize,
     r0: usize,
-    held: &[u16],
-    stride: usize,
+    acts: PanelActs,
     n: usize,
     out: &mut ChunkOut,
 ) {
     let len = out.len();
     assert!(len <= ROW_CHUNK && r0 + len <= rows && w.len() == rows * cols);
-    assert!(held.len() >= n * stride && stride > cols);
+    match acts {
+        PanelActs::Bf16 { held, stride } => assert!(held.len() >= n * stride && stride > cols),
+        PanelActs::F32(x) => assert_eq!(x.len(), n * cols),
+    }
     let vectors = len.div_ceil(16);
     let groups = n.div_ceil(PANEL_TOKENS);
     let chunk = &w[r0 * cols..(r0 + len) * cols];
+    let panel_cols = PANEL_STEPS * acts.step_cols();
     with_buffer(
         &PANEL,
-        vectors * 16 * PANEL_COLS / 2,
+        vectors * 16 * PANEL_STEPS,
         1,
         |panel: &mut [u32]| {
-            for c0 in (0..cols).step_by(PANEL_COLS) {
-                let kc = PANEL_COLS.min(cols - c0);
-                // SAFETY (both calls): matmul_bf16 takes this path only when available(); `chunk`
-                // has len rows of cols, the panel room for vectors × 16 × kc/2 pairs, each
-                // activation row one value past cols (stride > cols), and out.row gives len outputs
-                // per token.
-                unsafe { x86::pack(chunk, len, cols, c0, kc, panel) };
+            for c0 in (0..cols).step_by(panel_cols) {
+                let kc = panel_cols.min(cols - c0);
+                let steps = kc.div_ceil(acts.step_cols());
+                // SAFETY (both calls): panels runs only where avx512() holds, and for bf16
+                // activations available(); `chunk` has len rows of cols, the panel room for vectors
+                // × 16 × steps values, each bf16 activation row one value past cols (stride > cols),
+                // and out.row gives len outputs per token.
+                unsafe { x86::pack(chunk, len, cols, c0, kc, acts.is_f32(), panel) };
                 // The next panel's weights: rows nr0.. (up to 64), columns nc0..nc0 + nk.
                 let (nr0, nc0) = if c0 + kc < cols {
                     (r0, c0 + kc)
                 } else {
                     (r0 + len, 0)
                 };
-                let (nlen, nk) = (
-                    ROW_CHUNK.min(rows.saturating_sub(nr0)),
-                    PANEL_COLS.min(cols - nc0),
-                );
-                let row_lines = (nk * 2).div_ceil(64);
+                let nlen = ROW_CHUNK.min(rows.saturating_sub(nr0));
+                let row_lines = (panel_cols.min(cols - nc0) * 2).div_ceil(64);
                 // Each of the last passes takes `per` of those rows.
                 let per = nlen.div_ceil(groups);
                 let first = groups - nlen.div_ceil(per.max(1));
@@ -253,20 +303,21 @@ fn panels(
                         row_lines,
                     };
                     let m = PANEL_TOKENS.min(n - t0);
-                    let xs: [*const u16; PANEL_TOKENS] =
-                        std::array::from_fn(|i| held[(t0 + i.min(m - 1)) * stride + c0..].as_ptr());
+                    let xs: [*const u8; PANEL_TOKENS] =
+                        std::array::from_fn(|i| acts.at(t0 + i.min(m - 1), c0, cols));
                     let ys: [*mut f32; PANEL_TOKENS] =
                         std::array::from_fn(|i| out.row(t0 + i.min(m - 1)));
                     unsafe {
                         x86::panel(
                             panel,
                             vectors,
-                            kc.div_ceil(2),
+                            steps,
                             &xs[..m],
                             &ys[..m],
                             len,
                             c0 > 0,
                             ahead,
+                            acts.is_f32(),
                         )
                     };
                 }
@@ -408,9 +459,9 @@ mod x86 {
     }
 
     /// Packs columns `c0..c0 + kc` of the `len` rows of `w` (row length `cols`) for [`panel`]:
-    /// `out[(p * V + v) * 16 + l]` = the bf16 pair at columns `c0 + 2p`, `c0 + 2p + 1` of row
-    /// `16 v + l`, with `V = len / 16` rounded up; rows past `len` and a column past `c0 + kc`
-    /// are zero.
+    /// `out[(k * V + v) * 16 + l]` = step `k` of row `16 v + l`, with `V = len / 16` rounded up:
+    /// the bf16 pair at columns `c0 + 2k`, `c0 + 2k + 1`, or with `widen` the value at column
+    /// `c0 + k` as f32. Rows past `len` and a column past `c0 + kc` are zero.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub unsafe fn pack(
         w: &[half::bf16],
@@ -418,26 +469,34 @@ mod x86 {
         cols: usize,
         c0: usize,
         kc: usize,
+        widen: bool,
         out: &mut [u32],
     ) {
         let vectors = len.div_ceil(16);
-        let pairs = kc.div_ceil(2);
-        assert!(len * cols <= w.len() && c0 + kc <= cols && out.len() >= pairs * vectors * 16);
+        let per = if widen { 1 } else { 2 };
+        let steps = kc.div_ceil(per);
+        assert!(len * cols <= w.len() && c0 + kc <= cols && out.len() >= steps * vectors * 16);
         let (wp, op) = (w.as_ptr().cast::<u16>(), out.as_mut_ptr());
         for v in 0..vectors {
-            for p0 in (0..pairs).step_by(16) {
-                let c = c0 + 2 * p0;
-                let left = (c0 + kc - c).min(32);
+            for k0 in (0..steps).step_by(16) {
+                let c = c0 + per * k0;
+                let left = (c0 + kc - c).min(16 * per);
                 let mask = (u64::MAX >> (64 - left)) as __mmask32;
                 // Rows past len: an all-zero mask, which reads nothing.
                 let mut r: [__m512i; 16] = std::array::from_fn(|l| {
                     let row = 16 * v + l;
                     let m = if row < len { mask } else { 0 };
-                    _mm512_maskz_loadu_epi16(m, wp.wrapping_add(row * cols + c).cast())
+                    let at = wp.wrapping_add(row * cols + c).cast();
+                    if widen {
+                        let h = _mm256_maskz_loadu_epi16(m as __mmask16, at);
+                        _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h))
+                    } else {
+                        _mm512_maskz_loadu_epi16(m, at)
+                    }
                 });
                 transpose(&mut r);
-                for (i, r) in r.iter().take(pairs - p0).enumerate() {
-                    _mm512_storeu_si512(op.add(((p0 + i) * vectors + v) * 16).cast(), *r);
+                for (i, r) in r.iter().take(steps - k0).enumerate() {
+                    _mm512_storeu_si512(op.add(((k0 + i) * vectors + v) * 16).cast(), *r);
                 }
             }
         }
@@ -486,88 +545,116 @@ mod x86 {
         pub row_lines: usize,
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    /// `y[i][16 v + l] (+)= Σ_k panel step (k, v, l) · x[i] step k` for the `m = xs.len()`
+    /// activation rows and `vectors` vectors of a [`pack`]ed panel, storing the first `len`
+    /// outputs of each row; with `add`, onto what `y` holds (a panel after the first). `f32`:
+    /// the panel was widened and the activations are f32 (FMAs on AVX-512 F), else both are
+    /// bf16 pairs (`vdpbf16ps`, AVX-512 BF16).
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn panel(
         panel: &[u32],
         vectors: usize,
-        pairs: usize,
-        xs: &[*const u16],
+        steps: usize,
+        xs: &[*const u8],
         ys: &[*mut f32],
         len: usize,
         add: bool,
         ahead: Ahead,
+        f32: bool,
     ) {
-        assert!(panel.len() >= pairs * vectors * 16 && xs.len() == ys.len());
+        assert!(panel.len() >= steps * vectors * 16 && xs.len() == ys.len());
         assert!(len <= vectors * 16 && len > (vectors - 1) * 16);
         let p = panel.as_ptr();
-        let x: [*const u16; 6] = std::array::from_fn(|i| xs[i.min(xs.len() - 1)]);
+        let x: [*const u8; 6] = std::array::from_fn(|i| xs[i.min(xs.len() - 1)]);
         let y: [*mut f32; 6] = std::array::from_fn(|i| ys[i.min(ys.len() - 1)]);
         macro_rules! go {
-            ($($m:literal)*) => {
+            ($run:ident, $($m:literal)*) => {
                 match (xs.len(), vectors) {
                     $(
-                        ($m, 1) => run_panel::<$m, 1>(p, pairs, x, y, len, add, ahead),
-                        ($m, 2) => run_panel::<$m, 2>(p, pairs, x, y, len, add, ahead),
-                        ($m, 3) => run_panel::<$m, 3>(p, pairs, x, y, len, add, ahead),
-                        ($m, 4) => run_panel::<$m, 4>(p, pairs, x, y, len, add, ahead),
+                        ($m, 1) => $run::<$m, 1>(p, steps, x, y, len, add, ahead),
+                        ($m, 2) => $run::<$m, 2>(p, steps, x, y, len, add, ahead),
+                        ($m, 3) => $run::<$m, 3>(p, steps, x, y, len, add, ahead),
+                        ($m, 4) => $run::<$m, 4>(p, steps, x, y, len, add, ahead),
                     )*
                     _ => unreachable!("panel shapes are checked by the caller"),
                 }
             };
         }
-        go!(1 2 3 4 5 6);
+        if f32 {
+            go!(run_panel_f32, 1 2 3 4 5 6)
+        } else {
+            go!(run_panel_bf16, 1 2 3 4 5 6)
+        }
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    unsafe fn run_panel<const M: usize, const V: usize>(
-        p: *const u32,
-        pairs: usize,
-        x: [*const u16; 6],
-        y: [*mut f32; 6],
-        len: usize,
-        add: bool,
-        ahead: Ahead,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); V]; M];
-        let mut line = 0;
-        for k in 0..pairs {
-            if k % 8 == 0 && line < ahead.lines {
-                let (r, l) = (line / ahead.row_lines, line % ahead.row_lines);
-                let at = ahead.at.wrapping_add(r * ahead.row_bytes + 64 * l).cast();
-                _mm_prefetch::<_MM_HINT_T1>(at);
-                line += 1;
-            }
-            let wv: [__m512bh; V] = std::array::from_fn(|v| {
-                std::mem::transmute(_mm512_loadu_si512(p.add((k * V + v) * 16).cast()))
-            });
-            for (row, x) in acc.iter_mut().zip(x) {
-                let b: __m512bh = std::mem::transmute(_mm512_set1_epi32(
-                    x.add(2 * k).cast::<i32>().read_unaligned(),
-                ));
-                for (a, w) in row.iter_mut().zip(wv) {
-                    *a = _mm512_dpbf16_ps(*a, w, b);
+    /// The panel kernel, once per kind of step: M activation rows × V vectors of 16 outputs,
+    /// each step one load per vector and one 32-bit broadcast per row.
+    macro_rules! panel_kernel {
+        ($name:ident, $features:literal, $vector:ty, |$a:ident, $w:ident, $b:ident| $mac:expr) => {
+            #[target_feature(enable = $features)]
+            unsafe fn $name<const M: usize, const V: usize>(
+                p: *const u32,
+                steps: usize,
+                x: [*const u8; 6],
+                y: [*mut f32; 6],
+                len: usize,
+                add: bool,
+                ahead: Ahead,
+            ) {
+                let mut acc = [[_mm512_setzero_ps(); V]; M];
+                let mut line = 0;
+                for k in 0..steps {
+                    if k % 8 == 0 && line < ahead.lines {
+                        let (r, l) = (line / ahead.row_lines, line % ahead.row_lines);
+                        let at = ahead.at.wrapping_add(r * ahead.row_bytes + 64 * l).cast();
+                        _mm_prefetch::<_MM_HINT_T1>(at);
+                        line += 1;
+                    }
+                    let wv: [$vector; V] = std::array::from_fn(|v| {
+                        std::mem::transmute(_mm512_loadu_si512(p.add((k * V + v) * 16).cast()))
+                    });
+                    for (row, x) in acc.iter_mut().zip(x) {
+                        let b: $vector = std::mem::transmute(_mm512_set1_epi32(
+                            x.add(4 * k).cast::<i32>().read_unaligned(),
+                        ));
+                        for (acc, $w) in row.iter_mut().zip(wv) {
+                            let ($a, $b) = (*acc, b);
+                            *acc = $mac;
+                        }
+                    }
+                }
+                for (row, y) in acc.iter().zip(y) {
+                    for (v, a) in row.iter().enumerate() {
+                        let left = len - 16 * v;
+                        let mask = if left >= 16 {
+                            0xFFFF
+                        } else {
+                            (1u16 << left) - 1
+                        };
+                        let at = y.add(16 * v);
+                        let sum = if add {
+                            _mm512_add_ps(*a, _mm512_maskz_loadu_ps(mask, at))
+                        } else {
+                            *a
+                        };
+                        _mm512_mask_storeu_ps(at, mask, sum);
+                    }
                 }
             }
-        }
-        for (row, y) in acc.iter().zip(y) {
-            for (v, a) in row.iter().enumerate() {
-                let left = len - 16 * v;
-                let mask = if left >= 16 {
-                    0xFFFF
-                } else {
-                    (1u16 << left) - 1
-                };
-                let at = y.add(16 * v);
-                let sum = if add {
-                    _mm512_add_ps(*a, _mm512_maskz_loadu_ps(mask, at))
-                } else {
-                    *a
-                };
-                _mm512_mask_storeu_ps(at, mask, sum);
-            }
-        }
+        };
     }
+    panel_kernel!(
+        run_panel_bf16,
+        "avx512f,avx512bw,avx512vl,avx512bf16",
+        __m512bh,
+        |a, w, b| _mm512_dpbf16_ps(a, w, b)
+    );
+    panel_kernel!(
+        run_panel_f32,
+        "avx512f,avx512bw,avx512vl",
+        __m512,
+        |a, w, b| _mm512_fmadd_ps(w, b, a)
+    );
 
     #[inline(always)]
     unsafe fn load(p: *const u16) -> __m512bh {
@@ -808,7 +895,7 @@ mod tests {
         for (rows, cols, n) in [
             (64, 32, PANEL_MIN_TOKENS),
             (17, 33, PANEL_MIN_TOKENS + 1),
-            (130, 2 * PANEL_COLS + 70, PANEL_MIN_TOKENS + 2),
+            (130, 4 * PANEL_STEPS + 70, PANEL_MIN_TOKENS + 2),
             (200, 96, PANEL_MIN_TOKENS + 3),
             (1, 7, PANEL_MIN_TOKENS + 5),
         ] {
@@ -843,9 +930,11 @@ mod tests {
         }
     }
 
-    /// Products over threads and row chunks, decode and batches, against f64 sums over the
-    /// f32 activations: within what rounding them may lose (2⁻⁸ of each product's magnitude)
-    /// plus f32 summation, and visibly further off than the f32 default.
+    /// Products over threads and row chunks, decode and batches (from PANEL_MIN_TOKENS rows on
+    /// AVX-512 the packed panels, for f32 activations too: widened weights, several panels, an
+    /// odd row length), against f64 sums over the f32 activations: within what rounding them
+    /// may lose (2⁻⁸ of each product's magnitude) plus f32 summation, and visibly further off
+    /// than the f32 default.
     #[test]
     fn products_match_f32_activations_within_the_rounding_error() {
         for (rows, cols, n) in [
@@ -858,6 +947,7 @@ mod tests {
             (200, 160, 9),
             (70, 1000, 5),
             (70, 1000, PANEL_MIN_TOKENS + 2),
+            (131, 2 * PANEL_STEPS + 33, PANEL_MIN_TOKENS + 1),
         ] {
             let w: Vec<bf16> = data(rows * cols, 3)
                 .iter()
