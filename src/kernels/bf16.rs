@@ -231,14 +231,16 @@ impl PanelActs<'_> {
     }
 }
 
-/// Rows `r0..r0 + out.len()` (≤ 64) of `w` against all `n` rounded activation rows of `held`
-/// (row stride `stride`), for prefill. `vdpbf16ps` multiplies pairs of bf16 in each 32-bit
-/// lane, so the chunk's weights are packed for it first, [`PANEL_STEPS`] pairs at a time: for
-/// each column pair, the pairs of 16 rows side by side in one vector ([`x86::pack`]). Then each
-/// step takes four such vectors (64 rows) and one activation pair broadcast per token, and the
-/// 6 × 4 accumulators hold 16 outputs each, stored as they stand: no lane sums and fewer loads
-/// per product than [`tile`]'s dot products (10 per 24 `vdpbf16ps` there, with the weight rows
-/// passing through L1 beside the activations; 4 vectors and 6 broadcasts from L1/L2 here).
+/// Rows `r0..r0 + out.len()` (≤ 64) of `w` against all `n` activation rows, for prefill.
+/// `vdpbf16ps` multiplies pairs of bf16 in each 32-bit lane, so with bf16 activations the
+/// chunk's weights are packed for it first, [`PANEL_STEPS`] pairs at a time: for each column
+/// pair, the pairs of 16 rows side by side in one vector ([`x86::pack`]); with f32 activations
+/// one column of 16 rows, widened to f32. Then each step takes four such vectors (64 rows) and
+/// one 32-bit broadcast per activation row, and the 6 × 4 accumulators hold 16 outputs each,
+/// stored as they stand: no lane sums and fewer loads per product than [`tile`]'s dot products
+/// (10 per 24 `vdpbf16ps` there, with the weight rows passing through L1 beside the
+/// activations; 4 vectors and 6 broadcasts from L1/L2 here), and no separate widening pass as
+/// for the `gemm` crate.
 ///
 /// Packing is where the weights come from memory (once per prefill): 3–4 % of a 512-token
 /// prefill's samples (`perf`). While the activations pass over one panel, the last passes
