@@ -445,7 +445,7 @@ pub fn scalar_tile(w: &[bf16], xs: &[&[u16]], cols: usize, out: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::*;
 
     /// [`super::round`], 16 values at a time.
@@ -506,7 +506,7 @@ mod x86 {
 
     /// Transposes 16 × 16 32-bit values: `r[i]` lane `j` becomes `r[j]` lane `i`.
     #[inline(always)]
-    unsafe fn transpose(r: &mut [__m512i; 16]) {
+    pub(in crate::kernels) unsafe fn transpose(r: &mut [__m512i; 16]) {
         // Pairs of rows interleaved, then pairs of pairs: b[4i + c] holds, in each 128-bit lane
         // L, rows 4i..4i + 4 of column 4L + c; the last two steps gather lane L of
         // b[c], b[4 + c], b[8 + c], b[12 + c].

@@ -270,7 +270,7 @@ pub(super) fn by_row_chunks(
 /// [`quant`] for decode and prefill alike. A chunk of weight rows (≤ 200 KB at 8 bits) stays in
 /// L2 while every group of four quantized activation rows (≤ 12 KB for 3072 columns, in L1)
 /// passes over it, so prefill is a blocked GEMM over the stored weights, not one matvec per
-/// token.
+/// token. With AVX-512 VNNI and enough rows, the chunk is repacked first ([`super::qpanel`]).
 #[allow(clippy::too_many_arguments)]
 fn quantized_matmul(
     t: QType,
@@ -292,6 +292,12 @@ fn quantized_matmul(
                 .for_each(|(a, row)| a.quantize(row));
         }
         let acts = &*acts;
+        #[cfg(target_arch = "x86_64")]
+        if n >= super::qpanel::MIN_TOKENS && quant::vnni() {
+            return by_row_chunks(rows, n, y, |r0, out| {
+                super::qpanel::panels(t, qs, d, rows, cols, r0, acts, out)
+            });
+        }
         let task = |r0: usize, out: &mut ChunkOut| {
             let len = out.len();
             if n == 1 {
@@ -449,12 +455,22 @@ mod tests {
         y
     }
 
-    /// Quantized products (single rows for n = 1, row pairs otherwise, odd row counts, chunks
-    /// in parallel) against the scalar kernel applied row by row.
+    /// Quantized products (single rows for n = 1, row pairs for a few, and with AVX-512 VNNI
+    /// from 32 rows the packed panels: odd row counts, several panels per row, partial passes)
+    /// against the scalar kernel applied row by row. Q8 codes include -128, which ggml's
+    /// quantizer never writes but a Q8_0 file may hold.
     #[test]
     fn quantized_matmul_matches_the_scalar_kernel_row_by_row() {
         for t in [QType::Q4, QType::Q8] {
-            for (rows, cols, n) in [(3, 256, 1), (131, 512, 1), (131, 512, 3), (67, 288, 9)] {
+            for (rows, cols, n) in [
+                (3, 256, 1),
+                (131, 512, 1),
+                (131, 512, 3),
+                (67, 288, 9),
+                (70, 1100, 34),
+                (17, 300, 35),
+                (131, 2348, 33),
+            ] {
                 let (rb, nb) = (t.row_bytes(cols), quant::row_blocks(cols));
                 let wf = data(rows * cols, 5);
                 let mut qs = vec![0u8; rows * rb];
@@ -466,6 +482,9 @@ mod tests {
                         &mut qs[r * rb..(r + 1) * rb],
                         &mut d[r * nb..(r + 1) * nb],
                     );
+                }
+                if t == QType::Q8 {
+                    qs.iter_mut().step_by(7).for_each(|q| *q = 0x80);
                 }
                 let x = data(n * cols, 6);
                 let mut got = vec![0f32; n * rows];

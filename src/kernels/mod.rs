@@ -10,6 +10,8 @@ pub mod dot;
 pub mod ggml;
 pub mod matmul;
 pub mod ops;
+#[cfg(target_arch = "x86_64")]
+mod qpanel;
 pub mod quant;
 
 pub use matmul::{matmul, matvec, WeightView};
