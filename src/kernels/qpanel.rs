@@ -13,7 +13,15 @@
 //! G products/s old / panels (four alternating pairs): Q4 16384 × 3072 235 / 285, 3072 × 8192
 //! 172 / 276; Q8 239 / 310, 178 / 252 (`vpdpbusd`'s peak here is ~460). 512-token prefill,
 //! tok/s, three alternating pairs: q4 58.6–63.5 / 74.8–75.6, q8 49.9–55.1 / 72.9–76.1, q4-edge
-//! 51.1–55.0 / 73.9–77.9. Packing is 3 % of the q4 prefill's samples.
+//! 51.1–55.0 / 73.9–77.9. Packing is 3 % of the q4 prefill's samples. Fetching the next
+//! panel's weights into L2 during the passes, as the bf16 panels do, gained nothing here
+//! (prefill in one process, with / without alternating, pair ratios: q4 512 tokens 0.94–1.07,
+//! median 0.98; 128 tokens 0.94–1.01; q8 64 tokens 0.93–1.04), so there is none.
+//!
+//! Per block and pair of (activation row, 16 rows), 8 `vpdpbusd` and 3 scale instructions share
+//! the two multiply pipes: ~73 % of the `vpdpbusd` peak at best. Within a 512-token q4 prefill
+//! (80 tok/s, 3.2 G products per token, the kernel ~80 % of the non-loading samples) it runs
+//! at ~320 G products/s on two cores, about 70 %.
 
 use half::f16;
 
