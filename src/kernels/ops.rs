@@ -26,6 +26,11 @@ pub fn softmax(x: &mut [f32]) {
         // SAFETY: AVX-512 F detected.
         return unsafe { softmax_avx512(x) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if cpu() == Isa::Avx2 {
+        // SAFETY: Avx2 (with FMA) only after detection.
+        return unsafe { softmax_avx2(x) };
+    }
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
     for v in x.iter_mut() {
@@ -45,6 +50,11 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     if super::avx512() {
         // SAFETY: AVX-512 F detected; lengths checked above.
         return unsafe { silu_mul_avx512(gate, up) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if cpu() == Isa::Avx2 {
+        // SAFETY: Avx2 (with FMA) only after detection; lengths checked above.
+        return unsafe { silu_mul_avx2(gate, up) };
     }
     for (g, u) in gate.iter_mut().zip(up) {
         *g = *g / (1.0 + (-*g).exp()) * u;
@@ -559,6 +569,123 @@ unsafe fn exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 
     _mm512_scalef_ps(y, n)
 }
 
+/// [`softmax_avx512`] eight values at a time, for CPUs with AVX2 but not AVX-512. Measured
+/// under `PHI4_ISA=avx2` on the Zen 4 machine: 1.1–1.2 µs per 600 scores against 2.3–2.4 µs
+/// for libm's exponentials one at a time (768 such rows per decode step at 600 positions).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_avx2(x: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = x.len();
+    let p = x.as_mut_ptr();
+    let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+    for i in (0..n).step_by(8) {
+        let k = lanes_from_avx2(i, n);
+        let v = _mm256_maskload_ps(p.add(i), k);
+        m = _mm256_max_ps(m, _mm256_blendv_ps(m, v, _mm256_castsi256_ps(k)));
+    }
+    let max = _mm256_set1_ps(hmax_avx2(m));
+    let mut sum = _mm256_setzero_ps();
+    for i in (0..n).step_by(8) {
+        let k = lanes_from_avx2(i, n);
+        let e = exp_avx2(_mm256_sub_ps(_mm256_maskload_ps(p.add(i), k), max));
+        _mm256_maskstore_ps(p.add(i), k, e);
+        sum = _mm256_add_ps(sum, _mm256_and_ps(e, _mm256_castsi256_ps(k)));
+    }
+    let s = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps::<1>(sum));
+    let s = _mm_hadd_ps(s, s);
+    let inv = _mm256_set1_ps(1.0 / _mm_cvtss_f32(_mm_hadd_ps(s, s)));
+    for i in (0..n).step_by(8) {
+        let k = lanes_from_avx2(i, n);
+        let v = _mm256_maskload_ps(p.add(i), k);
+        _mm256_maskstore_ps(p.add(i), k, _mm256_mul_ps(v, inv));
+    }
+}
+
+/// [`silu_mul_avx512`] eight values at a time, for CPUs with AVX2 but not AVX-512: 10–16 µs
+/// per 8192 values against 23–28 µs with libm (`PHI4_ISA=avx2`, Zen 4).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn silu_mul_avx2(gate: &mut [f32], up: &[f32]) {
+    use std::arch::x86_64::*;
+    let n = gate.len();
+    let (g, u) = (gate.as_mut_ptr(), up.as_ptr());
+    for i in (0..n).step_by(8) {
+        let k = lanes_from_avx2(i, n);
+        let x = _mm256_maskload_ps(g.add(i), k);
+        let e = exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        let silu = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0), e));
+        let y = _mm256_mul_ps(silu, _mm256_maskload_ps(u.add(i), k));
+        _mm256_maskstore_ps(g.add(i), k, y);
+    }
+}
+
+/// The lanes of an 8-wide step at `i` that fall before `n`, as a mask of all-ones lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn lanes_from_avx2(i: usize, n: usize) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let left = _mm256_set1_epi32((n - i).min(8) as i32);
+    _mm256_cmpgt_epi32(left, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+}
+
+/// The largest of eight lanes. (A NaN score need not come out here: it makes its exponential,
+/// hence the sum and the whole row, NaN either way.)
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn hmax_avx2(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)))
+}
+
+/// [`exp_avx512`]'s polynomial without `vscalefps`: `2ⁿ` is built in the exponent bits, as
+/// `2ⁿ⁻¹ · 2` so that `n` may reach 128 (e^88.72 is f32::MAX). Inputs are clamped to
+/// [−87, ln f32::MAX] (NaN passes through): below, the true value is under 2⁻¹²⁵ and the result
+/// comes out 0 or that small; at the top the last product overflows to +∞.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn exp_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    const LN_MAX: f32 = 88.722_84;
+    // x second: min and max return their second operand when either is NaN, so NaN stays.
+    let x = _mm256_min_ps(
+        _mm256_set1_ps(LN_MAX),
+        _mm256_max_ps(_mm256_set1_ps(-87.0), x),
+    );
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut y = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+    }
+    let y = _mm256_fmadd_ps(
+        y,
+        _mm256_mul_ps(r, r),
+        _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+    );
+    // n in [−126, 128]: 2ⁿ⁻¹ has the biased exponent n + 126, from 0 (the value 0) to 254.
+    let half = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(126),
+    ));
+    _mm256_mul_ps(
+        _mm256_mul_ps(y, _mm256_castsi256_ps(half)),
+        _mm256_set1_ps(2.0),
+    )
+}
+
 /// `sc[g][first + p] = scale · q[g] · k[p]` for G query heads of `16·C` values over f16 key
 /// rows, with AVX-512: eight rows at a time, whose sums for one head are reduced together
 /// (a horizontal reduction per row and head is as many instructions as the row's products).
@@ -881,32 +1008,49 @@ mod tests {
         assert_eq!(h, [-3.0, 2.0, 1.0, 4.0, 9.0]);
     }
 
+    /// The vector kernels this CPU can run: AVX-512 and AVX2 (softmax, silu_mul).
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::type_complexity)]
+    fn vector_kernels() -> Vec<(
+        &'static str,
+        unsafe fn(&mut [f32]),
+        unsafe fn(&mut [f32], &[f32]),
+    )> {
+        let mut k: Vec<(&str, unsafe fn(&mut [f32]), unsafe fn(&mut [f32], &[f32]))> = vec![];
+        if crate::kernels::avx512() {
+            k.push(("avx512", softmax_avx512, silu_mul_avx512));
+        }
+        if cpu() == Isa::Avx2 {
+            k.push(("avx2", softmax_avx2, silu_mul_avx2));
+        }
+        k
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn vector_softmax_matches_the_definition() {
-        if !crate::kernels::avx512() {
-            return;
-        }
-        for n in [1, 2, 15, 16, 17, 33, 600] {
-            // Spreads from 0.01 to 300: the smallest terms underflow to 0 as they should.
-            for spread in [0.01f32, 1.0, 30.0, 300.0] {
-                let mut x: Vec<f32> = crate::kernels::test_data(n, n as u64)
-                    .iter()
-                    .map(|v| v * spread)
-                    .collect();
-                // From the differences as f32 computes them (the scalar softmax rounds them
-                // the same way), so that what is compared is the exponentials and their sum.
-                let max = x.iter().fold(f32::MIN, |m, &v| m.max(v));
-                let e: Vec<f64> = x.iter().map(|&v| ((v - max) as f64).exp()).collect();
-                let z: f64 = e.iter().sum();
-                // SAFETY: AVX-512 F detected above.
-                unsafe { softmax_avx512(&mut x) };
-                for (i, (&got, want)) in x.iter().zip(e.iter().map(|v| v / z)).enumerate() {
-                    let tol = 1e-6 * want + 1e-37;
-                    assert!(
-                        (got as f64 - want).abs() <= tol,
-                        "n {n}, spread {spread}, {i}: {got} vs {want}"
-                    );
+        for (name, softmax_k, _) in vector_kernels() {
+            for n in [1, 2, 7, 8, 9, 15, 16, 17, 33, 600] {
+                // Spreads from 0.01 to 300: the smallest terms underflow to 0 as they should.
+                for spread in [0.01f32, 1.0, 30.0, 300.0] {
+                    let mut x: Vec<f32> = crate::kernels::test_data(n, n as u64)
+                        .iter()
+                        .map(|v| v * spread)
+                        .collect();
+                    // From the differences as f32 computes them (the scalar softmax rounds them
+                    // the same way), so that what is compared is the exponentials and their sum.
+                    let max = x.iter().fold(f32::MIN, |m, &v| m.max(v));
+                    let e: Vec<f64> = x.iter().map(|&v| ((v - max) as f64).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    // SAFETY: vector_kernels lists only what this CPU has.
+                    unsafe { softmax_k(&mut x) };
+                    for (i, (&got, want)) in x.iter().zip(e.iter().map(|v| v / z)).enumerate() {
+                        let tol = 1e-6 * want + 1e-37;
+                        assert!(
+                            (got as f64 - want).abs() <= tol,
+                            "{name} n {n}, spread {spread}, {i}: {got} vs {want}"
+                        );
+                    }
                 }
             }
         }
@@ -915,43 +1059,78 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn vector_silu_matches_the_definition() {
-        if !crate::kernels::avx512() {
+        for (name, softmax_k, silu_k) in vector_kernels() {
+            for n in [1, 7, 8, 9, 15, 16, 17, 8192] {
+                for spread in [0.1f32, 3.0, 30.0, 200.0] {
+                    let x: Vec<f32> = crate::kernels::test_data(n, 3 * n as u64)
+                        .iter()
+                        .map(|v| v * spread)
+                        .collect();
+                    let up = crate::kernels::test_data(n, 5 * n as u64);
+                    let mut got = x.clone();
+                    // SAFETY: vector_kernels lists only what this CPU has.
+                    unsafe { silu_k(&mut got, &up) };
+                    for i in 0..n {
+                        let (g, u) = (x[i] as f64, up[i] as f64);
+                        let want = g / (1.0 + (-g).exp()) * u;
+                        let tol = 1e-6 * want.abs() + 1e-37;
+                        assert!(
+                            (got[i] as f64 - want).abs() <= tol,
+                            "{name} n {n}, spread {spread}, {i}: {} vs {want}",
+                            got[i]
+                        );
+                    }
+                }
+            }
+            let mut nan = [f32::NAN, 1.0, f32::INFINITY, f32::NEG_INFINITY];
+            // SAFETY: as above.
+            unsafe { silu_k(&mut nan, &[1.0; 4]) };
+            // −∞ · sigmoid(−∞) is NaN here as in the scalar loop and in torch.
+            assert!(
+                nan[0].is_nan() && nan[2] == f32::INFINITY && nan[3].is_nan(),
+                "{name} {nan:?}"
+            );
+            let mut scores = [0.5, f32::NAN, 1.0];
+            // SAFETY: as above.
+            unsafe { softmax_k(&mut scores) };
+            assert!(scores.iter().all(|v| v.is_nan()), "{name} {scores:?}");
+        }
+    }
+
+    /// The AVX2 exponential over the whole f32 range it must handle: within 2 ulp of the exact
+    /// value where that is normal, 0 or tiny below, +∞ above ln f32::MAX.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_exp_holds_over_the_whole_range() {
+        if cpu() != Isa::Avx2 {
             return;
         }
-        for n in [1, 15, 16, 17, 8192] {
-            for spread in [0.1f32, 3.0, 30.0, 200.0] {
-                let x: Vec<f32> = crate::kernels::test_data(n, 3 * n as u64)
-                    .iter()
-                    .map(|v| v * spread)
-                    .collect();
-                let up = crate::kernels::test_data(n, 5 * n as u64);
-                let mut got = x.clone();
-                // SAFETY: AVX-512 F detected above.
-                unsafe { silu_mul_avx512(&mut got, &up) };
-                for i in 0..n {
-                    let (g, u) = (x[i] as f64, up[i] as f64);
-                    let want = g / (1.0 + (-g).exp()) * u;
-                    let tol = 1e-6 * want.abs() + 1e-37;
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn exp8(x: &[f32; 8]) -> [f32; 8] {
+            let v = exp_avx2(std::arch::x86_64::_mm256_loadu_ps(x.as_ptr()));
+            std::mem::transmute(v)
+        }
+        let mut x = -120.0f32;
+        while x < 100.0 {
+            let xs: [f32; 8] = std::array::from_fn(|i| x + i as f32 * 0.013);
+            // SAFETY: Avx2 (with FMA) detected above.
+            let got = unsafe { exp8(&xs) };
+            for (g, &v) in got.iter().zip(&xs) {
+                let want = (v as f64).exp();
+                if want > f32::MAX as f64 {
+                    assert_eq!(*g, f32::INFINITY, "exp({v})");
+                } else if want < 2f64.powi(-125) {
+                    assert!((*g as f64) <= 2f64.powi(-124), "exp({v}) = {g}");
+                } else {
+                    let ulp = 2f64.powi((want.log2().floor() as i32) - 23);
                     assert!(
-                        (got[i] as f64 - want).abs() <= tol,
-                        "n {n}, spread {spread}, {i}: {} vs {want}",
-                        got[i]
+                        ((*g as f64) - want).abs() <= 2.0 * ulp,
+                        "exp({v}) = {g} vs {want}"
                     );
                 }
             }
+            x += 0.1;
         }
-        let mut nan = [f32::NAN, 1.0, f32::INFINITY, f32::NEG_INFINITY];
-        // SAFETY: as above.
-        unsafe { silu_mul_avx512(&mut nan, &[1.0; 4]) };
-        // −∞ · sigmoid(−∞) is NaN here as in the scalar loop and in torch.
-        assert!(
-            nan[0].is_nan() && nan[2] == f32::INFINITY && nan[3].is_nan(),
-            "{nan:?}"
-        );
-        let mut scores = [0.5, f32::NAN, 1.0];
-        // SAFETY: as above.
-        unsafe { softmax_avx512(&mut scores) };
-        assert!(scores.iter().all(|v| v.is_nan()), "{scores:?}");
     }
 
     #[test]
