@@ -537,6 +537,22 @@ pub(super) mod x86 {
     /// `y[i][16 v + l] (+)= Σ_p panel pair (p, v, l) · x[i] pair p` for the `m = xs.len()`
     /// activation rows and `vectors` vectors of a [`pack`]ed panel, storing the first `len`
     /// outputs of each row; with `add`, onto what `y` holds (a panel after the first).
+    /// The first `len` of a panel pass's outputs for one activation row, 16 per vector of `row`,
+    /// stored at `y`, or with `add` added to what `y` holds (a panel after a row's first).
+    #[inline(always)]
+    pub(in crate::kernels) unsafe fn store_row(row: &[__m512], y: *mut f32, len: usize, add: bool) {
+        for (v, s) in row.iter().enumerate() {
+            let mask = crate::kernels::ops::lanes_from(16 * v, len);
+            let at = y.add(16 * v);
+            let s = if add {
+                _mm512_add_ps(*s, _mm512_maskz_loadu_ps(mask, at))
+            } else {
+                *s
+            };
+            _mm512_mask_storeu_ps(at, mask, s);
+        }
+    }
+
     /// Weights for the next panel to fetch into L2 during a [`panel`] pass: `lines` cache lines,
     /// `row_lines` from each row starting at `at`, rows `row_bytes` apart.
     #[derive(Clone, Copy)]
@@ -626,21 +642,7 @@ pub(super) mod x86 {
                     }
                 }
                 for (row, y) in acc.iter().zip(y) {
-                    for (v, a) in row.iter().enumerate() {
-                        let left = len - 16 * v;
-                        let mask = if left >= 16 {
-                            0xFFFF
-                        } else {
-                            (1u16 << left) - 1
-                        };
-                        let at = y.add(16 * v);
-                        let sum = if add {
-                            _mm512_add_ps(*a, _mm512_maskz_loadu_ps(mask, at))
-                        } else {
-                            *a
-                        };
-                        _mm512_mask_storeu_ps(at, mask, sum);
-                    }
+                    store_row(row, y, len, add);
                 }
             }
         };

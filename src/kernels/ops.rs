@@ -524,7 +524,7 @@ unsafe fn silu_mul_avx512(gate: &mut [f32], up: &[f32]) {
 /// The lanes of a 16-wide step at `i` that fall before `n`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn lanes_from(i: usize, n: usize) -> std::arch::x86_64::__mmask16 {
+pub(super) fn lanes_from(i: usize, n: usize) -> std::arch::x86_64::__mmask16 {
     if n - i >= 16 {
         0xffff
     } else {
@@ -532,8 +532,23 @@ fn lanes_from(i: usize, n: usize) -> std::arch::x86_64::__mmask16 {
     }
 }
 
-/// `exp(x)` to about 1 ulp: `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2`, Cephes' degree-5 polynomial
-/// for `(eʳ − 1 − r) / r²`, then `2ⁿ` by `vscalefps`, which also rounds results below the
+/// ln 2 in two parts, the first exact in a few bits, so that n·part1 is exact in the range
+/// reduction of the vector exponentials.
+#[cfg(target_arch = "x86_64")]
+const EXP_LN2: [f32; 2] = [0.693_359_4, -2.121_944_4e-4];
+/// Cephes' degree-5 polynomial for `(eʳ − 1 − r) / r²`, highest degree first.
+#[cfg(target_arch = "x86_64")]
+const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
+
+/// `exp(x)` to about 1 ulp: `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2`, [`EXP_POLY`] for
+/// `(eʳ − 1 − r) / r²`, then `2ⁿ` by `vscalefps`, which also rounds results below the
 /// normal range (to 0 from `x < −104`) and gives +∞ above `ln f32::MAX`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
@@ -548,18 +563,11 @@ unsafe fn exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
         _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
     );
-    // ln 2 in two parts, the first exact in a few bits, so that n·part1 is exact.
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-    let mut y = _mm512_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ] {
-        y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2[0]), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2[1]), r);
+    let mut y = _mm512_set1_ps(EXP_POLY[0]);
+    for c in &EXP_POLY[1..] {
+        y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(*c));
     }
     let y = _mm512_fmadd_ps(
         y,
@@ -658,17 +666,11 @@ unsafe fn exp_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
         x,
         _mm256_set1_ps(std::f32::consts::LOG2_E),
     ));
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-    let mut y = _mm256_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ] {
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2[0]), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2[1]), r);
+    let mut y = _mm256_set1_ps(EXP_POLY[0]);
+    for c in &EXP_POLY[1..] {
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(*c));
     }
     let y = _mm256_fmadd_ps(
         y,

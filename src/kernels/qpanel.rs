@@ -118,22 +118,27 @@ mod x86 {
         let rb = t.row_bytes(nb * 32);
         assert!(qs.len() == len * rb && d.len() == len * nb && b0 + blocks <= nb);
         assert!(out.len() >= blocks * vectors * BLOCK_WORDS);
-        assert!(b0.is_multiple_of(8), "panels start on a group");
+        // Rows hold whole groups of 8 blocks (see `quant::padded`), and panels whole groups.
+        assert!(
+            b0.is_multiple_of(8) && blocks.is_multiple_of(8),
+            "panels cover whole groups"
+        );
         let op = out.as_mut_ptr();
         let at = |b: usize, v: usize| op.add(((b - b0) * vectors + v) * BLOCK_WORDS);
         let low = _mm512_set1_epi8(15);
         let flip = _mm512_set1_epi8(-128);
+        // 64 bytes of each row at a time: Q8 chunks 2k, 2k + 1 (steps of blocks 0..8); Q4
+        // words 2k, 2k + 1 (each two steps of blocks 0..8 in its nibbles).
+        let group_bytes = if t == QType::Q8 { 256 } else { 128 };
         for v in 0..vectors {
             let live = (len - 16 * v).min(16);
-            for g in (b0 / 8)..(b0 + blocks).div_ceil(8) {
-                // 64 bytes of each row at a time: Q8 chunks 2k, 2k + 1 (steps of blocks 0..8);
-                // Q4 words 2k, 2k + 1 (each two steps of blocks 0..8 in its nibbles).
-                let parts = if t == QType::Q8 { 4 } else { 2 };
-                let gb = if t == QType::Q8 { 256 } else { 128 };
-                for k in 0..parts {
+            for g in b0 / 8..(b0 + blocks) / 8 {
+                for k in 0..group_bytes / 64 {
                     let mut r: [__m512i; 16] = std::array::from_fn(|l| {
                         if l < live {
-                            let p = qs.as_ptr().add((16 * v + l) * rb + g * gb + 64 * k);
+                            let p = qs
+                                .as_ptr()
+                                .add((16 * v + l) * rb + g * group_bytes + 64 * k);
                             _mm512_loadu_si512(p.cast())
                         } else {
                             _mm512_setzero_si512()
@@ -144,9 +149,6 @@ mod x86 {
                     // 2k + i / 8.
                     for (i, r) in r.iter().enumerate() {
                         let b = g * 8 + i % 8;
-                        if b < b0 || b >= b0 + blocks {
-                            continue;
-                        }
                         let c = 2 * k + i / 8;
                         if t == QType::Q8 {
                             _mm512_storeu_si512(
@@ -257,23 +259,8 @@ mod x86 {
                 }
             }
         }
-        let add = b0 > 0;
         for (row, y) in sums.iter().zip(y) {
-            for (v, s) in row.iter().enumerate() {
-                let left = len - 16 * v;
-                let mask = if left >= 16 {
-                    0xFFFF
-                } else {
-                    (1u16 << left) - 1
-                };
-                let at = y.add(16 * v);
-                let s = if add {
-                    _mm512_add_ps(*s, _mm512_maskz_loadu_ps(mask, at))
-                } else {
-                    *s
-                };
-                _mm512_mask_storeu_ps(at, mask, s);
-            }
+            crate::kernels::bf16::x86::store_row(row, y, len, b0 > 0);
         }
     }
 }
