@@ -365,7 +365,7 @@ def main():
         crops = norm.reshape(3, gh, 448, gw, 448).permute(1, 3, 0, 2, 4).reshape(-1, 3, 448, 448)
         assert torch.equal(crops, pix[1:]), (w, h)
         key = f"proc.{w}x{h}"
-        ref[f"{key}.mask"] = mask.to(torch.uint8).contiguous()
+        ref[f"{key}.mask"] = mask.float().contiguous()  # open_safetensors reads floats
         ref[f"{key}.global_rows"] = pix[0][:, ::32, :].contiguous()
         case = {"width": w, "height": h, "grid": [gw, gh], "resized": list(new_size), "padding": list(pad),
                 "image_sizes": out["image_sizes"][0].tolist(), "num_img_tokens": int(out["num_img_tokens"][0]),

@@ -9,6 +9,7 @@ pub mod config;
 pub mod engine;
 pub mod hub;
 pub mod kernels;
+pub mod media;
 pub mod model;
 pub mod paging;
 pub mod server;

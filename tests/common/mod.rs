@@ -16,6 +16,31 @@ pub fn tiny_dir() -> PathBuf {
     fixtures().join("tiny-phi4")
 }
 
+/// The tiny Phi-4-multimodal in transformers' native layout (scripts/make_mm_fixtures.py).
+pub fn tiny_mm_dir() -> PathBuf {
+    fixtures().join("tiny-phi4mm")
+}
+
+/// The same weights in Microsoft's remote-code layout.
+pub fn tiny_mm_remote_dir() -> PathBuf {
+    fixtures().join("tiny-phi4mm-remote")
+}
+
+/// The test picture of scripts/make_mm_fixtures.py (`pattern_image`), interleaved RGB.
+pub fn pattern_image(w: usize, h: usize) -> phi4::media::RgbImage {
+    let mut data = Vec::with_capacity(w * h * 3);
+    for y in 0..h as i64 {
+        for x in 0..w as i64 {
+            let hsh = (x * 73856093) ^ (y * 19349663);
+            let r = (x * 255 / (w as i64 - 1).max(1) + (hsh & 31)) & 255;
+            let g = (y * 255 / (h as i64 - 1).max(1) + ((hsh >> 5) & 15)) & 255;
+            let b = ((((x >> 4) + (y >> 4)) & 1) * 180 + ((hsh >> 9) & 63)) & 255;
+            data.extend([r as u8, g as u8, b as u8]);
+        }
+    }
+    phi4::media::RgbImage::new(w, h, data).unwrap()
+}
+
 /// transformers' outputs on the tiny checkpoint (written by scripts/make_fixtures.py).
 pub struct Reference {
     pub tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
@@ -24,13 +49,18 @@ pub struct Reference {
 
 impl Reference {
     pub fn load() -> Reference {
-        let tensors = open_safetensors(&fixtures().join("tiny-phi4-reference.safetensors"))
+        Self::load_named("tiny-phi4")
+    }
+
+    /// `tests/fixtures/{name}-reference.{safetensors,json}`.
+    pub fn load_named(name: &str) -> Reference {
+        let tensors = open_safetensors(&fixtures().join(format!("{name}-reference.safetensors")))
             .unwrap()
             .into_iter()
             .map(|(k, t)| (k, (t.shape.clone(), t.to_f32_vec())))
             .collect();
         let meta = serde_json::from_str(
-            &std::fs::read_to_string(fixtures().join("tiny-phi4-reference.json")).unwrap(),
+            &std::fs::read_to_string(fixtures().join(format!("{name}-reference.json"))).unwrap(),
         )
         .unwrap();
         Reference { tensors, meta }
