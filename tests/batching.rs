@@ -97,11 +97,7 @@ fn batched_forward_equals_one_sequence_at_a_time() {
     let tok = [17u32];
     let mut items: Vec<BatchItem> = caches
         .iter_mut()
-        .map(|cache| BatchItem {
-            tokens: &tok,
-            cache,
-            table,
-        })
+        .map(|cache| BatchItem::new(&tok, cache, table))
         .collect();
     let batched = m.forward_batch(&mut items).unwrap();
     for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {

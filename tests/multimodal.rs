@@ -75,3 +75,108 @@ fn processor_matches_transformers_for_every_image_size() {
         assert!(d < 2e-6, "{w}x{h}: global view differs by {d}");
     }
 }
+
+use phi4::config::multimodal::Phi4MMConfig;
+use phi4::model::phi4mm::{InputMode, Phi4MMForCausalLM, VISION};
+use phi4::model::{BatchItem, InputEmbeds, Logits};
+
+fn load_mm(dir: &std::path::Path) -> Phi4MMForCausalLM {
+    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let cfg = Phi4MMConfig::from_json(&text).unwrap();
+    Phi4MMForCausalLM::load_dir(dir, cfg, None, &mut |_| {}).unwrap()
+}
+
+fn main_image() -> phi4::media::ProcessedImage {
+    dynamic_hd::preprocess(&pattern_image(500, 300), DEFAULT_MAX_CROPS).unwrap()
+}
+
+/// `max |a − b| / max |b|`, the scale-free error the tolerances below are written in.
+fn rel(a: &[f32], b: &[f32]) -> f32 {
+    let m = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    max_abs_diff(a, b) / m
+}
+
+#[test]
+fn vision_tower_pooling_and_projection_match_transformers() {
+    let r = reference();
+    let m = load_mm(&common::tiny_mm_dir());
+    let img = main_image();
+    let c = &m.image_embed.img_processor.config;
+    let feats = m
+        .image_embed
+        .img_processor
+        .forward(&img.pixels, &img.masks, img.views());
+    let d = rel(&feats, r.tensor("vision.feature_layer"));
+    assert!(d < 2e-5, "feature layer differs by {d} (relative)");
+    let pooled = m.image_embed.pooled_features(&img);
+    let d = rel(&pooled, r.tensor("vision.pooled"));
+    assert!(d < 2e-5, "pooled features differ by {d}");
+    let rows = m.image_embed.forward(&img).unwrap();
+    assert_eq!(rows.len(), 721 * m.lm.config.hidden_size);
+    assert_eq!(c.layers_used(), 2);
+    let d = rel(&rows, r.tensor("image.embeds"));
+    assert!(d < 2e-5, "projected image embeddings differ by {d}");
+}
+
+/// Runs a reference mode's prompt through the decoder with the adapter its media route to.
+fn mode_logits(
+    m: &Phi4MMForCausalLM,
+    r: &Reference,
+    mode: &str,
+    images: &[(usize, usize)],
+) -> Vec<f32> {
+    let ids = r.ids_at(&["modes", mode, "prompt_ids"]);
+    let processed: Vec<_> = images
+        .iter()
+        .map(|&(w, h)| dynamic_hd::preprocess(&pattern_image(w, h), DEFAULT_MAX_CROPS).unwrap())
+        .collect();
+    let rows = m.embed_images(&processed).unwrap();
+    let positions: Vec<usize> = (0..ids.len())
+        .filter(|&i| ids[i] == m.image_token_id())
+        .collect();
+    let h = m.lm.config.hidden_size;
+    assert_eq!(
+        positions.len() * h,
+        rows.len(),
+        "{mode}: image tokens vs rows"
+    );
+    let embeds = InputEmbeds::new(positions, rows, h).unwrap();
+    let mut cache = m.lm.new_cache();
+    let item = BatchItem {
+        embeds: Some(&embeds),
+        adapter: InputMode::of(images.len(), 0).adapter(),
+        ..BatchItem::new(&ids, &mut cache, m.lm.rope.table_for_len(ids.len()))
+    };
+    let mut logits = Vec::new();
+    m.lm.forward_item(item, Logits::All, None, &mut logits)
+        .unwrap();
+    logits
+}
+
+#[test]
+fn each_mode_matches_transformers_with_its_adapter_in_both_layouts() {
+    let r = reference();
+    let native = load_mm(&common::tiny_mm_dir());
+    let remote = load_mm(&common::tiny_mm_remote_dir());
+    assert!(native.has_adapter(VISION) && remote.has_adapter(VISION));
+    let v = native.lm.config.vocab_size;
+    for m in [&native, &remote] {
+        let text = mode_logits(m, &r, "text", &[]);
+        let d = rel(&text, r.tensor("mode.text.logits"));
+        assert!(d < 1e-5, "text logits differ by {d}");
+        let image = mode_logits(m, &r, "image", &[(500, 300)]);
+        let d = rel(&image, r.tensor("mode.image.logits"));
+        assert!(d < 1e-4, "image logits differ by {d}");
+        let two = mode_logits(m, &r, "two_images", &[(500, 300), (100, 80)]);
+        let d = rel(
+            &two[two.len() - v..],
+            r.tensor("mode.two_images.logits_last"),
+        );
+        assert!(d < 1e-4, "two-image logits differ by {d}");
+    }
+    // Same weights in both layouts: the same numbers, not merely close ones.
+    assert_eq!(
+        mode_logits(&native, &r, "image", &[(500, 300)]),
+        mode_logits(&remote, &r, "image", &[(500, 300)])
+    );
+}

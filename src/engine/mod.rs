@@ -299,11 +299,7 @@ impl Engine {
             } else {
                 &tokens[tokens.len() - 1..]
             };
-            items.push(BatchItem {
-                tokens: new,
-                cache,
-                table,
-            });
+            items.push(BatchItem::new(new, cache, table));
         }
         self.model.forward_batch(&mut items)
     }

@@ -7,6 +7,7 @@
 
 pub mod bf16;
 pub mod dot;
+pub mod encoder;
 pub mod ggml;
 pub mod matmul;
 pub mod ops;

@@ -1,8 +1,13 @@
 //! The one linear layer every projection of the decoder goes through.
 //!
-//! It owns a reference to the stored weight (mapped bf16, f16 or f32) and nothing else: a
-//! quantized format or a LoRA delta wraps this type instead of adding a second copy of the model
-//! code.
+//! It owns a reference to the stored weight (mapped bf16, f16 or f32, or quantized), an optional
+//! bias (the vision tower's layers have one) and the LoRA deltas that may ride on it: a quantized
+//! format or a LoRA adapter wraps this type instead of adding a second copy of the model code.
+//!
+//! LoRA stays unmerged: `y = W·x + b + (α/r)·B·(A·x)`, with the adapter chosen per row of a
+//! batch. The base product runs once for all rows; each adapter then adds its delta to the rows
+//! that asked for it. Phi-4-multimodal's vision and speech adapters live here, and a user's
+//! fine-tuned adapter is one more entry; a quantized base keeps its adapters in 16 bits.
 
 use anyhow::{bail, Result};
 
@@ -11,7 +16,7 @@ use crate::kernels::quant::QType;
 use crate::kernels::{matmul, WeightView};
 use crate::weights::{DType, Tensor};
 
-/// `y = x · Wᵀ`, with `W` stored `[out_features, in_features]` as in PyTorch.
+/// `y = x · Wᵀ (+ b)`, with `W` stored `[out_features, in_features]` as in PyTorch.
 #[derive(Clone, Debug)]
 pub struct Linear {
     weight: Tensor,
@@ -19,6 +24,23 @@ pub struct Linear {
     pub in_features: usize,
     /// How activations meet the weight when it is bf16 (other dtypes ignore it).
     bf16_acts: Bf16Acts,
+    bias: Option<Vec<f32>>,
+    lora: Vec<LoraDelta>,
+}
+
+/// Identifies one adapter of a model (an index into its adapter names).
+pub type AdapterId = usize;
+
+/// One adapter's low-rank update of a linear layer: `scale · B·(A·x)`.
+#[derive(Clone, Debug)]
+pub struct LoraDelta {
+    pub adapter: AdapterId,
+    /// `[r, in_features]`.
+    pub a: Linear,
+    /// `[out_features, r]`.
+    pub b: Linear,
+    /// `lora_alpha / r` (PEFT; `/ sqrt(r)` with rsLoRA).
+    pub scale: f32,
 }
 
 impl Linear {
@@ -34,7 +56,54 @@ impl Linear {
             in_features: weight.shape[1],
             weight,
             bf16_acts: Bf16Acts::default(),
+            bias: None,
+            lora: Vec::new(),
         })
+    }
+
+    /// A layer with a bias of `out_features` values.
+    pub fn with_bias(weight: Tensor, bias: Vec<f32>) -> Result<Linear> {
+        let mut l = Linear::new(weight)?;
+        if bias.len() != l.out_features {
+            bail!(
+                "bias of {} values for a layer of {} outputs",
+                bias.len(),
+                l.out_features
+            );
+        }
+        l.bias = Some(bias);
+        Ok(l)
+    }
+
+    /// Adds an adapter's delta (`a` is `[r, in]`, `b` is `[out, r]`).
+    pub fn add_lora(&mut self, adapter: AdapterId, a: Tensor, b: Tensor, scale: f32) -> Result<()> {
+        let (a, b) = (Linear::new(a)?, Linear::new(b)?);
+        if a.in_features != self.in_features
+            || b.out_features != self.out_features
+            || a.out_features != b.in_features
+        {
+            bail!(
+                "LoRA shapes A {:?} / B {:?} do not fit a layer of {} -> {}",
+                a.weight.shape,
+                b.weight.shape,
+                self.in_features,
+                self.out_features
+            );
+        }
+        if self.lora.iter().any(|d| d.adapter == adapter) {
+            bail!("adapter {adapter} is already on this layer");
+        }
+        self.lora.push(LoraDelta {
+            adapter,
+            a,
+            b,
+            scale,
+        });
+        Ok(())
+    }
+
+    pub fn lora(&self) -> &[LoraDelta] {
+        &self.lora
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -57,9 +126,16 @@ impl Linear {
         }
     }
 
-    /// This layer with its weight quantized to `t`.
+    /// This layer with its weight quantized to `t` (bias and adapters as they were).
     pub fn quantize(&self, t: QType) -> Result<Linear> {
-        Linear::new(self.weight.quantize(t)?)
+        Ok(Linear {
+            weight: self.weight.quantize(t)?,
+            bf16_acts: self.bf16_acts,
+            bias: self.bias.clone(),
+            lora: self.lora.clone(),
+            out_features: self.out_features,
+            in_features: self.in_features,
+        })
     }
 
     pub fn bf16_acts(&self) -> Bf16Acts {
@@ -70,12 +146,58 @@ impl Linear {
         self.bf16_acts = acts;
     }
 
-    /// `x` is `[n, in_features]`, `y` is `[n, out_features]`, both row-major.
+    /// `x` is `[n, in_features]`, `y` is `[n, out_features]`, both row-major. No adapter.
     pub fn forward(&self, x: &[f32], y: &mut [f32]) {
         let (rows, cols) = (self.out_features, self.in_features);
         match self.view() {
             WeightView::BF16(w) => matmul_bf16(w, rows, cols, x, y, self.bf16_acts),
             view => matmul(view, rows, cols, x, y),
+        }
+        if let Some(b) = &self.bias {
+            for row in y.chunks_mut(rows) {
+                for (v, b) in row.iter_mut().zip(b) {
+                    *v += b;
+                }
+            }
+        }
+    }
+
+    /// [`Linear::forward`] with row `i` adding the delta of adapter `adapters[i]` (none for
+    /// `None`; an empty slice means no adapter anywhere). Rows of the same adapter go through
+    /// its two small products together.
+    pub fn forward_with(&self, x: &[f32], y: &mut [f32], adapters: &[Option<AdapterId>]) {
+        self.forward(x, y);
+        if self.lora.is_empty() || adapters.iter().all(Option::is_none) {
+            return;
+        }
+        let n = x.len() / self.in_features;
+        assert_eq!(adapters.len(), n, "one adapter choice per row");
+        let (din, dout) = (self.in_features, self.out_features);
+        for d in &self.lora {
+            let rows: Vec<usize> = (0..n).filter(|&i| adapters[i] == Some(d.adapter)).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let gathered;
+            let xs = if rows.len() == n {
+                x
+            } else {
+                gathered = rows
+                    .iter()
+                    .flat_map(|&i| &x[i * din..(i + 1) * din])
+                    .copied()
+                    .collect::<Vec<f32>>();
+                &gathered
+            };
+            let mut t = vec![0f32; rows.len() * d.a.out_features];
+            d.a.forward(xs, &mut t);
+            let mut u = vec![0f32; rows.len() * dout];
+            d.b.forward(&t, &mut u);
+            for (&i, u) in rows.iter().zip(u.chunks(dout)) {
+                for (v, u) in y[i * dout..(i + 1) * dout].iter_mut().zip(u) {
+                    *v += u * d.scale;
+                }
+            }
         }
     }
 }

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 
 use super::kv_cache::{KvCache, KvType};
-use super::linear::Linear;
+use super::linear::{AdapterId, Linear};
 use super::quantize::Recipe;
 use super::rope::{Rope, RopeTable};
 use crate::config::Phi3Config;
@@ -333,10 +333,22 @@ impl Phi3ForCausalLM {
         parts
     }
 
-    fn embed(&self, tokens: &[u32], x: &mut [f32]) -> Result<()> {
+    /// Token embeddings of `tokens` (the first at position `start`), with the rows `embeds`
+    /// gives for some positions (image features) in place of their placeholder tokens'.
+    fn embed(
+        &self,
+        tokens: &[u32],
+        start: usize,
+        embeds: Option<&InputEmbeds>,
+        x: &mut [f32],
+    ) -> Result<()> {
         let h = self.config.hidden_size;
         let e = &self.model.embed_tokens;
-        for (row, &tok) in x.chunks_mut(h).zip(tokens) {
+        for (t, (row, &tok)) in x.chunks_mut(h).zip(tokens).enumerate() {
+            if let Some(r) = embeds.and_then(|m| m.row(start + t)) {
+                row.copy_from_slice(r);
+                continue;
+            }
             let t = tok as usize;
             if t >= self.config.vocab_size {
                 bail!(
@@ -378,16 +390,23 @@ impl Phi3ForCausalLM {
         cache: &mut KvCache,
         table: RopeTable,
         want: Logits,
+        hidden: Option<&mut Vec<Vec<f32>>>,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        self.forward_item(BatchItem::new(tokens, cache, table), want, hidden, logits)
+    }
+
+    /// [`Phi3ForCausalLM::forward_into`] for one item with its adapter and embedding rows.
+    pub fn forward_item(
+        &self,
+        item: BatchItem<'_>,
+        want: Logits,
         mut hidden: Option<&mut Vec<Vec<f32>>>,
         logits: &mut Vec<f32>,
     ) -> Result<()> {
         let h = self.config.hidden_size;
-        let n = tokens.len();
-        let mut items = [BatchItem {
-            tokens,
-            cache,
-            table,
-        }];
+        let n = item.tokens.len();
+        let mut items = [item];
         with_scratch(&self.config, n, |s| {
             self.run(&mut items, hidden.as_deref_mut(), s)?;
             let first = match want {
@@ -478,12 +497,20 @@ impl Phi3ForCausalLM {
         let h = cfg.hidden_size;
         let mut x = std::mem::take(&mut s.x);
         let mut at = 0;
+        s.adapters.clear();
         for it in items.iter() {
-            if let Err(e) = self.embed(it.tokens, &mut x[at * h..(at + it.tokens.len()) * h]) {
+            let rows = &mut x[at * h..(at + it.tokens.len()) * h];
+            if let Err(e) = self.embed(it.tokens, it.cache.len, it.embeds, rows) {
                 s.x = x;
                 return Err(e);
             }
             at += it.tokens.len();
+        }
+        if items.iter().any(|it| it.adapter.is_some()) {
+            for it in items.iter() {
+                s.adapters
+                    .extend(std::iter::repeat_n(it.adapter, it.tokens.len()));
+            }
         }
         for (l, layer) in self.model.layers.iter().enumerate() {
             if let Some(hs) = hidden.as_deref_mut() {
@@ -513,23 +540,35 @@ impl Phi3ForCausalLM {
         for (o, r) in s.normed.chunks_mut(h).zip(x.chunks(h)) {
             rms_norm(r, &layer.input_layernorm, eps, o);
         }
-        layer.self_attn.qkv_proj.forward(&s.normed, &mut s.qkv);
+        layer
+            .self_attn
+            .qkv_proj
+            .forward_with(&s.normed, &mut s.qkv, &s.adapters);
         self.attention(l, items, s);
-        layer.self_attn.o_proj.forward(&s.attn, &mut s.proj);
+        layer
+            .self_attn
+            .o_proj
+            .forward_with(&s.attn, &mut s.proj, &s.adapters);
         for (a, b) in x.iter_mut().zip(&s.proj) {
             *a += b;
         }
         for (o, r) in s.normed.chunks_mut(h).zip(x.chunks(h)) {
             rms_norm(r, &layer.post_attention_layernorm, eps, o);
         }
-        layer.mlp.gate_up_proj.forward(&s.normed, &mut s.gate_up);
+        layer
+            .mlp
+            .gate_up_proj
+            .forward_with(&s.normed, &mut s.gate_up, &s.adapters);
         let i = cfg.intermediate_size;
         for (act, gu) in s.act.chunks_mut(i).zip(s.gate_up.chunks_mut(2 * i)) {
             let (gate, up) = gu.split_at_mut(i);
             silu_mul(gate, up);
             act.copy_from_slice(gate);
         }
-        layer.mlp.down_proj.forward(&s.act, &mut s.proj);
+        layer
+            .mlp
+            .down_proj
+            .forward_with(&s.act, &mut s.proj, &s.adapters);
         for (a, b) in x.iter_mut().zip(&s.proj) {
             *a += b;
         }
@@ -704,11 +743,73 @@ const BLOCKED_ATTENTION_MIN: usize = 16;
 const QUERY_BLOCK: usize = 64;
 
 /// One sequence's share of a batched forward pass: its new tokens, its cache and the rotary
-/// table that cache uses.
+/// table that cache uses; for Phi-4-multimodal also the adapter its rows use and the embedding
+/// rows (image features) that stand in for its placeholder tokens.
 pub struct BatchItem<'a> {
     pub tokens: &'a [u32],
     pub cache: &'a mut KvCache,
     pub table: RopeTable,
+    /// The LoRA adapter of every row of this item (`None`: the base weights).
+    pub adapter: Option<AdapterId>,
+    pub embeds: Option<&'a InputEmbeds>,
+}
+
+impl<'a> BatchItem<'a> {
+    /// A text-only item on the base weights.
+    pub fn new(tokens: &'a [u32], cache: &'a mut KvCache, table: RopeTable) -> BatchItem<'a> {
+        BatchItem {
+            tokens,
+            cache,
+            table,
+            adapter: None,
+            embeds: None,
+        }
+    }
+}
+
+/// Embedding rows that replace the token embeddings at some absolute positions of a sequence
+/// (the merge of image features into the placeholder ids: spec §3.7).
+#[derive(Debug, Clone, Default)]
+pub struct InputEmbeds {
+    /// Ascending positions.
+    positions: Vec<usize>,
+    /// One row of `hidden` values per position.
+    rows: Vec<f32>,
+    hidden: usize,
+}
+
+impl InputEmbeds {
+    pub fn new(positions: Vec<usize>, rows: Vec<f32>, hidden: usize) -> Result<InputEmbeds> {
+        if rows.len() != positions.len() * hidden {
+            bail!(
+                "{} embedding values for {} positions of width {hidden}",
+                rows.len(),
+                positions.len()
+            );
+        }
+        if positions.windows(2).any(|w| w[0] >= w[1]) {
+            bail!("embedding positions must ascend");
+        }
+        Ok(InputEmbeds {
+            positions,
+            rows,
+            hidden,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+
+    /// The row for position `p`, if one replaces its token.
+    pub fn row(&self, p: usize) -> Option<&[f32]> {
+        let i = self.positions.binary_search(&p).ok()?;
+        Some(&self.rows[i * self.hidden..(i + 1) * self.hidden])
+    }
 }
 
 /// Activation buffers of one forward pass, sized for its token count.
@@ -729,6 +830,8 @@ struct Scratch {
     blocked: Vec<bool>,
     /// Buffers of the one-row attention jobs, one per (row, kv head).
     attn_ws: Vec<AttnScratch>,
+    /// The adapter of every row; empty when no row has one.
+    adapters: Vec<Option<AdapterId>>,
 }
 
 impl Scratch {

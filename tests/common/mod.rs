@@ -74,6 +74,19 @@ impl Reference {
             .1
     }
 
+    /// Token ids at a JSON path of the metadata.
+    pub fn ids_at(&self, path: &[&str]) -> Vec<u32> {
+        let mut v = &self.meta;
+        for k in path {
+            v = &v[*k];
+        }
+        v.as_array()
+            .unwrap_or_else(|| panic!("no {path:?}"))
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    }
+
     pub fn ids(&self, case: &str, key: &str) -> Vec<u32> {
         self.meta[case][key]
             .as_array()

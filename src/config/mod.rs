@@ -12,6 +12,8 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use serde_json::Value;
 
+pub mod multimodal;
+
 /// The fields of a Phi-3-architecture `config.json` (Phi-4-mini uses `model_type: "phi3"`).
 #[derive(Debug, Clone, Deserialize)]
 pub struct Phi3Config {

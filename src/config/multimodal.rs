@@ -1,0 +1,384 @@
+//! Phi-4-multimodal's `config.json`, in both layouts the checkpoint exists in (spec §3.2):
+//!
+//! * Microsoft's remote code (`model_type: "phi4mm"`): the LM fields at the top level,
+//!   `embd_layer` describing the image/audio embedding, `vision_lora` / `speech_lora` (r, alpha,
+//!   dropout, target regex) for the adapters stored inside the weights. The official file does not
+//!   describe the vision tower (the code hard-codes SigLIP so400m); small test checkpoints carry
+//!   their sizes as `vision_config` (the project's convention, native field names).
+//! * transformers' native layout (`model_type: "phi4_multimodal"`): `vision_config` and
+//!   `audio_config` objects; the adapters are PEFT folders beside the weights.
+//!
+//! The language model is a Phi-3 decoder in both, read by [`Phi3Config`]. The audio settings are
+//! kept as written; the speech encoder reads them (part 2).
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use super::Phi3Config;
+
+/// Which checkpoint layout a directory holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `Phi4MMForCausalLM` (`phi4mm`): adapters inside the weights.
+    Remote,
+    /// `Phi4MultimodalForCausalLM` (`phi4_multimodal`): adapters in `vision-lora/`, `speech-lora/`.
+    Native,
+}
+
+/// The SigLIP vision tower (`vision_config`, transformers' field names).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_channels: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub layer_norm_eps: f64,
+    pub hidden_act: String,
+    /// Which hidden state feeds the projection (−2: the output of the second-to-last layer).
+    pub feature_layer: i64,
+    pub crop_size: usize,
+    pub image_token_id: u32,
+}
+
+impl Default for VisionConfig {
+    /// SigLIP so400m-patch14-448 as Phi-4-multimodal uses it (spec §3.3).
+    fn default() -> VisionConfig {
+        VisionConfig {
+            hidden_size: 1152,
+            intermediate_size: 4304,
+            num_hidden_layers: 27,
+            num_attention_heads: 16,
+            num_channels: 3,
+            image_size: 448,
+            patch_size: 14,
+            layer_norm_eps: 1e-6,
+            hidden_act: "gelu_pytorch_tanh".into(),
+            feature_layer: -2,
+            crop_size: 448,
+            image_token_id: 200010,
+        }
+    }
+}
+
+impl VisionConfig {
+    fn from_value(v: Option<&Value>) -> Result<VisionConfig> {
+        let mut c = VisionConfig::default();
+        let Some(v) = v.filter(|v| !v.is_null()) else {
+            return Ok(c);
+        };
+        let obj = v
+            .as_object()
+            .context("config field `vision_config` must be an object")?;
+        let uint = |key: &str, into: &mut usize| -> Result<()> {
+            if let Some(x) = obj.get(key) {
+                *into = x.as_u64().with_context(|| {
+                    format!("config field `vision_config.{key}` must be a whole number")
+                })? as usize;
+            }
+            Ok(())
+        };
+        uint("hidden_size", &mut c.hidden_size)?;
+        uint("intermediate_size", &mut c.intermediate_size)?;
+        uint("num_hidden_layers", &mut c.num_hidden_layers)?;
+        uint("num_attention_heads", &mut c.num_attention_heads)?;
+        uint("num_channels", &mut c.num_channels)?;
+        uint("image_size", &mut c.image_size)?;
+        uint("patch_size", &mut c.patch_size)?;
+        uint("crop_size", &mut c.crop_size)?;
+        if let Some(x) = obj.get("layer_norm_eps") {
+            c.layer_norm_eps = x
+                .as_f64()
+                .context("config field `vision_config.layer_norm_eps` must be a number")?;
+        }
+        if let Some(x) = obj.get("hidden_act") {
+            c.hidden_act = x
+                .as_str()
+                .context("config field `vision_config.hidden_act` must be a string")?
+                .into();
+        }
+        if let Some(x) = obj.get("feature_layer") {
+            c.feature_layer = x
+                .as_i64()
+                .context("config field `vision_config.feature_layer` must be an integer")?;
+        }
+        if let Some(x) = obj.get("image_token_id") {
+            c.image_token_id = x
+                .as_u64()
+                .and_then(|i| u32::try_from(i).ok())
+                .context("config field `vision_config.image_token_id` must be a token id")?;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<()> {
+        // The processor works in 448-px crops of 14-px patches (32×32 masks, 256 + 16 + 1 tokens).
+        if self.image_size != 448 || self.patch_size != 14 || self.crop_size != 448 {
+            bail!(
+                "config field `vision_config`: image_size {} / patch_size {} / crop_size {}; Phi-4-multimodal's processor needs 448 / 14 / 448",
+                self.image_size,
+                self.patch_size,
+                self.crop_size
+            );
+        }
+        if self.num_channels != 3 {
+            bail!("config field `vision_config.num_channels` must be 3 (RGB)");
+        }
+        if self.hidden_act != "gelu_pytorch_tanh" {
+            bail!(
+                "config field `vision_config.hidden_act` is {:?}; the vision tower supports \"gelu_pytorch_tanh\"",
+                self.hidden_act
+            );
+        }
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
+            bail!("config field `vision_config.num_attention_heads` must divide `hidden_size`");
+        }
+        if self.layers_used() == 0 || self.layers_used() > self.num_hidden_layers {
+            bail!(
+                "config field `vision_config.feature_layer` ({}) does not name a layer of {}",
+                self.feature_layer,
+                self.num_hidden_layers
+            );
+        }
+        Ok(())
+    }
+
+    /// Layers whose output the image features come from (26 of 27 for the real model).
+    pub fn layers_used(&self) -> usize {
+        let n = self.num_hidden_layers as i64;
+        // hidden_states = [embeddings, layer 1, …, layer n]; index f (from the end if < 0).
+        let idx = if self.feature_layer < 0 {
+            n + 1 + self.feature_layer
+        } else {
+            self.feature_layer
+        };
+        idx.clamp(0, n) as usize
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// Patches along a side of a crop.
+    pub fn patches_per_side(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+}
+
+/// One LoRA adapter's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub r: usize,
+    pub alpha: f64,
+    /// rsLoRA scales by `alpha / sqrt(r)` instead of `alpha / r`.
+    pub rslora: bool,
+}
+
+impl LoraSpec {
+    pub fn scale(&self) -> f32 {
+        if self.rslora {
+            (self.alpha / (self.r as f64).sqrt()) as f32
+        } else {
+            (self.alpha / self.r as f64) as f32
+        }
+    }
+
+    /// The remote code's `vision_lora` / `speech_lora` object: `{r, lora_alpha, dp, layer}`.
+    fn from_remote(v: &Value, field: &str) -> Result<LoraSpec> {
+        let r =
+            v.get("r").and_then(Value::as_u64).with_context(|| {
+                format!("config field `{field}.r` is missing or not a whole number")
+            })? as usize;
+        let alpha = v
+            .get("lora_alpha")
+            .and_then(Value::as_f64)
+            .with_context(|| {
+                format!("config field `{field}.lora_alpha` is missing or not a number")
+            })?;
+        if r == 0 {
+            bail!("config field `{field}.r` must be positive");
+        }
+        Ok(LoraSpec {
+            r,
+            alpha,
+            rslora: false,
+        })
+    }
+
+    /// PEFT's `adapter_config.json`: a plain LoRA (no DoRA, no bias training).
+    pub fn from_peft(text: &str) -> Result<LoraSpec> {
+        let v: Value = serde_json::from_str(text).context("adapter_config.json is not JSON")?;
+        let peft_type = v.get("peft_type").and_then(Value::as_str).unwrap_or("LORA");
+        if peft_type != "LORA" {
+            bail!("adapter_config.json: peft_type {peft_type:?}; only LORA adapters are supported");
+        }
+        if v.get("use_dora").and_then(Value::as_bool) == Some(true) {
+            bail!("adapter_config.json: use_dora is true; DoRA adapters are not supported");
+        }
+        if v.get("bias")
+            .and_then(Value::as_str)
+            .is_some_and(|b| b != "none")
+        {
+            bail!("adapter_config.json: bias is not \"none\"; adapters with trained biases are not supported");
+        }
+        for key in ["rank_pattern", "alpha_pattern"] {
+            if v.get(key)
+                .and_then(Value::as_object)
+                .is_some_and(|m| !m.is_empty())
+            {
+                bail!("adapter_config.json: {key} is set; per-module ranks are not supported");
+            }
+        }
+        let mut spec = LoraSpec::from_remote(&v, "adapter_config")?;
+        spec.rslora = v.get("use_rslora").and_then(Value::as_bool) == Some(true);
+        Ok(spec)
+    }
+}
+
+/// A Phi-4-multimodal `config.json`.
+#[derive(Debug, Clone)]
+pub struct Phi4MMConfig {
+    pub layout: Layout,
+    /// The language model (a Phi-3 decoder).
+    pub text: Phi3Config,
+    pub vision: VisionConfig,
+    /// Adapter settings the remote layout writes in the config (the native one in PEFT folders).
+    pub vision_lora: Option<LoraSpec>,
+    pub speech_lora: Option<LoraSpec>,
+    pub audio_token_id: u32,
+    /// The audio encoder's settings as written (`audio_config` or `audio_processor.config`).
+    pub audio: Option<Value>,
+}
+
+/// `model_type`s of Phi-4-multimodal checkpoints.
+pub const MODEL_TYPES: [&str; 2] = ["phi4mm", "phi4_multimodal"];
+
+impl Phi4MMConfig {
+    pub fn from_json(text: &str) -> Result<Phi4MMConfig> {
+        let v: Value = serde_json::from_str(text).context("config.json is not valid JSON")?;
+        let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
+        let layout = match model_type {
+            "phi4mm" => Layout::Remote,
+            "phi4_multimodal" => Layout::Native,
+            other => bail!(
+                "config field `model_type` is {other:?}; a Phi-4-multimodal checkpoint has \"phi4mm\" or \"phi4_multimodal\""
+            ),
+        };
+        // The language model's fields are those of a Phi-3 config (spec §3.2).
+        let mut lm = v.clone();
+        lm["model_type"] = Value::from("phi3");
+        let text = Phi3Config::from_json(&lm.to_string())?;
+        let vision = VisionConfig::from_value(v.get("vision_config"))?;
+        if vision.image_token_id as usize >= text.vocab_size {
+            bail!(
+                "config: the image token id {} is outside the vocabulary ({})",
+                vision.image_token_id,
+                text.vocab_size
+            );
+        }
+        let (vision_lora, speech_lora, audio) = match layout {
+            Layout::Remote => {
+                let embd = v
+                    .get("embd_layer")
+                    .context("config field `embd_layer` is missing (the remote-code layout describes its image and audio embedding there)")?;
+                check_image_embedding(embd.get("image_embd_layer"))?;
+                let lora = |k: &str| {
+                    v.get(k)
+                        .filter(|x| !x.is_null())
+                        .map(|x| LoraSpec::from_remote(x, k))
+                        .transpose()
+                };
+                (
+                    lora("vision_lora")?,
+                    lora("speech_lora")?,
+                    v.get("audio_processor")
+                        .and_then(|a| a.get("config"))
+                        .cloned(),
+                )
+            }
+            Layout::Native => (None, None, v.get("audio_config").cloned()),
+        };
+        let audio_token_id = audio
+            .as_ref()
+            .and_then(|a| a.get("audio_token_id"))
+            .and_then(Value::as_u64)
+            .map_or(200011, |i| i as u32);
+        Ok(Phi4MMConfig {
+            layout,
+            text,
+            vision,
+            vision_lora,
+            speech_lora,
+            audio_token_id,
+            audio,
+        })
+    }
+
+    /// Whether a `config.json` text names a Phi-4-multimodal model.
+    pub fn is_multimodal(text: &str) -> bool {
+        serde_json::from_str::<Value>(text)
+            .ok()
+            .and_then(|v| {
+                v.get("model_type")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
+            .is_some_and(|t| MODEL_TYPES.contains(&t.as_str()))
+    }
+}
+
+/// The remote code's `image_embd_layer`: only the settings the released model uses are
+/// implemented, and anything else is refused rather than run differently.
+fn check_image_embedding(v: Option<&Value>) -> Result<()> {
+    let Some(v) = v else {
+        bail!("config field `embd_layer.image_embd_layer` is missing");
+    };
+    for (key, want) in [
+        ("hd_transform_order", Value::from("sub_glb")),
+        ("image_token_compression_cls", Value::from("avg_pool_2d")),
+        ("projection_cls", Value::from("mlp")),
+        ("use_hd_transform", Value::from(true)),
+        ("with_learnable_separator", Value::from(true)),
+        ("crop_size", Value::from(448)),
+    ] {
+        if let Some(got) = v.get(key) {
+            if *got != want {
+                bail!("config field `embd_layer.image_embd_layer.{key}` is {got}; only {want} is supported");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feature_layer_counts_from_the_end() {
+        let c = VisionConfig::default();
+        assert_eq!(c.layers_used(), 26);
+        let c = VisionConfig {
+            feature_layer: 5,
+            ..VisionConfig::default()
+        };
+        assert_eq!(c.layers_used(), 5);
+    }
+
+    #[test]
+    fn unsupported_adapters_and_layouts_are_refused() {
+        let e = LoraSpec::from_peft(r#"{"peft_type":"LORA","r":4,"lora_alpha":8,"use_dora":true}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("DoRA"), "{e}");
+        let s = LoraSpec::from_peft(r#"{"r":4,"lora_alpha":8,"use_rslora":true}"#).unwrap();
+        assert_eq!(s.scale(), 4.0);
+        let e = check_image_embedding(Some(&serde_json::json!({"hd_transform_order": "glb_sub"})))
+            .unwrap_err();
+        assert!(e.to_string().contains("hd_transform_order"), "{e}");
+    }
+}
