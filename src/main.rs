@@ -16,6 +16,7 @@ use phi4::hub::{resolve_model, DEFAULT_MODEL};
 use phi4::kernels::bf16::Bf16Acts;
 use phi4::model::{KvType, Phi3ForCausalLM, Recipe};
 use phi4::server::ServerOptions;
+use phi4::text::ImageSource;
 use phi4::{Engine, Message, SamplingParams};
 
 #[derive(Parser)]
@@ -191,6 +192,10 @@ struct RunArgs {
     /// Print one JSON object (prompt_ids, generated_ids, text, finish_reason, timings).
     #[arg(long)]
     json: bool,
+    /// An image for the prompt (repeatable; Phi-4-multimodal). `<|image_1|>`, `<|image_2|>`, …
+    /// in the prompt place them; without placeholders they go before the text.
+    #[arg(long = "image", value_name = "FILE")]
+    images: Vec<PathBuf>,
     #[command(flatten)]
     sampling: Sampling,
 }
@@ -411,24 +416,46 @@ fn read_prompt(a: &RunArgs) -> Result<String> {
     }
 }
 
+/// An image file's bytes, read before the model loads so a wrong path fails at once.
+fn read_image(path: &std::path::Path) -> Result<ImageSource> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading image {}", path.display()))?;
+    Ok(ImageSource::Bytes(std::sync::Arc::new(bytes)))
+}
+
 fn run(a: RunArgs) -> Result<()> {
     let params = a.sampling.params()?;
     let prompt = read_prompt(&a)?;
+    let sources: Vec<ImageSource> = a
+        .images
+        .iter()
+        .map(|p| read_image(p))
+        .collect::<Result<_>>()?;
     let mut engine = load_engine(&a.model.model, a.model.quant, &a.model.opts)?;
     engine.rope_policy = a.sampling.policy();
-    let ids = if a.raw {
-        engine.tokenizer.encode(&prompt)?
+    let (ids, media) = if a.raw {
+        let mut m = Message::with_images("user", &prompt, sources);
+        let images = m
+            .images
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                engine
+                    .load_image(s)
+                    .with_context(|| format!("image {}", a.images[i].display()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        engine.encode_with_images(&std::mem::take(&mut m.content), &images)?
     } else {
         let mut msgs = Vec::new();
         if let Some(s) = &a.system {
             msgs.push(Message::new("system", s));
         }
-        msgs.push(Message::new("user", &prompt));
-        engine.tokenizer.encode(&engine.render_chat(&msgs, None)?)?
+        msgs.push(Message::with_images("user", &prompt, sources));
+        engine.encode_chat(&msgs, None)?
     };
     let mut stdout = std::io::stdout().lock();
     let stream = !a.json;
-    let out = engine.generate_ids(&ids, &params, &mut |ev: &StreamEvent| {
+    let out = engine.generate_media(&ids, media, &params, &mut |ev: &StreamEvent| {
         if stream {
             // A closed pipe (e.g. `| head`) ends generation instead of panicking.
             write!(stdout, "{}", ev.text)
@@ -476,9 +503,10 @@ fn chat(a: ChatArgs) -> Result<()> {
     reset(&mut history);
     if interactive {
         eprintln!(
-            "phi4 chat: type a message; /reset clears the conversation, /exit or Ctrl-D quits."
+            "phi4 chat: type a message; /image PATH attaches an image to the next one, /reset clears the conversation, /exit or Ctrl-D quits."
         );
     }
+    let mut pending: Vec<ImageSource> = Vec::new();
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     loop {
@@ -493,11 +521,34 @@ fn chat(a: ChatArgs) -> Result<()> {
             "/exit" | "/quit" => break,
             "/reset" => {
                 reset(&mut history);
+                pending.clear();
                 continue;
             }
             _ => {}
         }
-        history.push(Message::new("user", msg));
+        if let Some(path) = msg.strip_prefix("/image ") {
+            if engine.mm.is_none() {
+                eprintln!(
+                    "error: this model takes text only; images need a Phi-4-multimodal checkpoint"
+                );
+                continue;
+            }
+            match read_image(std::path::Path::new(path.trim())) {
+                Ok(src) => {
+                    pending.push(src);
+                    if interactive {
+                        eprintln!("[image {} attached to your next message]", pending.len());
+                    }
+                }
+                Err(e) => eprintln!("error: {e:#}"),
+            }
+            continue;
+        }
+        history.push(Message::with_images(
+            "user",
+            msg,
+            std::mem::take(&mut pending),
+        ));
         let mut stdout = std::io::stdout().lock();
         let out = engine.chat_stream(&history, None, &params, &mut |ev| {
             write!(stdout, "{}", ev.text)

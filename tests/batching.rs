@@ -262,7 +262,7 @@ fn run(b: &Batcher, prompt: &str, grammar: Grammar, seed: u64) -> (String, Finis
                 ..Default::default()
             },
             grammar: Some(grammar),
-            logprobs: None,
+            ..Default::default()
         })
         .unwrap();
     let (_, text, finish) = drain(&mut rx);

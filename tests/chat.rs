@@ -63,11 +63,24 @@ fn content_parts_and_bad_content() {
     )
     .unwrap();
     assert_eq!(m.content, "a\nb");
+    // Image parts become the message's images, placed where they stand; whether the model
+    // takes images is the engine's to say.
+    let m: Message = serde_json::from_str(
+        r#"{"role":"user","content":[{"type":"text","text":"a"},{"type":"image_url","image_url":{"url":"x"}},{"type":"text","text":"b"}]}"#,
+    )
+    .unwrap();
+    assert_eq!(m.content, "a<|image_1|>b");
+    assert_eq!(m.images, [phi4::text::ImageSource::Url("x".into())]);
     let e = serde_json::from_str::<Message>(
-        r#"{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}"#,
+        r#"{"role":"user","content":[{"type":"video_url","video_url":{"url":"x"}}]}"#,
     )
     .unwrap_err();
-    assert!(e.to_string().contains("image_url"));
+    assert!(e.to_string().contains("video_url"));
+    let e = serde_json::from_str::<Message>(
+        r#"{"role":"user","content":[{"type":"image_url","image_url":{}}]}"#,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("image_url"), "{e}");
     let t = ChatTemplate::new(PHI4_CHAT_TEMPLATE, "<|endoftext|>", "<|endoftext|>").unwrap();
     assert!(t.render(&[], None, true).is_err());
 }

@@ -180,3 +180,209 @@ fn each_mode_matches_transformers_with_its_adapter_in_both_layouts() {
         mode_logits(&remote, &r, "image", &[(500, 300)])
     );
 }
+
+use phi4::engine::{Batcher, BatcherConfig, Event, Request};
+use phi4::text::ImageSource;
+use phi4::{Engine, Message, SamplingParams};
+use std::sync::Arc;
+
+fn mode_images(r: &Reference, mode: &str) -> Vec<phi4::media::RgbImage> {
+    r.meta["modes"][mode]["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|wh| {
+            let wh: Vec<usize> = wh
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as usize)
+                .collect();
+            pattern_image(wh[0], wh[1])
+        })
+        .collect()
+}
+
+fn png(img: &phi4::media::RgbImage) -> Vec<u8> {
+    let mut out = Vec::new();
+    image::RgbImage::from_raw(img.width as u32, img.height as u32, img.data.clone())
+        .unwrap()
+        .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out
+}
+
+const MODES: [&str; 3] = ["text", "image", "two_images"];
+
+#[test]
+fn engine_generates_transformers_greedy_tokens_in_every_mode_and_layout() {
+    let r = reference();
+    for dir in [common::tiny_mm_dir(), common::tiny_mm_remote_dir()] {
+        let e = Engine::load(&dir).unwrap();
+        for mode in MODES {
+            let prompt = r.meta["modes"][mode]["prompt"].as_str().unwrap();
+            let (ids, media) = e
+                .encode_with_images(prompt, &mode_images(&r, mode))
+                .unwrap();
+            assert_eq!(ids, r.ids_at(&["modes", mode, "prompt_ids"]), "{mode}");
+            let want = r.ids_at(&["modes", mode, "greedy_ids"]);
+            let out = e
+                .generate_media(
+                    &ids,
+                    media,
+                    &SamplingParams::greedy(want.len()),
+                    &mut |_| true,
+                )
+                .unwrap();
+            assert_eq!(out.generated_ids, want, "{mode} in {}", dir.display());
+        }
+    }
+}
+
+#[test]
+fn chat_messages_carry_images_as_files_or_data_urls() {
+    let r = reference();
+    let e = Engine::load(&common::tiny_mm_dir()).unwrap();
+    let bytes = png(&pattern_image(500, 300));
+    let want = r.ids_at(&["modes", "image", "greedy_ids"]);
+    let params = SamplingParams::greedy(want.len());
+    // Attached without a placeholder: it goes before the text.
+    let m = Message::with_images(
+        "user",
+        "Describe the image.",
+        vec![ImageSource::Bytes(Arc::new(bytes.clone()))],
+    );
+    let out = e.chat(&[m], &params).unwrap();
+    assert_eq!(out.prompt_ids, r.ids_at(&["modes", "image", "prompt_ids"]));
+    assert_eq!(out.generated_ids, want);
+    // OpenAI content parts: an image part before the text, as a data: URL.
+    use base64::Engine as _;
+    let url = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(&bytes)
+    );
+    let m: Message = serde_json::from_value(serde_json::json!({
+        "role": "user",
+        "content": [{"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": "Describe the image."}]
+    }))
+    .unwrap();
+    assert_eq!(m.content, "<|image_1|>Describe the image.");
+    assert_eq!(e.chat(&[m], &params).unwrap().generated_ids, want);
+    // Two images in two messages: placeholders count across the chat.
+    let small = png(&pattern_image(100, 80));
+    let msgs = [
+        Message::with_images(
+            "user",
+            "First <|image_1|>",
+            vec![ImageSource::Bytes(Arc::new(bytes))],
+        ),
+        Message::new("assistant", "Yes."),
+        Message::with_images(
+            "user",
+            "then <|image_1|>",
+            vec![ImageSource::Bytes(Arc::new(small))],
+        ),
+    ];
+    let (ids, media) = e.encode_chat(&msgs, None).unwrap();
+    let media = media.unwrap();
+    assert_eq!(media.images, 2);
+    assert_eq!(media.embeds.len(), 721 + 494);
+    assert_eq!(ids.iter().filter(|&&t| t == 512).count(), 721 + 494);
+}
+
+#[test]
+fn bad_image_input_is_refused_with_a_clear_error() {
+    let e = Engine::load(&common::tiny_mm_dir()).unwrap();
+    let img = pattern_image(64, 64);
+    let err = |text: &str, images: &[phi4::media::RgbImage]| {
+        format!("{:#}", e.encode_with_images(text, images).unwrap_err())
+    };
+    assert!(err("<|image_2|>hi", &[img.clone()]).contains("<|image_2|> has no image"));
+    assert!(err("hi", &[img.clone()]).contains("no <|image_1|> placeholder"));
+    assert!(err("<|image_1|><|image_1|>", &[img.clone()]).contains("more than once"));
+    assert!(err("<|image_1|> hi", &[]).contains("has no image"));
+    assert!(err("a <|endoftext10|> b", &[]).contains("reserved for image and audio"));
+    assert!(err("a <|endoftext11|> b", &[]).contains("reserved for image and audio"));
+    let too_many = vec![img.clone(); 17];
+    let text: String = (1..=17).map(|i| format!("<|image_{i}|>")).collect();
+    assert!(err(&text, &too_many).contains("the limit is 16"));
+    let load = |bytes: Vec<u8>| {
+        format!(
+            "{:#}",
+            e.load_image(&ImageSource::Bytes(Arc::new(bytes)))
+                .unwrap_err()
+        )
+    };
+    assert!(load(b"not an image at all".to_vec()).contains("unsupported image format"));
+    let mut truncated = png(&img);
+    truncated.truncate(truncated.len() / 2);
+    assert!(
+        load(truncated).contains("corrupt"),
+        "{}",
+        load(png(&img)[..60].to_vec())
+    );
+    assert!(load(Vec::new()).contains("empty"));
+    let remote = e.load_image(&ImageSource::Url("https://example.com/a.png".into()));
+    assert!(format!("{:#}", remote.unwrap_err()).contains("--allow-remote-media"));
+    // A text model says it takes no images.
+    let text_model = Engine::load(&common::tiny_dir()).unwrap();
+    let m = Message::with_images("user", "hi", vec![ImageSource::Bytes(Arc::new(png(&img)))]);
+    let e2 = text_model
+        .chat(&[m], &SamplingParams::greedy(2))
+        .unwrap_err();
+    assert!(format!("{e2:#}").contains("text only"), "{e2:#}");
+}
+
+#[test]
+fn a_batch_mixing_text_and_image_requests_equals_each_run_alone() {
+    let r = reference();
+    let e = Arc::new(Engine::load(&common::tiny_mm_dir()).unwrap());
+    let b = Batcher::spawn(e.clone(), BatcherConfig::default());
+    // Encoded first (the vision tower takes a moment), then submitted together.
+    let encoded: Vec<_> = MODES
+        .iter()
+        .map(|&mode| {
+            let prompt = r.meta["modes"][mode]["prompt"].as_str().unwrap();
+            (
+                mode,
+                e.encode_with_images(prompt, &mode_images(&r, mode))
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let mut rxs = Vec::new();
+    for (mode, (ids, media)) in encoded {
+        let rx = b
+            .submit(Request {
+                prompt: ids,
+                params: SamplingParams::greedy(6),
+                media,
+                ..Default::default()
+            })
+            .unwrap();
+        rxs.push((mode, rx));
+    }
+    for (mode, mut rx) in rxs {
+        let mut ids = Vec::new();
+        loop {
+            match rx.blocking_recv().expect("batcher dropped a request") {
+                Event::Started => {}
+                Event::Step(s) => {
+                    ids.push(s.token);
+                    if s.finish.is_some() {
+                        break;
+                    }
+                }
+                Event::Error(e) => panic!("{mode}: {e}"),
+            }
+        }
+        assert_eq!(ids, r.ids_at(&["modes", mode, "greedy_ids"]), "{mode}");
+    }
+    // The three decoded together (each alone would take 3 × 5 steps).
+    let steps = b
+        .stats
+        .decode_steps
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(steps < 15, "decode steps were not shared: {steps}");
+}

@@ -23,6 +23,8 @@ pub struct Request {
     pub grammar: Option<Grammar>,
     /// Report each sampled token's log-probability and this many alternatives.
     pub logprobs: Option<usize>,
+    /// The prompt's images, ready for the decoder ([`Engine::encode_with_images`]).
+    pub media: Option<std::sync::Arc<super::MediaInput>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -103,6 +105,16 @@ impl Engine {
         {
             bail!("prompt token id {bad} is outside the model's vocabulary");
         }
+        if let Some(m) = &req.media {
+            let image_id = self.multimodal()?.config.vision.image_token_id;
+            let slots = prompt.iter().filter(|&&t| t == image_id).count();
+            if slots != m.embeds.len() {
+                bail!(
+                    "the prompt has {slots} image tokens for {} image rows",
+                    m.embeds.len()
+                );
+            }
+        }
         if req.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
             bail!("top_logprobs must be at most {MAX_TOP_LOGPROBS}");
         }
@@ -117,7 +129,7 @@ impl Engine {
             Some(g) => Some(self.constraint_factory()?.constraint(g)?),
             None => None,
         };
-        let (seq, logits) = self.start(&req.prompt)?;
+        let (seq, logits) = self.start_with(&req.prompt, req.media.clone())?;
         let g = Generation {
             seq,
             sampler: Sampler::new(&req.params, &req.prompt),

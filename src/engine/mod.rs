@@ -5,6 +5,7 @@
 pub mod batcher;
 pub mod constraint;
 pub mod generation;
+pub mod multimodal;
 pub mod sampling;
 
 use std::path::Path;
@@ -15,6 +16,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::config::multimodal::Phi4MMConfig;
 use crate::config::{GenerationConfig, Phi3Config};
 use crate::model::gguf::GgufFile;
 use crate::model::{BatchItem, KvCache, Logits, Phi3ForCausalLM, Recipe, RopeTable};
@@ -23,6 +25,7 @@ use crate::weights::Checkpoint;
 pub use batcher::{Batcher, BatcherConfig, Event, SubmitError};
 pub use constraint::{ConstraintFactory, Grammar};
 pub use generation::{Generation, Request, Step, TokenLogprob, TopLogprob};
+pub use multimodal::{LocalMedia, MediaInput, MediaLimits, Multimodal};
 pub use sampling::{Sampler, SamplingParams};
 
 /// Which LongRoPE table a sequence uses.
@@ -86,12 +89,16 @@ pub struct Engine {
     pub max_model_len: usize,
     /// Built on first use: indexing a 200K vocabulary for grammars takes a moment.
     constraints: OnceLock<std::result::Result<ConstraintFactory, String>>,
+    /// Phi-4-multimodal's vision (and later speech) parts; `None` for a text model.
+    pub mm: Option<Multimodal>,
 }
 
-/// One sequence being generated: its tokens and its cache.
+/// One sequence being generated: its tokens, its cache, and its prompt's media (kept for a
+/// re-prefill when the LongRoPE table changes).
 pub struct Sequence {
     pub tokens: Vec<u32>,
     cache: KvCache,
+    media: Option<std::sync::Arc<MediaInput>>,
 }
 
 impl Sequence {
@@ -122,7 +129,13 @@ impl Engine {
                 );
             }
         }
-        let config = Phi3Config::from_file(&dir.join("config.json"))?;
+        let config_path = dir.join("config.json");
+        let config_text = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("reading {}", config_path.display()))?;
+        if Phi4MMConfig::is_multimodal(&config_text) {
+            return Self::load_multimodal(dir, &config_text, quant, progress);
+        }
+        let config = Phi3Config::from_file(&config_path)?;
         let gen_path = dir.join("generation_config.json");
         let gen = if gen_path.exists() {
             GenerationConfig::from_file(&gen_path)?
@@ -139,6 +152,44 @@ impl Engine {
                 progress(done, total)
             })?;
         Ok(Engine::new(model, tokenizer, template, &gen))
+    }
+
+    /// [`Engine::load_with_progress`] for a Phi-4-multimodal directory (either layout).
+    fn load_multimodal(
+        dir: &Path,
+        config_text: &str,
+        quant: Option<Recipe>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Engine> {
+        let config = Phi4MMConfig::from_json(config_text)
+            .with_context(|| format!("in {}", dir.join("config.json").display()))?;
+        let gen = Self::generation_config(dir)?;
+        let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+        let template = ChatTemplate::from_model_dir(dir)?;
+        let total = std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0);
+        let model =
+            crate::model::phi4mm::Phi4MMForCausalLM::load_dir(dir, config, quant, &mut |d| {
+                progress(d, total)
+            })?;
+        let (lm, mm) = Multimodal::split(model);
+        let mut engine = Engine::new(lm, tokenizer, template, &gen);
+        engine.mm = Some(mm);
+        Ok(engine)
+    }
+
+    fn generation_config(dir: &Path) -> Result<GenerationConfig> {
+        let gen_path = dir.join("generation_config.json");
+        if gen_path.exists() {
+            GenerationConfig::from_file(&gen_path)
+        } else {
+            Ok(GenerationConfig::default())
+        }
     }
 
     /// Loads a llama.cpp / ollama GGUF file (architecture `phi3`): config, tokenizer, chat
@@ -198,6 +249,7 @@ impl Engine {
             rope_policy: RopePolicy::Dynamic,
             max_model_len,
             constraints: OnceLock::new(),
+            mm: None,
         }
     }
 
@@ -230,9 +282,8 @@ impl Engine {
         params: &SamplingParams,
         on_event: &mut dyn FnMut(&StreamEvent) -> bool,
     ) -> Result<Output> {
-        let prompt = self.render_chat(messages, tools)?;
-        let ids = self.tokenizer.encode(&prompt)?;
-        self.generate_ids(&ids, params, on_event)
+        let (ids, media) = self.encode_chat(messages, tools)?;
+        self.generate_media(&ids, media, params, on_event)
     }
 
     /// The grammar engine for this vocabulary.
@@ -265,14 +316,29 @@ impl Engine {
 
     /// Starts a sequence: prefills `prompt` and returns the logits of its last position.
     pub fn start(&self, prompt: &[u32]) -> Result<(Sequence, Vec<f32>)> {
+        self.start_with(prompt, None)
+    }
+
+    /// [`Engine::start`] for a prompt with media (image rows and the adapter they route to).
+    pub fn start_with(
+        &self,
+        prompt: &[u32],
+        media: Option<std::sync::Arc<MediaInput>>,
+    ) -> Result<(Sequence, Vec<f32>)> {
         let mut seq = Sequence {
             tokens: prompt.to_vec(),
             cache: self.model.new_cache(),
+            media,
         };
         let table = self.table_for(prompt.len());
-        let logits = self
-            .model
-            .forward(prompt, &mut seq.cache, table, Logits::Last, None)?;
+        let mut logits = Vec::new();
+        let item = BatchItem {
+            adapter: seq.media.as_ref().and_then(|m| m.adapter),
+            embeds: seq.media.as_ref().map(|m| &m.embeds),
+            ..BatchItem::new(prompt, &mut seq.cache, table)
+        };
+        self.model
+            .forward_item(item, Logits::Last, None, &mut logits)?;
         Ok((seq, logits))
     }
 
@@ -291,7 +357,11 @@ impl Engine {
         let mut items: Vec<BatchItem> = Vec::with_capacity(seqs.len());
         for seq in seqs.iter_mut() {
             let table = self.table_for(seq.tokens.len());
-            let Sequence { tokens, cache } = &mut **seq;
+            let Sequence {
+                tokens,
+                cache,
+                media,
+            } = &mut **seq;
             let new = if cache.table.is_some_and(|t| t != table) {
                 // Keys rotated with the short table cannot be reused.
                 cache.clear();
@@ -299,7 +369,11 @@ impl Engine {
             } else {
                 &tokens[tokens.len() - 1..]
             };
-            items.push(BatchItem::new(new, cache, table));
+            items.push(BatchItem {
+                adapter: media.as_ref().and_then(|m| m.adapter),
+                embeds: media.as_ref().map(|m| &m.embeds),
+                ..BatchItem::new(new, cache, table)
+            });
         }
         self.model.forward_batch(&mut items)
     }
@@ -311,10 +385,22 @@ impl Engine {
         params: &SamplingParams,
         on_event: &mut dyn FnMut(&StreamEvent) -> bool,
     ) -> Result<Output> {
+        self.generate_media(prompt, None, params, on_event)
+    }
+
+    /// Generates from prompt ids with the prompt's media ([`Engine::encode_with_images`]).
+    pub fn generate_media(
+        &self,
+        prompt: &[u32],
+        media: Option<std::sync::Arc<MediaInput>>,
+        params: &SamplingParams,
+        on_event: &mut dyn FnMut(&StreamEvent) -> bool,
+    ) -> Result<Output> {
         let t0 = Instant::now();
         let (mut g, mut logits) = self.begin(Request {
             prompt: prompt.to_vec(),
             params: params.clone(),
+            media,
             ..Default::default()
         })?;
         let prefill = t0.elapsed();

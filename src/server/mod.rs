@@ -20,7 +20,7 @@ use serde_json::Value;
 use subtle::ConstantTimeEq;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::engine::{Batcher, Engine, Event, Request, SubmitError};
+use crate::engine::{Batcher, Engine, Event, MediaInput, Request, SubmitError};
 use crate::text::Message;
 pub use error::ApiError;
 use metrics::Metrics;
@@ -31,6 +31,19 @@ pub trait Backend: Send + Sync + 'static {
     fn max_model_len(&self) -> usize;
     fn render_chat(&self, messages: &[Message], tools: Option<&[Value]>) -> anyhow::Result<String>;
     fn tokenize(&self, text: &str) -> anyhow::Result<Vec<u32>>;
+    /// A chat's prompt ids and its images made ready for the decoder. A backend without image
+    /// support refuses messages that carry images.
+    fn encode_chat(
+        &self,
+        messages: &[Message],
+        tools: Option<&[Value]>,
+    ) -> anyhow::Result<(Vec<u32>, Option<Arc<MediaInput>>)> {
+        if messages.iter().any(|m| !m.images.is_empty()) {
+            anyhow::bail!("this model takes text only; images need a Phi-4-multimodal checkpoint");
+        }
+        let prompt = self.render_chat(messages, tools)?;
+        Ok((self.tokenize(&prompt)?, None))
+    }
     fn detokenize(&self, ids: &[u32]) -> anyhow::Result<String>;
     /// Rejects what the engine could not run (bad ids, a grammar that does not compile…).
     fn check(&self, req: &Request) -> anyhow::Result<()>;
@@ -56,6 +69,14 @@ impl Backend for EngineBackend {
 
     fn tokenize(&self, text: &str) -> anyhow::Result<Vec<u32>> {
         self.batcher.engine.tokenizer.encode(text)
+    }
+
+    fn encode_chat(
+        &self,
+        messages: &[Message],
+        tools: Option<&[Value]>,
+    ) -> anyhow::Result<(Vec<u32>, Option<Arc<MediaInput>>)> {
+        self.batcher.engine.encode_chat(messages, tools)
     }
 
     fn detokenize(&self, ids: &[u32]) -> anyhow::Result<String> {

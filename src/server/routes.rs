@@ -271,14 +271,14 @@ pub async fn chat_completions(
         ToolChoice::None => Vec::new(),
         _ => req.template_tools()?,
     };
-    let prompt = st
-        .backend
-        .render_chat(&req.messages, (!tools.is_empty()).then_some(&tools[..]))
-        .map_err(|e| ApiError::param("messages", format!("{e:#}")))?;
-    let ids = st
-        .backend
-        .tokenize(&prompt)
-        .map_err(|e| ApiError::param("messages", format!("{e:#}")))?;
+    // Images are decoded and run through the vision tower here: off the async threads.
+    let (backend, messages, tools2) = (st.backend.clone(), req.messages.clone(), tools.clone());
+    let (ids, media) = tokio::task::spawn_blocking(move || {
+        backend.encode_chat(&messages, (!tools2.is_empty()).then_some(&tools2[..]))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("encoding the prompt: {e}")))?
+    .map_err(|e| ApiError::param("messages", format!("{e:#}")))?;
     let mut params = sf.params()?;
     let asked = req.max_completion_tokens.or(sf.max_tokens);
     params.max_tokens = max_tokens(&st, ids.len(), asked, "messages")?;
@@ -287,6 +287,7 @@ pub async fn chat_completions(
         params,
         grammar: req.grammar(&choice)?,
         logprobs: req.logprobs()?,
+        media,
     };
     let parse_tools = !tools.is_empty();
     let prompt_tokens = base.prompt.len();
@@ -544,6 +545,7 @@ pub async fn completions(
             params: params.clone(),
             grammar: None,
             logprobs: req.logprobs,
+            media: None,
         };
         for rx in submit(&st, &base, n).await? {
             rxs.push(rx);

@@ -14,7 +14,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use minijinja::{context, Environment, Error, ErrorKind};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::pyjson;
@@ -25,15 +25,30 @@ pub const PHI4_CHAT_TEMPLATE: &str = "{% for message in messages %}{% if message
 /// System prompt inserted when tools are given without a system message.
 pub const DEFAULT_TOOLS_SYSTEM: &str = "You are a helpful assistant with some tools.";
 
-/// One chat message. `content` accepts a string, null, or OpenAI content parts (text parts are
-/// joined with newlines). Other fields (`tools`, `tool_calls`, `name`, ...) pass to the template.
+/// One chat message. `content` accepts a string, null, or OpenAI content parts: text parts are
+/// joined with newlines, and each `image_url` part becomes an image of the message, written into
+/// the text as its placeholder `<|image_N|>` (N counting the message's images from 1) where the
+/// part stands. Other fields (`tools`, `tool_calls`, `name`, ...) pass to the template.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(try_from = "RawMessage")]
 pub struct Message {
     pub role: String,
-    #[serde(default, deserialize_with = "content_text")]
     pub content: String,
+    /// The message's images in placeholder order. The engine (or the server, under its rules
+    /// for what may be fetched or read) resolves them.
+    #[serde(skip)]
+    pub images: Vec<ImageSource>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+/// Where an image comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImageSource {
+    /// A `data:` URL, an `http(s)://` URL, a `file://` URL or a local path.
+    Url(String),
+    /// The image file's bytes.
+    Bytes(std::sync::Arc<Vec<u8>>),
 }
 
 impl Message {
@@ -41,37 +56,94 @@ impl Message {
         Message {
             role: role.into(),
             content: content.into(),
+            images: Vec::new(),
             extra: Map::new(),
         }
     }
+
+    /// A message with images; `content` may place them with `<|image_1|>`, `<|image_2|>`, …
+    /// (else they go before the text, see [`Message::place_images`]).
+    pub fn with_images(role: &str, content: &str, images: Vec<ImageSource>) -> Message {
+        let mut m = Message::new(role, content);
+        m.images = images;
+        m.place_images();
+        m
+    }
+
+    /// Puts the placeholders of images the text does not mention in front of it, as users of
+    /// other engines expect when they attach images without saying where.
+    pub fn place_images(&mut self) {
+        if self.images.is_empty() || self.content.contains("<|image_") {
+            return;
+        }
+        let tags: String = (1..=self.images.len())
+            .map(|i| format!("<|image_{i}|>"))
+            .collect();
+        self.content.insert_str(0, &tags);
+    }
 }
 
-fn content_text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    use serde::de::Error as _;
-    match Value::deserialize(d)? {
-        Value::Null => Ok(String::new()),
-        Value::String(s) => Ok(s),
-        Value::Array(parts) => {
-            let mut texts = Vec::new();
-            for p in parts {
-                match (
-                    p.get("type").and_then(Value::as_str),
-                    p.get("text").and_then(Value::as_str),
-                ) {
-                    (Some("text"), Some(t)) => texts.push(t.to_string()),
-                    (Some(kind), _) => {
-                        return Err(D::Error::custom(format!(
-                            "content part of type {kind:?} is not supported by this text model"
-                        )))
+#[derive(Deserialize)]
+struct RawMessage {
+    role: String,
+    #[serde(default)]
+    content: Value,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
+}
+
+impl TryFrom<RawMessage> for Message {
+    type Error = String;
+
+    fn try_from(raw: RawMessage) -> Result<Message, String> {
+        let mut m = Message::new(&raw.role, "");
+        m.extra = raw.extra;
+        match raw.content {
+            Value::Null => {}
+            Value::String(s) => m.content = s,
+            Value::Array(parts) => {
+                let mut out = String::new();
+                let mut last_text = false;
+                for p in parts {
+                    match p.get("type").and_then(Value::as_str) {
+                        Some("text") => {
+                            let t = p
+                                .get("text")
+                                .and_then(Value::as_str)
+                                .ok_or("a text content part needs a \"text\" string")?;
+                            if last_text {
+                                out.push('\n');
+                            }
+                            out.push_str(t);
+                            last_text = true;
+                        }
+                        Some("image_url") => {
+                            let url = p
+                                .get("image_url")
+                                .and_then(|u| u.get("url").or(Some(u)))
+                                .and_then(Value::as_str)
+                                .ok_or(
+                                    "an image_url content part needs \"image_url\": {\"url\": ...}",
+                                )?;
+                            m.images.push(ImageSource::Url(url.to_owned()));
+                            out.push_str(&format!("<|image_{}|>", m.images.len()));
+                            last_text = false;
+                        }
+                        Some(kind) => {
+                            return Err(format!("content part of type {kind:?} is not supported"))
+                        }
+                        None => return Err("content part needs a \"type\"".into()),
                     }
-                    _ => return Err(D::Error::custom("content part needs a \"type\"")),
                 }
+                m.content = out;
             }
-            Ok(texts.join("\n"))
+            other => {
+                return Err(format!(
+                    "message content must be a string or a list of parts, not {other}"
+                ))
+            }
         }
-        other => Err(D::Error::custom(format!(
-            "message content must be a string or a list of parts, not {other}"
-        ))),
+        Ok(m)
     }
 }
 
