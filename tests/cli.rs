@@ -327,3 +327,110 @@ fn repo_id_is_found_in_the_local_hub_cache() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--model /path/to"), "{}", stderr(&o));
 }
+
+/// The reference's main test picture as a PNG file.
+fn image_file(dir: &std::path::Path, w: usize, h: usize, ext: &str) -> String {
+    let img = common::pattern_image(w, h);
+    let path = dir.join(format!("pattern_{w}x{h}.{ext}"));
+    image::RgbImage::from_raw(w as u32, h as u32, img.data)
+        .unwrap()
+        .save(&path)
+        .unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn run_with_an_image_reproduces_the_reference_in_json() {
+    let r = Reference::load_named("tiny-phi4mm");
+    let dir = tempfile::tempdir().unwrap();
+    let png = image_file(dir.path(), 500, 300, "png");
+    let mm = common::tiny_mm_dir().display().to_string();
+    let want = r.ids_at(&["modes", "image", "greedy_ids"]);
+    let o = phi4(
+        &[
+            "run",
+            "--model",
+            &mm,
+            "--image",
+            &png,
+            "--prompt",
+            "Describe the image.",
+            "--max-tokens",
+            "6",
+            "--temperature",
+            "0",
+            "--json",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let ids = |k: &str| -> Vec<u32> {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    assert_eq!(
+        ids("prompt_ids"),
+        r.ids_at(&["modes", "image", "prompt_ids"])
+    );
+    assert_eq!(ids("generated_ids"), want);
+    // The chat REPL attaches an image to the next message.
+    let script = format!("/image {png}\nDescribe the image.\n/exit\n");
+    let o = phi4(
+        &["chat", "--model", &mm, "--max-tokens", "2"],
+        Some(script.as_bytes()),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 1);
+    // Wrong inputs: a missing file, a file that is no image, an image for a text model.
+    let bad = |args: &[&str], needle: &str| {
+        let o = phi4(args, None);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
+    };
+    bad(
+        &[
+            "run",
+            "--model",
+            &mm,
+            "--image",
+            "/nonexistent.png",
+            "--prompt",
+            "x",
+        ],
+        "/nonexistent.png",
+    );
+    let junk = dir.path().join("junk.png");
+    std::fs::write(&junk, b"hello").unwrap();
+    bad(
+        &[
+            "run",
+            "--model",
+            &mm,
+            "--image",
+            junk.to_str().unwrap(),
+            "--prompt",
+            "x",
+        ],
+        "unsupported image format",
+    );
+    bad(
+        &["run", "--model", &tiny(), "--image", &png, "--prompt", "x"],
+        "text only",
+    );
+    bad(
+        &[
+            "run",
+            "--model",
+            &mm,
+            "--image",
+            &png,
+            "--prompt",
+            "<|image_2|> x",
+        ],
+        "names <|image_2|> but carries 1 image",
+    );
+}
