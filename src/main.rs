@@ -11,7 +11,7 @@ use serde_json::json;
 
 use phi4::bench::{self, BenchOptions};
 use phi4::config::Phi3Config;
-use phi4::engine::{BatcherConfig, RopePolicy, StreamEvent};
+use phi4::engine::{BatcherConfig, LocalMedia, RopePolicy, StreamEvent};
 use phi4::hub::{resolve_model, DEFAULT_MODEL};
 use phi4::kernels::bf16::Bf16Acts;
 use phi4::model::{KvType, Phi3ForCausalLM, Recipe};
@@ -234,14 +234,28 @@ struct ServeArgs {
     /// Most requests waiting for a slot; more get 429 with Retry-After.
     #[arg(long, default_value_t = 256)]
     max_queue: usize,
-    /// Largest request body in bytes (413 beyond).
-    #[arg(long, default_value_t = 4 << 20)]
-    max_body_bytes: usize,
+    /// Largest request body in bytes (413 beyond; default 4 MiB, 32 MiB for a multimodal
+    /// model, whose images come as base64 data: URLs).
+    #[arg(long)]
+    max_body_bytes: Option<usize>,
     /// Longest prompt plus output per request (default: the model's context).
     #[arg(long)]
     max_model_len: Option<usize>,
     #[arg(long, value_enum, default_value = "dynamic")]
     rope_policy: RopePolicyArg,
+    /// Fetch http(s) image URLs named in requests (off: only data: URLs, so the server makes
+    /// no request of its own that a client asked for).
+    #[arg(long)]
+    allow_remote_media: bool,
+    /// Let requests name local image files (file:// URLs or paths) under this directory.
+    #[arg(long, value_name = "DIR")]
+    allowed_local_media_path: Option<PathBuf>,
+    /// Largest image accepted, in pixels (decoded size; 400 beyond).
+    #[arg(long, default_value_t = phi4::media::image::DEFAULT_MAX_PIXELS)]
+    max_image_pixels: u64,
+    /// Most images in one request (400 beyond).
+    #[arg(long, default_value_t = 16)]
+    max_images_per_request: usize,
 }
 
 #[derive(Args)]
@@ -596,6 +610,21 @@ fn serve(a: ServeArgs) -> Result<()> {
         bail!("--max-batch and --max-queue must be at least 1");
     }
     let keys = api_keys(&a)?;
+    let local_media = match &a.allowed_local_media_path {
+        Some(d) => {
+            if !d.is_dir() {
+                bail!(
+                    "--allowed-local-media-path {} is not a directory",
+                    d.display()
+                );
+            }
+            LocalMedia::Under(d.clone())
+        }
+        None => LocalMedia::Denied,
+    };
+    if a.max_images_per_request == 0 || a.max_image_pixels == 0 {
+        bail!("--max-images-per-request and --max-image-pixels must be at least 1");
+    }
     let addr = format!("{}:{}", a.host, a.port);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -615,6 +644,16 @@ fn serve(a: ServeArgs) -> Result<()> {
         }
         engine.max_model_len = n;
     }
+    let multimodal = engine.mm.is_some();
+    if let Some(mm) = &mut engine.mm {
+        mm.limits.allow_remote = a.allow_remote_media;
+        mm.limits.local = local_media;
+        mm.limits.max_image_pixels = a.max_image_pixels;
+        mm.limits.max_images = a.max_images_per_request;
+    }
+    let max_body_bytes = a
+        .max_body_bytes
+        .unwrap_or(if multimodal { 32 << 20 } else { 4 << 20 });
     let model_id = a.served_model_name.clone().unwrap_or(a.model.model.clone());
     let app = phi4::server::engine_router(
         std::sync::Arc::new(engine),
@@ -625,7 +664,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         ServerOptions {
             model_id: model_id.clone(),
             api_keys: keys.clone(),
-            max_body_bytes: a.max_body_bytes,
+            max_body_bytes,
         },
     );
     let local = listener.local_addr()?;

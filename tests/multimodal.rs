@@ -386,3 +386,206 @@ fn a_batch_mixing_text_and_image_requests_equals_each_run_alone() {
         .load(std::sync::atomic::Ordering::SeqCst);
     assert!(steps < 15, "decode steps were not shared: {steps}");
 }
+
+mod server {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::{Request as HttpRequest, StatusCode};
+    use http_body_util::BodyExt;
+    use phi4::engine::{LocalMedia, MediaLimits};
+    use phi4::server::{engine_router, ServerOptions};
+    use serde_json::{json, Value};
+    use tower::ServiceExt;
+
+    fn app(limits: MediaLimits) -> axum::Router {
+        let mut e = Engine::load(&common::tiny_mm_dir()).unwrap();
+        e.mm.as_mut().unwrap().limits = limits;
+        engine_router(
+            Arc::new(e),
+            BatcherConfig::default(),
+            ServerOptions {
+                max_body_bytes: 32 << 20,
+                ..Default::default()
+            },
+        )
+    }
+
+    async fn post(app: &axum::Router, body: Value) -> (StatusCode, Value) {
+        let req = HttpRequest::builder()
+            .method("POST")
+            .uri("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    fn data_url(bytes: &[u8], mime: &str) -> String {
+        use base64::Engine as _;
+        format!(
+            "data:{mime};base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        )
+    }
+
+    fn request(parts: Value) -> Value {
+        json!({"model": "phi4", "temperature": 0, "max_tokens": 6,
+               "messages": [{"role": "user", "content": parts}]})
+    }
+
+    fn image_part(url: &str) -> Value {
+        json!({"type": "image_url", "image_url": {"url": url}})
+    }
+
+    fn text_part(t: &str) -> Value {
+        json!({"type": "text", "text": t})
+    }
+
+    fn server_defaults() -> MediaLimits {
+        MediaLimits {
+            local: LocalMedia::Denied,
+            ..MediaLimits::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn image_url_parts_answer_like_the_reference_and_bad_ones_get_400() {
+        let r = reference();
+        let app = app(server_defaults());
+        let png = png(&pattern_image(500, 300));
+        let (s, v) = post(
+            &app,
+            request(json!([
+                image_part(&data_url(&png, "image/png")),
+                text_part("Describe the image.")
+            ])),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let prompt = r.ids_at(&["modes", "image", "prompt_ids"]);
+        assert_eq!(v["usage"]["prompt_tokens"], prompt.len());
+        assert_eq!(v["usage"]["completion_tokens"], 6);
+        let e = Engine::load(&common::tiny_mm_dir()).unwrap();
+        let want = e
+            .tokenizer
+            .decode(&r.ids_at(&["modes", "image", "greedy_ids"]), true)
+            .unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"], want);
+
+        let bad = |parts: Value, needle: &'static str| {
+            let app = app.clone();
+            async move {
+                let (s, v) = post(&app, request(parts)).await;
+                assert_eq!(s, StatusCode::BAD_REQUEST, "{needle}: {v}");
+                let msg = v["error"]["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                assert!(msg.contains(needle), "wanted {needle:?} in {msg:?}");
+                let param = v["error"]["param"].as_str().unwrap_or_default();
+                assert!(param.starts_with("messages"), "param {param:?}");
+            }
+        };
+        bad(
+            json!([image_part("https://example.com/cat.png"), text_part("x")]),
+            "--allow-remote-media",
+        )
+        .await;
+        bad(
+            json!([image_part("/etc/hostname"), text_part("x")]),
+            "--allowed-local-media-path",
+        )
+        .await;
+        bad(
+            json!([image_part("data:image/png;base64,@@@@"), text_part("x")]),
+            "not valid base64",
+        )
+        .await;
+        bad(
+            json!([
+                image_part(&data_url(&png[..png.len() / 2], "image/png")),
+                text_part("x")
+            ]),
+            "corrupt",
+        )
+        .await;
+        bad(
+            json!([
+                image_part(&data_url(b"plain text", "text/plain")),
+                text_part("x")
+            ]),
+            "unsupported image format",
+        )
+        .await;
+        bad(
+            json!([
+                image_part(&data_url(&png, "image/png")),
+                text_part("<|image_2|>")
+            ]),
+            "<|image_2|>",
+        )
+        .await;
+        bad(
+            json!([text_part("what is <|endoftext10|>?")]),
+            "reserved for image",
+        )
+        .await;
+        bad(json!([{"type": "image_url", "image_url": {}}]), "image_url").await;
+        let many: Vec<Value> = (0..17)
+            .map(|_| image_part(&data_url(&png, "image/png")))
+            .collect();
+        bad(Value::Array(many), "the limit is 16").await;
+        let huge = MediaLimits {
+            max_image_pixels: 1000,
+            ..server_defaults()
+        };
+        let (s, v) = post(
+            &app_with(huge),
+            request(json!([image_part(&data_url(&png, "image/png"))])),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("larger than the limit"),
+            "{v}"
+        );
+    }
+
+    fn app_with(l: MediaLimits) -> axum::Router {
+        app(l)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn local_files_only_under_the_allowed_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let inside = dir.path().join("in.png");
+        std::fs::write(&inside, png(&pattern_image(500, 300))).unwrap();
+        let outside = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(outside.path(), png(&pattern_image(500, 300))).unwrap();
+        let app = app(MediaLimits {
+            local: LocalMedia::Under(dir.path().to_path_buf()),
+            ..MediaLimits::default()
+        });
+        let url = format!("file://{}", inside.display());
+        let (s, v) = post(
+            &app,
+            request(json!([image_part(&url), text_part("Describe the image.")])),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let sneaky = format!("{}/../{}", dir.path().display(), outside.path().display());
+        for url in [outside.path().display().to_string(), sneaky] {
+            let (s, v) = post(&app, request(json!([image_part(&url)]))).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{url}: {v}");
+        }
+    }
+}
