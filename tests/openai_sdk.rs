@@ -28,9 +28,13 @@ impl Drop for Server {
 }
 
 fn start_server() -> Server {
+    start_server_for(&tiny_dir())
+}
+
+fn start_server_for(model: &Path) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_phi4"))
         .args(["serve", "--model"])
-        .arg(tiny_dir())
+        .arg(model)
         .args([
             "--port",
             "0",
@@ -107,6 +111,41 @@ fn openai_python_sdk_against_phi4_serve() {
     println!("{stdout}");
     eprintln!("{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "SDK checks failed:\n{stdout}");
+    assert!(stdout.contains(" 0 failed"));
+}
+
+#[test]
+fn openai_python_sdk_sends_images() {
+    let r = common::Reference::load_named("tiny-phi4mm");
+    let dir = tempfile::tempdir().unwrap();
+    let img = common::pattern_image(500, 300);
+    let png = dir.path().join("image.png");
+    image::RgbImage::from_raw(img.width as u32, img.height as u32, img.data)
+        .unwrap()
+        .save(&png)
+        .unwrap();
+    let e = phi4::Engine::load(&common::tiny_mm_dir()).unwrap();
+    let expect = e
+        .tokenizer
+        .decode(&r.ids_at(&["modes", "image", "greedy_ids"]), true)
+        .unwrap();
+    let prompt_tokens = r.ids_at(&["modes", "image", "prompt_ids"]).len();
+    let python = sdk_python();
+    let server = start_server_for(&common::tiny_mm_dir());
+    let out = Command::new(python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_sdk/image_test.py"))
+        .env("PHI4_BASE_URL", format!("http://{}/v1", server.addr))
+        .env("PHI4_API_KEY", KEY)
+        .env("PHI4_MODEL", MODEL)
+        .env("PHI4_IMAGE", &png)
+        .env("PHI4_EXPECT", expect)
+        .env("PHI4_PROMPT_TOKENS", prompt_tokens.to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "SDK image checks failed:\n{stdout}");
     assert!(stdout.contains(" 0 failed"));
 }
 
