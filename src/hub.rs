@@ -76,13 +76,23 @@ fn cached_snapshot(repo: &str) -> Option<PathBuf> {
 }
 
 fn offline_help(repo: &str, why: &str) -> String {
+    let name = repo.rsplit('/').next().unwrap_or(repo);
     format!(
         "could not download {repo} from the Hugging Face hub ({why}).\n\
          If this machine is offline, download the model elsewhere (for example \
-         `huggingface-cli download {repo} --local-dir Phi-4-mini-instruct`), copy the directory \
-         here and pass it with --model /path/to/Phi-4-mini-instruct"
+         `huggingface-cli download {repo} --local-dir {name}`), copy the directory \
+         here and pass it with --model /path/to/{name}"
     )
 }
+
+/// Phi-4-multimodal in transformers' layout keeps its adapters in PEFT folders beside the
+/// weights (the remote-code layout has them inside the weights).
+const ADAPTER_FILES: &[&str] = &[
+    "vision-lora/adapter_config.json",
+    "vision-lora/adapter_model.safetensors",
+    "speech-lora/adapter_config.json",
+    "speech-lora/adapter_model.safetensors",
+];
 
 /// Downloads the checkpoint files of `repo` into the hub cache and returns the snapshot dir.
 fn download(repo: &str) -> Result<PathBuf> {
@@ -107,6 +117,15 @@ fn download(repo: &str) -> Result<PathBuf> {
     }
     for f in OPTIONAL {
         let _ = r.get(f); // absent optional files are fine
+    }
+    let config = dir.as_ref().map(|d| d.join("config.json"));
+    if config
+        .and_then(|c| std::fs::read_to_string(c).ok())
+        .is_some_and(|t| t.contains("\"phi4_multimodal\""))
+    {
+        for f in ADAPTER_FILES {
+            fetch(f)?;
+        }
     }
     match r.get("model.safetensors.index.json") {
         Ok(index) => {

@@ -355,6 +355,18 @@ fn quantize_cmd(a: QuantizeArgs) -> Result<()> {
         );
     }
     eprintln!("quantizing {} ({})...", dir.display(), a.recipe.name());
+    let config_text = std::fs::read_to_string(dir.join("config.json"))
+        .with_context(|| format!("reading {}", dir.join("config.json").display()))?;
+    if phi4::config::multimodal::Phi4MMConfig::is_multimodal(&config_text) {
+        let cfg = phi4::config::multimodal::Phi4MMConfig::from_json(&config_text)?;
+        phi4::model::phi4mm::write_quantized(&dir, cfg, a.recipe, &a.out)?;
+        eprintln!(
+            "wrote {} ({}: the decoder quantized; vision tower, projections, speech encoder and adapters as stored)",
+            a.out.display(),
+            a.recipe.name()
+        );
+        return Ok(());
+    }
     let model = load_model(&dir, Some(a.recipe))?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     phi4::model::quantize::write_checkpoint(&model, Some(a.recipe), &a.out)?;

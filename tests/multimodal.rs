@@ -589,3 +589,55 @@ mod server {
         }
     }
 }
+
+#[test]
+fn quantized_decoder_keeps_adapters_and_vision_and_saves_in_either_layout() {
+    use phi4::model::Recipe;
+    let r = reference();
+    let v = 520;
+    let want_last = {
+        let all = r.tensor("mode.image.logits");
+        all[all.len() - v..].to_vec()
+    };
+    for dir in [common::tiny_mm_dir(), common::tiny_mm_remote_dir()] {
+        let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let cfg = Phi4MMConfig::from_json(&text).unwrap();
+        phi4::model::phi4mm::write_quantized(&dir, cfg, Recipe::Q8, out.path()).unwrap();
+        let saved = Engine::load(out.path()).unwrap();
+        let at_load = Engine::load_with_progress(&dir, Some(Recipe::Q8), &mut |_, _| {}).unwrap();
+        let prompt = r.meta["modes"]["image"]["prompt"].as_str().unwrap();
+        let img = [pattern_image(500, 300)];
+        let last = |e: &Engine| {
+            let (ids, media) = e.encode_with_images(prompt, &img).unwrap();
+            let (_, logits) = e.start_with(&ids, media).unwrap();
+            logits
+        };
+        let (a, b) = (last(&saved), last(&at_load));
+        assert_eq!(
+            a,
+            b,
+            "saved and load-time quantization differ ({})",
+            dir.display()
+        );
+        // 8-bit decoder, 16-bit adapters and vision: close to the bf16 reference.
+        let d = rel(&a, &want_last);
+        assert!(
+            d < 0.02,
+            "q8 image logits differ by {d} ({})",
+            dir.display()
+        );
+        assert!(saved.model.model.layers[0]
+            .self_attn
+            .qkv_proj
+            .weight()
+            .as_quant()
+            .is_some());
+        assert_eq!(
+            saved.model.model.layers[0].self_attn.qkv_proj.lora().len(),
+            2
+        );
+        let vision = &saved.mm.as_ref().unwrap().image_embed.img_processor.layers[0];
+        assert!(vision.mlp.fc1.weight().dtype.is_float());
+    }
+}

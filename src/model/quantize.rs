@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 
 use super::Phi3ForCausalLM;
 use crate::kernels::quant::QType;
-use crate::weights::{DType, QuantEntry, LAYOUT, LAYOUT_KEY, META_KEY};
+use crate::weights::{DType, QuantEntry, Tensor, LAYOUT, LAYOUT_KEY, META_KEY};
 
 /// Metadata key of the recipe a checkpoint was made with.
 pub const RECIPE_KEY: &str = "phi4.recipe";
@@ -62,10 +62,14 @@ impl Recipe {
 /// Writes `model` as `dir/model.safetensors`: quantized matrices as described in
 /// [`crate::weights::META_KEY`], float tensors as they are. `recipe` is recorded if given.
 pub fn write_checkpoint(model: &Phi3ForCausalLM, recipe: Option<Recipe>, dir: &Path) -> Result<()> {
-    let named = model.named_tensors();
+    write_tensors(&model.named_tensors(), recipe, dir)
+}
+
+/// Writes named tensors as `dir/model.safetensors` (quantized ones as `N.qs` + `N.scales`).
+pub fn write_tensors(named: &[(String, Tensor)], recipe: Option<Recipe>, dir: &Path) -> Result<()> {
     let mut entries = BTreeMap::new();
     let mut pieces: Vec<(String, safetensors::Dtype, Vec<usize>, &[u8])> = Vec::new();
-    for (name, t) in &named {
+    for (name, t) in named {
         match t.as_quant() {
             Some((q, qs, d)) => {
                 let rows = t.shape[0];

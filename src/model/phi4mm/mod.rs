@@ -200,6 +200,68 @@ impl Phi4MMForCausalLM {
     }
 }
 
+/// Writes a quantized copy of the Phi-4-multimodal checkpoint in `dir` to `out`, in the same
+/// layout: the decoder's matrices by `recipe`, every other tensor (vision tower, projections,
+/// speech encoder, adapters) as stored, and every other file (config, tokenizer, adapter folders)
+/// copied.
+pub fn write_quantized(dir: &Path, config: Phi4MMConfig, recipe: Recipe, out: &Path) -> Result<()> {
+    let layout = config.layout;
+    let model = Phi4MMForCausalLM::load_dir(dir, config, Some(recipe), &mut |_| {})?;
+    let stored = |native: &str| -> String {
+        match layout {
+            Layout::Remote
+                if native.starts_with("model.layers.")
+                    && native.ends_with("_proj.weight")
+                    && !native.contains("layernorm") =>
+            {
+                native.replacen(".weight", ".base_layer.weight", 1)
+            }
+            _ => native.to_owned(),
+        }
+    };
+    let mut named: Vec<(String, Tensor)> = model
+        .lm
+        .named_tensors()
+        .into_iter()
+        .map(|(n, t)| (stored(&n), t))
+        .collect();
+    let written: std::collections::HashSet<String> = named.iter().map(|(n, _)| n.clone()).collect();
+    let original = Checkpoint::open_dir(dir)?;
+    let mut rest: Vec<(String, Tensor)> = original
+        .tensors
+        .into_iter()
+        .filter(|(n, _)| !written.contains(n) && n != "lm_head.weight")
+        .collect();
+    rest.sort_by(|a, b| a.0.cmp(&b.0));
+    named.extend(rest);
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    crate::model::quantize::write_tensors(&named, Some(recipe), out)?;
+    copy_beside_weights(dir, out)
+}
+
+/// Copies everything in `dir` but its weight files into `out` (folders too: the adapters).
+fn copy_beside_weights(dir: &Path, out: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let is_weights = name.ends_with(".safetensors") || name == "model.safetensors.index.json";
+        if path.is_dir() {
+            std::fs::create_dir_all(out.join(name))?;
+            for f in std::fs::read_dir(&path)? {
+                let f = f?.path();
+                if f.is_file() {
+                    std::fs::copy(&f, out.join(name).join(f.file_name().unwrap()))
+                        .with_context(|| format!("copying {}", f.display()))?;
+                }
+            }
+        } else if path.is_file() && !is_weights {
+            std::fs::copy(&path, out.join(name))
+                .with_context(|| format!("copying {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// A native-layout name for a remote-code one (spec §3.9): PEFT's `base_layer.` dropped, the
 /// original image-projection and separator names replaced. LoRA weights keep their adapter
 /// segment (`lora_A.vision.weight`) for the caller to sort out.
