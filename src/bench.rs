@@ -326,3 +326,131 @@ pub fn run_batched(
         wall_s,
     })
 }
+
+/// One image size of the image benchmark: medians over the runs, milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageBench {
+    pub width: usize,
+    pub height: usize,
+    /// Global view + crops through the vision tower.
+    pub views: usize,
+    pub image_tokens: usize,
+    pub prompt_tokens: usize,
+    /// Decoding aside: the dynamic-HD processor on the RGB pixels.
+    pub preprocess_ms: f64,
+    /// Vision tower, pooling, layout and projection.
+    pub vision_ms: f64,
+    /// The decoder over the whole prompt (vision adapter on), to the first token's logits.
+    pub prefill_ms: f64,
+    pub time_to_first_token_ms: f64,
+    /// Vision-tower matrix products per second (multiply-adds of its linear layers and
+    /// attention), to compare with the machine's matrix-product peak.
+    pub vision_gmacs: f64,
+    pub runs: usize,
+}
+
+/// The machine's bf16 matrix-product rate as our kernels reach it, G multiply-adds/s: the best
+/// of five products of a 4096×4096 bf16 matrix with 1024 activation rows (compute-bound) with
+/// `acts` activations; the yardstick for the encoders' efficiency.
+pub fn bf16_matmul_peak_gmacs(acts: crate::kernels::bf16::Bf16Acts) -> Result<f64> {
+    let (n, rows) = (4096, 1024);
+    let w = crate::weights::Tensor::bf16_with(vec![n, n], |v| {
+        for (i, x) in v.iter_mut().enumerate() {
+            *x = half::bf16::from_f32(((i * 2654435761) % 1999) as f32 * 1e-4 - 0.1);
+        }
+    });
+    let mut lin = crate::model::Linear::new(w)?;
+    lin.set_bf16_acts(acts);
+    let x: Vec<f32> = (0..rows * n)
+        .map(|i| ((i * 40503) % 997) as f32 * 1e-3 - 0.5)
+        .collect();
+    let mut y = vec![0f32; rows * n];
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t = Instant::now();
+        lin.forward(&x, &mut y);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok((n * n * rows) as f64 / best / 1e9)
+}
+
+/// Multiply-adds of the vision tower over `views` crops (linear layers and attention).
+pub fn vision_macs(c: &crate::config::multimodal::VisionConfig, views: usize) -> f64 {
+    let n = c.patches_per_side().pow(2) as f64;
+    let (h, i) = (c.hidden_size as f64, c.intermediate_size as f64);
+    let pdim = (c.num_channels * c.patch_size * c.patch_size) as f64;
+    let per_layer = n * (4.0 * h * h + 2.0 * h * i) + 2.0 * n * n * h;
+    views as f64 * (n * pdim * h + c.layers_used() as f64 * per_layer)
+}
+
+/// Time to first token for one image of each size with a `text_tokens`-token text prompt,
+/// split into preprocess / vision tower / prefill (spec: the image's tokens after the text).
+pub fn run_images(
+    lm: &Phi3ForCausalLM,
+    image_embed: &crate::model::phi4mm::image_embed::ImageEmbedding,
+    image_token_id: u32,
+    sizes: &[(usize, usize)],
+    text_tokens: usize,
+    runs: usize,
+) -> Result<Vec<ImageBench>> {
+    use crate::media::{dynamic_hd, RgbImage};
+    let mut out = Vec::new();
+    for &(w, h) in sizes {
+        // A textured picture: the processor's cost depends on the sizes only.
+        let data = (0..w * h * 3)
+            .map(|i| (i * 2654435761usize >> 13) as u8)
+            .collect();
+        let img = RgbImage::new(w, h, data)?;
+        let (mut pre, mut vis, mut fill) = (Vec::new(), Vec::new(), Vec::new());
+        let mut shape = (0, 0, 0);
+        for r in 0..runs {
+            let t0 = Instant::now();
+            let p = dynamic_hd::preprocess(&img, dynamic_hd::DEFAULT_MAX_CROPS)?;
+            let t1 = Instant::now();
+            let rows = image_embed.forward(&p)?;
+            let t2 = Instant::now();
+            let text = random_prompt(7 + r as u64, text_tokens, lm.config.vocab_size.min(199_999));
+            let mut ids = vec![image_token_id; p.num_tokens()];
+            ids.extend(text);
+            let embeds = crate::model::InputEmbeds::new(
+                (0..p.num_tokens()).collect(),
+                rows,
+                lm.config.hidden_size,
+            )?;
+            let mut cache = lm.new_cache();
+            let item = crate::model::BatchItem {
+                adapter: Some(crate::model::phi4mm::VISION),
+                embeds: Some(&embeds),
+                ..crate::model::BatchItem::new(&ids, &mut cache, lm.rope.table_for_len(ids.len()))
+            };
+            let mut logits = Vec::new();
+            lm.forward_item(item, Logits::Last, None, &mut logits)?;
+            std::hint::black_box(argmax(&logits));
+            let t3 = Instant::now();
+            pre.push((t1 - t0).as_secs_f64() * 1e3);
+            vis.push((t2 - t1).as_secs_f64() * 1e3);
+            fill.push((t3 - t2).as_secs_f64() * 1e3);
+            shape = (p.views(), p.num_tokens(), ids.len());
+        }
+        let vision_ms = median(vis);
+        out.push(ImageBench {
+            width: w,
+            height: h,
+            views: shape.0,
+            image_tokens: shape.1,
+            prompt_tokens: shape.2,
+            preprocess_ms: median(pre.clone()),
+            vision_ms,
+            prefill_ms: median(fill.clone()),
+            time_to_first_token_ms: median(
+                pre.iter()
+                    .zip(&fill)
+                    .map(|(a, b)| a + b)
+                    .collect::<Vec<_>>(),
+            ) + vision_ms,
+            vision_gmacs: vision_macs(&image_embed.img_processor.config, shape.0) / vision_ms / 1e6,
+            runs,
+        });
+    }
+    Ok(out)
+}

@@ -96,6 +96,14 @@ impl ModelOptions {
         model.kv_cache = self.kv_cache;
         model.set_bf16_acts(self.bf16_acts);
     }
+
+    /// [`ModelOptions::apply`] to an engine, its vision tower included.
+    fn apply_engine(&self, engine: &mut Engine) {
+        self.apply(&mut engine.model);
+        if let Some(mm) = &mut engine.mm {
+            mm.image_embed.set_bf16_acts(self.bf16_acts);
+        }
+    }
 }
 
 fn parse_recipe(s: &str) -> Result<Recipe> {
@@ -296,6 +304,29 @@ struct BenchArgs {
     /// simultaneous requests (e.g. 1,4,16) instead of the single-stream figures.
     #[arg(long, value_delimiter = ',')]
     concurrency: Vec<usize>,
+    /// Phi-4-multimodal's image path instead (repeatable, WIDTHxHEIGHT): time to first token
+    /// for one image of each size with a --prompt-tokens text prompt, split into preprocess /
+    /// vision tower / prefill. With --synthetic: random Phi-4-multimodal weights.
+    #[arg(long = "image", value_parser = parse_size, value_name = "WxH")]
+    images: Vec<(usize, usize)>,
+    /// With --synthetic --save: Phi-4-multimodal weights (transformers' layout, bf16) instead.
+    #[arg(long)]
+    multimodal: bool,
+}
+
+fn parse_size(s: &str) -> Result<(usize, usize)> {
+    let (w, h) = s
+        .split_once(['x', 'X'])
+        .with_context(|| format!("image size {s:?} is not WIDTHxHEIGHT"))?;
+    let (w, h): (usize, usize) = (
+        w.parse().with_context(|| format!("image width in {s:?}"))?,
+        h.parse()
+            .with_context(|| format!("image height in {s:?}"))?,
+    );
+    if w == 0 || h == 0 || w * h > 100_000_000 {
+        bail!("image size {s:?} must be between 1x1 and 100 Mpixel");
+    }
+    Ok((w, h))
 }
 
 fn main() -> ExitCode {
@@ -339,7 +370,7 @@ fn load_engine(spec: &str, quant: Option<Recipe>, opts: &ModelOptions) -> Result
     } else {
         load_dir(&resolve_model(spec)?, quant)?
     };
-    opts.apply(&mut engine.model);
+    opts.apply_engine(&mut engine);
     Ok(engine)
 }
 
@@ -718,6 +749,9 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     if a.prompt_tokens == 0 || a.gen_tokens == 0 || a.runs == 0 {
         bail!("--prompt-tokens, --gen-tokens and --runs must be at least 1");
     }
+    if !a.images.is_empty() || a.multimodal {
+        return bench_images(a);
+    }
     let mut engine = None;
     let mut synthetic = None;
     let (model, label): (&Phi3ForCausalLM, String) = match (&a.model, a.synthetic) {
@@ -817,6 +851,118 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
                 .iter()
                 .map(|r| (r.prefill_tokens_per_s * 10.0).round() / 10.0)
                 .collect::<Vec<_>>()
+        );
+    }
+    Ok(())
+}
+
+fn bench_images(a: BenchArgs) -> Result<()> {
+    use phi4::config::multimodal::Phi4MMConfig;
+    use phi4::model::phi4mm::Phi4MMForCausalLM;
+    let mut synthetic = None;
+    let mut engine = None;
+    let (lm, image_embed, image_id, label) = match (&a.model, a.synthetic) {
+        (None, true) => {
+            eprintln!(
+                "building synthetic Phi-4-multimodal weights (bf16, random, both adapters)..."
+            );
+            let mut m = Phi4MMForCausalLM::synthetic(Phi4MMConfig::phi4_multimodal(), 1)?;
+            if let Some(dir) = &a.save {
+                if a.quant.is_some() {
+                    bail!("--save with --multimodal writes bf16 weights (for transformers); leave out --quant");
+                }
+                phi4::model::phi4mm::write_native(&m, dir)?;
+                eprintln!("wrote {} (transformers' layout, bf16)", dir.display());
+                return Ok(());
+            }
+            let format = match a.quant {
+                Some(r) => {
+                    eprintln!("quantizing the decoder ({})...", r.name());
+                    m.lm.quantize(r)?;
+                    r.name()
+                }
+                None => "bf16",
+            };
+            a.opts.apply(&mut m.lm);
+            m.image_embed.set_bf16_acts(a.opts.bf16_acts);
+            let m = synthetic.insert(m);
+            let id = m.image_token_id();
+            (
+                &m.lm,
+                &m.image_embed,
+                id,
+                format!("synthetic Phi-4-multimodal {format}"),
+            )
+        }
+        (Some(path), _) => {
+            let e: &Engine = engine.insert(load_engine(path, a.quant, &a.opts)?);
+            let mm = e.multimodal()?;
+            (
+                &e.model,
+                &mm.image_embed,
+                mm.config.vision.image_token_id,
+                path.clone(),
+            )
+        }
+        (None, false) => bail!("give --model M or --synthetic"),
+    };
+    if a.images.is_empty() {
+        bail!("give the image sizes to time with --image WIDTHxHEIGHT (e.g. 448x448)");
+    }
+    let results = bench::run_images(
+        lm,
+        image_embed,
+        image_id,
+        &a.images,
+        a.prompt_tokens,
+        a.runs,
+    )?;
+    let peak_gmacs = bench::bf16_matmul_peak_gmacs(a.opts.bf16_acts)?;
+    let tensor_bytes = |v: Vec<(String, phi4::weights::Tensor)>| -> usize {
+        v.iter().map(|(_, t)| t.nbytes()).sum()
+    };
+    let lora_bytes: usize = lm
+        .model
+        .layers
+        .iter()
+        .flat_map(|l| l.linears())
+        .flat_map(|(_, lin)| lin.lora().iter())
+        .map(|d| d.a.weight().nbytes() + d.b.weight().nbytes())
+        .sum();
+    let weights_mb = (tensor_bytes(lm.named_tensors())
+        + lora_bytes
+        + tensor_bytes(image_embed.named_tensors())) as f64
+        / 1e6;
+    let peak = bench::peak_rss_mb();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "model": label, "threads": rayon::current_num_threads(),
+                "text_tokens": a.prompt_tokens, "images": results,
+                "weights_mb": weights_mb, "adapters_mb": lora_bytes as f64 / 1e6,
+                "peak_rss_mb": peak, "bf16_matmul_peak_gmacs": peak_gmacs,
+                "bf16_acts": a.opts.bf16_acts.name(),
+            }))?
+        );
+    } else {
+        println!("model: {label}, threads: {}", rayon::current_num_threads());
+        for r in &results {
+            println!(
+                "{}x{}: {} views, {} image + {} text tokens: time to first token {:.0} ms = preprocess {:.0} + vision {:.0} ({:.1} G MAC/s, {:.0}% of the bf16 product peak) + prefill {:.0} ms (median of {})",
+                r.width, r.height, r.views, r.image_tokens, r.prompt_tokens - r.image_tokens,
+                r.time_to_first_token_ms, r.preprocess_ms, r.vision_ms, r.vision_gmacs,
+                100.0 * r.vision_gmacs / peak_gmacs, r.prefill_ms, r.runs
+            );
+        }
+        println!(
+            "bf16 matrix-product peak ({} activations): {peak_gmacs:.1} G MAC/s",
+            a.opts.bf16_acts.name()
+        );
+        println!(
+            "weights {weights_mb:.0} MB (adapters {:.0} MB, unmerged); peak RSS {}",
+            lora_bytes as f64 / 1e6,
+            peak.map_or("n/a".into(), |p| format!("{p:.0} MB"))
         );
     }
     Ok(())

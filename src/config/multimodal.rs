@@ -255,6 +255,10 @@ pub struct Phi4MMConfig {
     pub audio: Option<Value>,
 }
 
+/// The LoRA target regex of transformers' converter (both adapters).
+pub const LORA_TARGETS: &str =
+    r"model.layers.\d+.((self_attn.(qkv|o)_proj)|(mlp.(gate_up|down)_proj))";
+
 /// `model_type`s of Phi-4-multimodal checkpoints.
 pub const MODEL_TYPES: [&str; 2] = ["phi4mm", "phi4_multimodal"];
 
@@ -316,6 +320,58 @@ impl Phi4MMConfig {
             speech_lora,
             audio_token_id,
             audio,
+        })
+    }
+
+    /// The released Phi-4-multimodal-instruct (remote-code layout, spec §3.2): the Phi-4-mini
+    /// decoder, SigLIP so400m, vision LoRA r 256 / α 512, speech LoRA r 320 / α 640.
+    pub fn phi4_multimodal() -> Phi4MMConfig {
+        let mut v: Value =
+            serde_json::from_str(super::PHI4_MINI_CONFIG).expect("the built-in config is JSON");
+        v["architectures"] = serde_json::json!(["Phi4MMForCausalLM"]);
+        v["model_type"] = Value::from("phi4mm");
+        v["eos_token_id"] = serde_json::json!([199999, 200020]);
+        v["embd_layer"] = serde_json::json!({
+            "embedding_cls": "image_audio",
+            "image_embd_layer": {"crop_size": 448, "embedding_cls": "tune_image",
+                "hd_transform_order": "sub_glb", "image_token_compression_cls": "avg_pool_2d",
+                "projection_cls": "mlp", "use_hd_transform": true, "with_learnable_separator": true},
+            "audio_embd_layer": {"compression_rate": 8, "downsample_rate": 1, "embedding_cls": "audio",
+                "projection_cls": "mlp", "use_conv_downsample": false, "use_qformer": false}
+        });
+        v["vision_lora"] = serde_json::json!({"r": 256, "lora_alpha": 512, "dp": 0.0});
+        v["speech_lora"] = serde_json::json!({"r": 320, "lora_alpha": 640, "dp": 0.01});
+        Phi4MMConfig::from_json(&v.to_string()).expect("the built-in config is valid")
+    }
+
+    /// This configuration as transformers' native `config.json` (`phi4_multimodal`), for a
+    /// checkpoint that transformers loads (the audio tower at the class's sizes).
+    pub fn native_json(&self) -> Value {
+        let t = &self.text;
+        let v = &self.vision;
+        serde_json::json!({
+            "architectures": ["Phi4MultimodalForCausalLM"],
+            "model_type": "phi4_multimodal",
+            "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads, "num_key_value_heads": t.num_kv_heads(),
+            "hidden_act": t.hidden_act, "rms_norm_eps": t.rms_norm_eps,
+            "max_position_embeddings": t.max_position_embeddings,
+            "original_max_position_embeddings": t.original_max_position_embeddings,
+            "rope_theta": t.rope.theta, "partial_rotary_factor": t.rope.rotary_dim as f64 / t.head_dim() as f64,
+            "rope_scaling": t.rope_scaling, "rope_parameters": t.rope_parameters,
+            "sliding_window": t.sliding_window, "tie_word_embeddings": t.tie_word_embeddings,
+            "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id.as_ref().map(|e| e.to_vec()),
+            "pad_token_id": t.pad_token_id,
+            "torch_dtype": "bfloat16",
+            "vision_config": {
+                "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+                "num_hidden_layers": v.num_hidden_layers, "num_attention_heads": v.num_attention_heads,
+                "image_size": v.image_size, "patch_size": v.patch_size, "layer_norm_eps": v.layer_norm_eps,
+                "hidden_act": v.hidden_act, "feature_layer": v.feature_layer, "crop_size": v.crop_size,
+                "image_token_id": v.image_token_id
+            },
+            "audio_config": {"audio_token_id": self.audio_token_id, "bias_max_distance": 500}
         })
     }
 

@@ -26,13 +26,9 @@ pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// GELU with the tanh approximation (`gelu_pytorch_tanh`), in place.
+/// GELU with the tanh approximation (`gelu_pytorch_tanh`), in place, on every thread.
 pub fn gelu_tanh(x: &mut [f32]) {
-    const K: f32 = 0.797_884_6; // sqrt(2/pi)
-    for v in x {
-        let u = *v;
-        *v = 0.5 * u * (1.0 + (K * (u + 0.044715 * u * u * u)).tanh());
-    }
+    x.par_chunks_mut(1 << 14).for_each(super::ops::gelu_tanh);
 }
 
 /// Exact GELU, `x · Φ(x)` through erf, in place.
@@ -223,7 +219,25 @@ mod tests {
         let mut t = [-1.5f32, 0.3, 2.0];
         gelu_tanh(&mut t);
         for (g, w) in t.iter().zip([-0.100_428_43f32, 0.185_370_94, 1.954_597_7]) {
-            assert!((g - w).abs() < 2e-7, "{g} vs {w}");
+            assert!((g - w).abs() < 4e-7, "{g} vs {w}");
+        }
+        // Every vector width against the tanh definition in f64, tails and extremes included.
+        let xs: Vec<f32> = (0..40_000)
+            .map(|i| (i as f32 - 20_000.0) * 7.3e-4)
+            .chain([-90.0, 90.0, 0.0])
+            .collect();
+        for n in [1, 7, 8, 15, 16, 17, xs.len()] {
+            let mut y = xs[..n].to_vec();
+            gelu_tanh(&mut y);
+            for (&x, &y) in xs.iter().zip(&y) {
+                let x = f64::from(x);
+                let want =
+                    0.5 * x * (1.0 + (0.797_884_560_802_865_4 * (x + 0.044715 * x * x * x)).tanh());
+                assert!(
+                    (f64::from(y) - want).abs() <= 3e-6 * want.abs() + 1e-9,
+                    "gelu({x}) = {y}, want {want}"
+                );
+            }
         }
         let mut e = [-1.5f32, 0.3, 2.0];
         gelu_erf(&mut e);

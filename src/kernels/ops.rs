@@ -61,6 +61,65 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// GELU with the tanh approximation (`gelu_pytorch_tanh`) in place, computed as `x·σ(2u)` with
+/// `u = √(2/π)·(x + 0.044715·x³)`: the same function as `0.5·x·(1 + tanh u)`, one exponential.
+pub fn gelu_tanh(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::avx512() {
+        // SAFETY: AVX-512 F detected.
+        return unsafe { gelu_tanh_avx512(x) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if cpu() == Isa::Avx2 {
+        // SAFETY: Avx2 (with FMA) only after detection.
+        return unsafe { gelu_tanh_avx2(x) };
+    }
+    for v in x {
+        let u = GELU_K * (*v + 0.044715 * *v * *v * *v);
+        *v /= 1.0 + (-2.0 * u).exp();
+    }
+}
+
+/// √(2/π).
+const GELU_K: f32 = 0.797_884_6;
+
+/// [`gelu_tanh`] sixteen values at a time: libm's tanh one value at a time was 7 % of the
+/// vision tower's time (synthetic so400m, 448×448 image, perf).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gelu_tanh_avx512(x: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = x.len();
+    let p = x.as_mut_ptr();
+    for i in (0..n).step_by(16) {
+        let k = lanes_from(i, n);
+        let v = _mm512_maskz_loadu_ps(k, p.add(i));
+        let cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+        let u = _mm512_fmadd_ps(cube, _mm512_set1_ps(0.044715), v);
+        let e = exp_avx512(_mm512_mul_ps(u, _mm512_set1_ps(-2.0 * GELU_K)));
+        let y = _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0), e));
+        _mm512_mask_storeu_ps(p.add(i), k, y);
+    }
+}
+
+/// [`gelu_tanh_avx512`] eight values at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gelu_tanh_avx2(x: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = x.len();
+    let p = x.as_mut_ptr();
+    for i in (0..n).step_by(8) {
+        let k = lanes_from_avx2(i, n);
+        let v = _mm256_maskload_ps(p.add(i), k);
+        let cube = _mm256_mul_ps(_mm256_mul_ps(v, v), v);
+        let u = _mm256_fmadd_ps(cube, _mm256_set1_ps(0.044715), v);
+        let e = exp_avx2(_mm256_mul_ps(u, _mm256_set1_ps(-2.0 * GELU_K)));
+        let y = _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0), e));
+        _mm256_maskstore_ps(p.add(i), k, y);
+    }
+}
+
 /// Rotates the first `2 * cos.len()` dims of one head in place, NeoX half-split: dim k pairs with
 /// dim k + half; dims past the rotary part pass through.
 pub fn rope_neox(head: &mut [f32], cos: &[f32], sin: &[f32]) {

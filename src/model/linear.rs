@@ -102,6 +102,10 @@ impl Linear {
         Ok(())
     }
 
+    pub fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
+    }
+
     pub fn lora(&self) -> &[LoraDelta] {
         &self.lora
     }
@@ -142,8 +146,13 @@ impl Linear {
         self.bf16_acts
     }
 
+    /// Also for the adapters' matrices on this layer.
     pub fn set_bf16_acts(&mut self, acts: Bf16Acts) {
         self.bf16_acts = acts;
+        for d in &mut self.lora {
+            d.a.set_bf16_acts(acts);
+            d.b.set_bf16_acts(acts);
+        }
     }
 
     /// `x` is `[n, in_features]`, `y` is `[n, out_features]`, both row-major. No adapter.

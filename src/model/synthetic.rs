@@ -6,8 +6,10 @@ use rayon::prelude::*;
 
 use super::phi3::{Attention, DecoderLayer, Mlp, Phi3ForCausalLM};
 use super::Linear;
+use crate::config::multimodal::Phi4MMConfig;
 use crate::config::Phi3Config;
 use crate::weights::Tensor;
+use anyhow::Result;
 
 fn random_bf16(v: &mut [bf16], scale: f32, seed: u64) {
     v.par_chunks_mut(1 << 16)
@@ -66,5 +68,82 @@ impl Phi3ForCausalLM {
         let embed = Tensor::bf16_with(vec![v, h], |x| random_bf16(x, 0.1, seed));
         let lm_head = Linear::new(embed.clone()).expect("2-D");
         Phi3ForCausalLM::from_parts(config, embed, layers, vec![1.0; h], lm_head)
+    }
+}
+
+impl super::phi4mm::Phi4MMForCausalLM {
+    /// Phi-4-multimodal of `config`'s shapes with random bf16 weights: the decoder, the vision
+    /// tower (the layers that feed the feature layer), the projection, and both adapters on
+    /// every decoder projection (unmerged, as served).
+    pub fn synthetic(config: Phi4MMConfig, seed: u64) -> Result<super::phi4mm::Phi4MMForCausalLM> {
+        use super::phi4mm::image_embed::ImageEmbedding;
+        use super::phi4mm::siglip::{
+            LayerNorm, VisionAttention, VisionEmbeddings, VisionEncoderLayer, VisionMlp,
+            VisionModel,
+        };
+        let mut lm = Phi3ForCausalLM::synthetic(config.text.clone(), seed);
+        let v = &config.vision;
+        let (hv, iv) = (v.hidden_size, v.intermediate_size);
+        let biased = |rows: usize, cols: usize, s: u64| -> Result<Linear> {
+            let m = matrix(rows, cols, s);
+            Linear::with_bias(m.weight().clone(), vec![0.0; rows])
+        };
+        let norm = || LayerNorm {
+            weight: vec![1.0; hv],
+            bias: vec![0.0; hv],
+        };
+        let s = seed.wrapping_mul(31).wrapping_add(7);
+        let mut layers = Vec::new();
+        for l in 0..v.layers_used() {
+            let k = s.wrapping_add(10 * l as u64);
+            layers.push(VisionEncoderLayer {
+                layer_norm1: norm(),
+                self_attn: VisionAttention {
+                    q_proj: biased(hv, hv, k)?,
+                    k_proj: biased(hv, hv, k + 1)?,
+                    v_proj: biased(hv, hv, k + 2)?,
+                    out_proj: biased(hv, hv, k + 3)?,
+                },
+                layer_norm2: norm(),
+                mlp: VisionMlp {
+                    fc1: biased(iv, hv, k + 4)?,
+                    fc2: biased(hv, iv, k + 5)?,
+                },
+            });
+        }
+        let patches = v.patches_per_side().pow(2);
+        let pdim = v.num_channels * v.patch_size * v.patch_size;
+        let h = config.text.hidden_size;
+        let pos = matrix(patches, hv, s + 1000).weight().to_f32_vec();
+        let image_embed = ImageEmbedding {
+            img_processor: VisionModel {
+                config: v.clone(),
+                embeddings: VisionEmbeddings {
+                    patch_embedding: biased(hv, pdim, s + 1001)?,
+                    position_embedding: pos,
+                },
+                layers,
+            },
+            sub_img_feature_extensor: vec![0.01; hv],
+            global_img_feature_extensor: vec![-0.01; hv],
+            img_projection_up: biased(h, hv, s + 1002)?,
+            img_projection_down: biased(h, h, s + 1003)?,
+        };
+        for (id, spec) in [(0, &config.vision_lora), (1, &config.speech_lora)] {
+            let Some(spec) = spec else { continue };
+            for (l, layer) in lm.model.layers.iter_mut().enumerate() {
+                for (k, (_, lin)) in layer.linears_mut().into_iter().enumerate() {
+                    let base = s.wrapping_add(5000 + 100 * l as u64 + 10 * k as u64 + id as u64);
+                    let a = matrix(spec.r, lin.in_features, base).weight().clone();
+                    let b = matrix(lin.out_features, spec.r, base + 5).weight().clone();
+                    lin.add_lora(id, a, b, spec.scale())?;
+                }
+            }
+        }
+        Ok(super::phi4mm::Phi4MMForCausalLM {
+            config,
+            lm,
+            image_embed,
+        })
     }
 }

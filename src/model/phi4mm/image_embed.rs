@@ -6,6 +6,7 @@ use anyhow::{ensure, Result};
 
 use super::siglip::{biased_linear, VisionModel};
 use crate::config::multimodal::VisionConfig;
+use crate::kernels::bf16::Bf16Acts;
 use crate::kernels::encoder::gelu_erf;
 use crate::media::ProcessedImage;
 use crate::model::linear::Linear;
@@ -60,6 +61,86 @@ impl ImageEmbedding {
             img_projection_up,
             img_projection_down,
         })
+    }
+
+    /// How activations meet the tower's and the projection's bf16 weights (see [`Bf16Acts`]).
+    pub fn set_bf16_acts(&mut self, acts: Bf16Acts) {
+        for l in self.img_processor.linears_mut() {
+            l.set_bf16_acts(acts);
+        }
+        self.img_projection_up.set_bf16_acts(acts);
+        self.img_projection_down.set_bf16_acts(acts);
+    }
+
+    /// Every tensor by its native name (layers past the feature layer are not held).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let vec = |name: String, v: &[f32], shape: Vec<usize>| (name, Tensor::from_f32(shape, v));
+        let mut out = Vec::new();
+        let mut linear = |name: String, l: &Linear, shape: Vec<usize>| {
+            let mut w = l.weight().clone();
+            w.shape = shape;
+            out.push((format!("{name}.weight"), w));
+            let b = l.bias().expect("the image embedding's layers have biases");
+            out.push((format!("{name}.bias"), Tensor::from_f32(vec![b.len()], b)));
+        };
+        let t = &self.img_processor;
+        let c = &t.config;
+        let p = format!("{PREFIX}.img_processor");
+        linear(
+            format!("{p}.embeddings.patch_embedding"),
+            &t.embeddings.patch_embedding,
+            vec![c.hidden_size, c.num_channels, c.patch_size, c.patch_size],
+        );
+        for (l, layer) in t.layers.iter().enumerate() {
+            let q = format!("{p}.encoder.layers.{l}");
+            for (n, lin) in [
+                ("self_attn.q_proj", &layer.self_attn.q_proj),
+                ("self_attn.k_proj", &layer.self_attn.k_proj),
+                ("self_attn.v_proj", &layer.self_attn.v_proj),
+                ("self_attn.out_proj", &layer.self_attn.out_proj),
+                ("mlp.fc1", &layer.mlp.fc1),
+                ("mlp.fc2", &layer.mlp.fc2),
+            ] {
+                linear(format!("{q}.{n}"), lin, lin.weight().shape.clone());
+            }
+        }
+        linear(
+            format!("{PREFIX}.img_projection_up"),
+            &self.img_projection_up,
+            self.img_projection_up.weight().shape.clone(),
+        );
+        linear(
+            format!("{PREFIX}.img_projection_down"),
+            &self.img_projection_down,
+            self.img_projection_down.weight().shape.clone(),
+        );
+        let hv = c.hidden_size;
+        out.push(vec(
+            format!("{p}.embeddings.position_embedding.weight"),
+            &t.embeddings.position_embedding,
+            vec![c.patches_per_side().pow(2), hv],
+        ));
+        for (l, layer) in t.layers.iter().enumerate() {
+            let q = format!("{p}.encoder.layers.{l}");
+            for (n, norm) in [
+                ("layer_norm1", &layer.layer_norm1),
+                ("layer_norm2", &layer.layer_norm2),
+            ] {
+                out.push(vec(format!("{q}.{n}.weight"), &norm.weight, vec![hv]));
+                out.push(vec(format!("{q}.{n}.bias"), &norm.bias, vec![hv]));
+            }
+        }
+        out.push(vec(
+            format!("{PREFIX}.sub_img_feature_extensor"),
+            &self.sub_img_feature_extensor,
+            vec![1, 1, 1, hv],
+        ));
+        out.push(vec(
+            format!("{PREFIX}.global_img_feature_extensor"),
+            &self.global_img_feature_extensor,
+            vec![1, 1, hv],
+        ));
+        out
     }
 
     /// The tower's feature layer, 2×2 average-pooled: `[views, (side/2)², vision hidden]`.

@@ -239,6 +239,58 @@ pub fn write_quantized(dir: &Path, config: Phi4MMConfig, recipe: Recipe, out: &P
     copy_beside_weights(dir, out)
 }
 
+/// Writes `model` in transformers' native layout: `config.json`, `model.safetensors` (decoder
+/// and image embedding; a float model only) and one PEFT folder per adapter. The speech encoder is
+/// not written (transformers initialises what is missing), so the result serves as the peer's
+/// copy of synthetic weights for benchmarks.
+pub fn write_native(model: &Phi4MMForCausalLM, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(
+        out.join("config.json"),
+        serde_json::to_string_pretty(&model.config.native_json())?,
+    )?;
+    let mut named = model.lm.named_tensors();
+    named.extend(model.image_embed.named_tensors());
+    crate::model::quantize::write_tensors(&named, None, out)?;
+    for (id, name) in ADAPTERS.iter().enumerate() {
+        let spec = match id {
+            VISION => &model.config.vision_lora,
+            _ => &model.config.speech_lora,
+        };
+        let Some(spec) = spec else { continue };
+        let mut tensors = Vec::new();
+        for (l, layer) in model.lm.model.layers.iter().enumerate() {
+            for (m, lin) in layer.linears() {
+                for d in lin.lora().iter().filter(|d| d.adapter == id) {
+                    let p = format!("model.layers.{l}.{m}");
+                    tensors.push((format!("{p}.lora_A.weight"), d.a.weight().clone()));
+                    tensors.push((format!("{p}.lora_B.weight"), d.b.weight().clone()));
+                }
+            }
+        }
+        if tensors.is_empty() {
+            continue;
+        }
+        let dir = out.join(format!("{name}-lora"));
+        std::fs::create_dir_all(&dir)?;
+        crate::model::quantize::write_tensors(&tensors, None, &dir)?;
+        std::fs::rename(
+            dir.join("model.safetensors"),
+            dir.join("adapter_model.safetensors"),
+        )?;
+        std::fs::write(
+            dir.join("adapter_config.json"),
+            serde_json::to_string_pretty(&serde_json::json!({
+                "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.r,
+                "lora_alpha": spec.alpha, "lora_dropout": 0.0, "bias": "none",
+                "use_rslora": spec.rslora, "use_dora": false,
+                "target_modules": crate::config::multimodal::LORA_TARGETS,
+            }))?,
+        )?;
+    }
+    Ok(())
+}
+
 /// Copies everything in `dir` but its weight files into `out` (folders too: the adapters).
 fn copy_beside_weights(dir: &Path, out: &Path) -> Result<()> {
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
