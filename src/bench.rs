@@ -119,6 +119,12 @@ pub fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// Starts peak-RSS accounting afresh (Linux: `clear_refs` 5), so a benchmark's peak is that of
+/// the model at work, not of building or quantizing its synthetic weights.
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 /// Reproducible ids below the special tokens (an LCG; the values do not matter for speed).
 fn random_prompt(seed: u64, len: usize, vocab: usize) -> Vec<u32> {
     let mut s = seed;

@@ -909,6 +909,7 @@ fn bench_images(a: BenchArgs) -> Result<()> {
     if a.images.is_empty() {
         bail!("give the image sizes to time with --image WIDTHxHEIGHT (e.g. 448x448)");
     }
+    bench::reset_peak_rss();
     let results = bench::run_images(
         lm,
         image_embed,

@@ -323,6 +323,11 @@ fn bad_image_input_is_refused_with_a_clear_error() {
         load(png(&img)[..60].to_vec())
     );
     assert!(load(Vec::new()).contains("empty"));
+    // Ids given directly (the completions endpoint) are held to the same rule.
+    for id in [512u32, 513] {
+        let e2 = e.generate_ids(&[504, id, 30], &SamplingParams::greedy(1), &mut |_| true);
+        assert!(format!("{:#}", e2.unwrap_err()).contains(&format!("id {id}")));
+    }
     let remote = e.load_image(&ImageSource::Url("https://example.com/a.png".into()));
     assert!(format!("{:#}", remote.unwrap_err()).contains("--allow-remote-media"));
     // A text model says it takes no images.

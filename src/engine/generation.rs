@@ -105,15 +105,22 @@ impl Engine {
         {
             bail!("prompt token id {bad} is outside the model's vocabulary");
         }
-        if let Some(m) = &req.media {
-            let image_id = self.multimodal()?.config.vision.image_token_id;
+        if let Some(mm) = &self.mm {
+            // Image and audio ids stand for media rows: a prompt may hold exactly those its
+            // media fill (a literal one in text or ids would take an image's place).
+            let (image_id, audio_id) = (mm.config.vision.image_token_id, mm.config.audio_token_id);
+            let rows = req.media.as_ref().map_or(0, |m| m.embeds.len());
             let slots = prompt.iter().filter(|&&t| t == image_id).count();
-            if slots != m.embeds.len() {
+            if slots != rows {
                 bail!(
-                    "the prompt has {slots} image tokens for {} image rows",
-                    m.embeds.len()
+                    "the prompt holds {slots} image tokens (id {image_id}) for {rows} image rows; place images with <|image_N|>"
                 );
             }
+            if prompt.contains(&audio_id) {
+                bail!("the prompt holds the audio token (id {audio_id}), reserved for audio input");
+            }
+        } else if req.media.is_some() {
+            self.multimodal()?;
         }
         if req.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
             bail!("top_logprobs must be at most {MAX_TOP_LOGPROBS}");

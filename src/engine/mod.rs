@@ -136,12 +136,7 @@ impl Engine {
             return Self::load_multimodal(dir, &config_text, quant, progress);
         }
         let config = Phi3Config::from_file(&config_path)?;
-        let gen_path = dir.join("generation_config.json");
-        let gen = if gen_path.exists() {
-            GenerationConfig::from_file(&gen_path)?
-        } else {
-            GenerationConfig::default()
-        };
+        let gen = Self::generation_config(dir)?;
         let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
         let template = ChatTemplate::from_model_dir(dir)?;
         let mut ckpt = Checkpoint::open_dir(dir)?;

@@ -133,6 +133,106 @@ fn over_white(c: u32, a: u32) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use image::{DynamicImage, ImageBuffer, ImageFormat, Rgb, Rgba};
+
+    fn encode(img: &DynamicImage, format: ImageFormat) -> Vec<u8> {
+        let mut out = Vec::new();
+        img.write_to(&mut Cursor::new(&mut out), format).unwrap();
+        out
+    }
+
+    fn pattern(w: u32, h: u32) -> ImageBuffer<Rgb<u8>, Vec<u8>> {
+        ImageBuffer::from_fn(w, h, |x, y| {
+            Rgb([(x * 13 + y) as u8, (y * 7) as u8, (x ^ y) as u8])
+        })
+    }
+
+    #[test]
+    fn lossless_formats_decode_to_the_same_pixels() {
+        let img = DynamicImage::ImageRgb8(pattern(37, 21));
+        for f in [ImageFormat::Png, ImageFormat::Bmp, ImageFormat::WebP] {
+            let got = decode(&encode(&img, f), DEFAULT_MAX_PIXELS).unwrap();
+            assert_eq!((got.width, got.height), (37, 21), "{f:?}");
+            assert_eq!(got.data, img.to_rgb8().into_raw(), "{f:?}");
+        }
+        // JPEG is lossy: the size and roughly the values.
+        let got = decode(&encode(&img, ImageFormat::Jpeg), DEFAULT_MAX_PIXELS).unwrap();
+        assert_eq!((got.width, got.height), (37, 21));
+    }
+
+    #[test]
+    fn transparency_is_composited_onto_white() {
+        let rgba = ImageBuffer::from_fn(2, 1, |x, _| {
+            if x == 0 {
+                Rgba([10u8, 10, 10, 200])
+            } else {
+                Rgba([0, 0, 0, 0])
+            }
+        });
+        let got = decode(
+            &encode(&DynamicImage::ImageRgba8(rgba), ImageFormat::Png),
+            100,
+        )
+        .unwrap();
+        assert_eq!(got.data, [63, 63, 63, 255, 255, 255]);
+        let la = ImageBuffer::from_fn(1, 1, |_, _| image::LumaA([77u8, 77]));
+        let got = decode(
+            &encode(&DynamicImage::ImageLumaA8(la), ImageFormat::Png),
+            100,
+        )
+        .unwrap();
+        assert_eq!(got.data, [201, 201, 201]);
+    }
+
+    #[test]
+    fn gif_gives_its_first_frame() {
+        use image::codecs::gif::GifEncoder;
+        use image::{Delay, Frame};
+        let frame = |v: u8| {
+            Frame::from_parts(
+                ImageBuffer::from_pixel(4, 3, Rgba([v, v, v, 255])),
+                0,
+                0,
+                Delay::from_numer_denom_ms(100, 1),
+            )
+        };
+        let mut out = Vec::new();
+        GifEncoder::new(&mut out)
+            .encode_frames([frame(255), frame(0)])
+            .unwrap();
+        let got = decode(&out, 100).unwrap();
+        assert_eq!((got.width, got.height), (4, 3));
+        assert!(got.data.iter().all(|&v| v == 255));
+    }
+
+    #[test]
+    fn jpeg_exif_orientation_is_applied() {
+        // 16×8, left half black, right half white; EXIF orientation 6 ("rotate 90° clockwise").
+        let img = ImageBuffer::from_fn(16, 8, |x, _| Rgb([if x < 8 { 0u8 } else { 255 }; 3]));
+        let jpeg = encode(&DynamicImage::ImageRgb8(img), ImageFormat::Jpeg);
+        let mut tiff = b"Exif\0\0II*\0\x08\0\0\0\x01\0".to_vec();
+        tiff.extend([0x12, 0x01, 3, 0, 1, 0, 0, 0, 6, 0, 0, 0, 0, 0, 0, 0]);
+        let mut app1 = vec![0xFF, 0xE1];
+        app1.extend(((tiff.len() + 2) as u16).to_be_bytes());
+        app1.extend(tiff);
+        let mut with_exif = jpeg[..2].to_vec();
+        with_exif.extend(app1);
+        with_exif.extend(&jpeg[2..]);
+        let got = decode(&with_exif, 1000).unwrap();
+        assert_eq!((got.width, got.height), (8, 16), "orientation not applied");
+        // The stored left (black) half is now on top.
+        assert!(got.data[0] < 40 && got.data[(15 * 8) * 3] > 215);
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_the_reason() {
+        let png = encode(&DynamicImage::ImageRgb8(pattern(40, 30)), ImageFormat::Png);
+        let err = |b: &[u8], max: u64| format!("{:#}", decode(b, max).unwrap_err());
+        assert!(err(&[], 100).contains("empty"));
+        assert!(err(b"%PDF-1.7 not an image", 100).contains("unsupported image format"));
+        assert!(err(&png[..png.len() / 2], 10_000).contains("corrupt"));
+        assert!(err(&png, 1000).contains("larger than the limit of 1000 pixels"));
+    }
 
     #[test]
     fn compositing_matches_pils_integer_formula() {
