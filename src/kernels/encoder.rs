@@ -1,12 +1,13 @@
 //! Ops of the encoders (the SigLIP vision tower; the speech encoder in part 2): LayerNorm, the
 //! two GELUs and attention in which every query sees every (valid) key.
 //!
-//! Attention runs as blocked matrix products (the `gemm` crate, as the decoder's prefill does):
+//! Attention runs as the decoder's prefill runs it, blocked matrix products ([`attend_block_scores`],
+//! [`attend_block_values`]):
 //! 64 query rows at a time against all keys, so the scores of a job stay 64 × keys floats.
 
 use rayon::prelude::*;
 
-use super::ops::softmax;
+use super::ops::{attend_block_scores, attend_block_values, softmax};
 use super::SharedOut;
 
 /// LayerNorm over one row: `(x − mean) / sqrt(var + eps) · w + b`, biased variance; the
@@ -92,26 +93,16 @@ pub fn attention_full(
             // SAFETY: pointers and strides stay inside q (rows g·n+q0..g·n+q1, this head's
             // columns), kp (m rows of hd) and sc ((q1-q0) rows of m).
             unsafe {
-                gemm::gemm(
+                attend_block_scores(
                     q1 - q0,
                     m,
                     hd,
-                    sc.as_mut_ptr(),
-                    1,
-                    m as isize,
-                    false,
                     q.as_ptr().add((g * n + q0) * width + head * hd),
-                    1,
-                    width as isize,
+                    width,
                     kp.as_ptr(),
-                    hd as isize,
-                    1,
-                    0.0,
                     scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                    sc.as_mut_ptr(),
+                    m,
                 );
             }
             for row in sc.chunks_mut(m) {
@@ -120,26 +111,16 @@ pub fn attention_full(
             let o = shared;
             // SAFETY: each job writes its own block: rows g·n+q0..g·n+q1, columns of its head.
             unsafe {
-                gemm::gemm(
+                attend_block_values(
                     q1 - q0,
-                    hd,
                     m,
-                    o.get().add((g * n + q0) * width + head * hd),
-                    1,
-                    width as isize,
-                    false,
+                    hd,
                     sc.as_ptr(),
-                    1,
-                    m as isize,
+                    m,
                     vp.as_ptr(),
-                    1,
-                    hd as isize,
-                    0.0,
-                    1.0,
+                    o.get().add((g * n + q0) * width + head * hd),
+                    width,
                     false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
                 );
             }
         });

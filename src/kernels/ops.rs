@@ -61,6 +61,88 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// Scores of a block of queries, `S = scale · Q·Kᵀ`, on one thread (the `gemm` crate): `m` query
+/// rows of `hd` values `qs` apart, `n` keys packed `hd` apart, `m` rows of `n` scores `ss` apart.
+/// The blocked attention of the decoder's prefill and of the encoders is built from this and
+/// [`attend_block_values`].
+///
+/// # Safety
+/// `q`, `k` and `s` must be valid for those rows and strides, and `s` not alias the others.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn attend_block_scores(
+    m: usize,
+    n: usize,
+    hd: usize,
+    q: *const f32,
+    qs: usize,
+    k: *const f32,
+    scale: f32,
+    s: *mut f32,
+    ss: usize,
+) {
+    gemm::gemm(
+        m,
+        n,
+        hd,
+        s,
+        1,
+        ss as isize,
+        false,
+        q,
+        1,
+        qs as isize,
+        k,
+        hd as isize,
+        1,
+        0.0,
+        scale,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+/// `O = P·V`, or `O += P·V` with `accumulate`: `m` rows of `n` weights `ps` apart, `n` values
+/// packed `hd` apart, `m` output rows `os` apart; one thread.
+///
+/// # Safety
+/// As [`attend_block_scores`]: every pointer valid for its rows and stride, `o` not aliased.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn attend_block_values(
+    m: usize,
+    n: usize,
+    hd: usize,
+    p: *const f32,
+    ps: usize,
+    v: *const f32,
+    o: *mut f32,
+    os: usize,
+    accumulate: bool,
+) {
+    gemm::gemm(
+        m,
+        hd,
+        n,
+        o,
+        1,
+        os as isize,
+        accumulate,
+        p,
+        1,
+        ps as isize,
+        v,
+        1,
+        hd as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
 /// GELU with the tanh approximation (`gelu_pytorch_tanh`) in place, computed as `x·σ(2u)` with
 /// `u = √(2/π)·(x + 0.044715·x³)`: the same function as `0.5·x·(1 + tanh u)`, one exponential.
 pub fn gelu_tanh(x: &mut [f32]) {

@@ -18,7 +18,10 @@ use super::quantize::Recipe;
 use super::rope::{Rope, RopeTable};
 use crate::config::Phi3Config;
 use crate::kernels::bf16::Bf16Acts;
-use crate::kernels::ops::{attend_one, pages, rms_norm, rope_neox, silu_mul, softmax, AttnScratch};
+use crate::kernels::ops::{
+    attend_block_scores, attend_block_values, attend_one, pages, rms_norm, rope_neox, silu_mul,
+    softmax, AttnScratch,
+};
 use crate::kernels::SharedOut;
 use crate::weights::{check_registry, Checkpoint, Expected, Tensor};
 
@@ -639,26 +642,16 @@ impl Phi3ForCausalLM {
                             // first+q0..first+q1), the page (pn rows of hd) and sc (columns
                             // p0..p0+pn of q1-q0 rows of keys).
                             unsafe {
-                                gemm::gemm(
+                                attend_block_scores(
                                     q1 - q0,
                                     pn,
                                     hd,
-                                    sc.as_mut_ptr().add(p0),
-                                    1,
-                                    keys as isize,
-                                    false,
                                     qkv.as_ptr().add((first + q0) * qkv_dim + head * hd),
-                                    1,
-                                    qkv_dim as isize,
+                                    qkv_dim,
                                     kp.as_ptr(),
-                                    hd as isize,
-                                    1,
-                                    0.0,
                                     scale,
-                                    false,
-                                    false,
-                                    false,
-                                    gemm::Parallelism::None,
+                                    sc.as_mut_ptr().add(p0),
+                                    keys,
                                 );
                             }
                         }
@@ -674,26 +667,16 @@ impl Phi3ForCausalLM {
                             // first+q0..first+q1, columns head*hd..(head+1)*hd of attn, and
                             // accumulates into it from the second page on.
                             unsafe {
-                                gemm::gemm(
+                                attend_block_values(
                                     q1 - q0,
-                                    hd,
                                     pn,
-                                    o.get().add((first + q0) * nh * hd + head * hd),
-                                    1,
-                                    (nh * hd) as isize,
-                                    p0 > 0,
+                                    hd,
                                     sc.as_ptr().add(p0),
-                                    1,
-                                    keys as isize,
+                                    keys,
                                     vp.as_ptr(),
-                                    1,
-                                    hd as isize,
-                                    1.0,
-                                    1.0,
-                                    false,
-                                    false,
-                                    false,
-                                    gemm::Parallelism::None,
+                                    o.get().add((first + q0) * nh * hd + head * hd),
+                                    nh * hd,
+                                    p0 > 0,
                                 );
                             }
                         }
