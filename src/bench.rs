@@ -404,7 +404,7 @@ pub fn run_images(
     for &(w, h) in sizes {
         // A textured picture: the processor's cost depends on the sizes only.
         let data = (0..w * h * 3)
-            .map(|i| (i * 2654435761usize >> 13) as u8)
+            .map(|i| ((i * 2654435761usize) >> 13) as u8)
             .collect();
         let img = RgbImage::new(w, h, data)?;
         let (mut pre, mut vis, mut fill) = (Vec::new(), Vec::new(), Vec::new());

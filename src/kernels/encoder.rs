@@ -1,8 +1,8 @@
 //! Ops of the encoders (the SigLIP vision tower; the speech encoder in part 2): LayerNorm, the
 //! two GELUs and attention in which every query sees every (valid) key.
 //!
-//! Attention runs as the decoder's prefill runs it, blocked matrix products ([`attend_block_scores`],
-//! [`attend_block_values`]):
+//! Attention runs as the decoder's prefill runs it, blocked matrix products (`attend_block_scores`,
+//! `attend_block_values` in `ops`):
 //! 64 query rows at a time against all keys, so the scores of a job stay 64 × keys floats.
 
 use rayon::prelude::*;
