@@ -3,7 +3,7 @@
 # so that the NEON kernels are checked against their scalar references on an x86-64 machine.
 # Not part of CI (it needs the rustup target, fetched from static.rust-lang.org).
 #
-#   bash scripts/test_aarch64.sh            # lib tests + tests/parity.rs + tests/gguf.rs
+#   bash scripts/test_aarch64.sh            # lib tests + tests/parity.rs, gguf.rs, multimodal.rs
 #
 # The binaries are linked statically: qemu-user 7.2 hangs in thread start-up of dynamically
 # linked Rust binaries against Debian 12's aarch64 glibc.
@@ -20,4 +20,4 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER=qemu-aarch64
 export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
 
-cargo test --release --target aarch64-unknown-linux-gnu --lib --test parity --test gguf
+cargo test --release --target aarch64-unknown-linux-gnu --lib --test parity --test gguf --test multimodal
