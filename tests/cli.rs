@@ -36,6 +36,16 @@ fn tiny() -> String {
     tiny_dir().display().to_string()
 }
 
+/// The ids of a `--json` output's field.
+fn json_ids(v: &Value, key: &str) -> Vec<u32> {
+    v[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -63,13 +73,7 @@ fn run_json_reproduces_the_reference_chat() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-    let ids = |k: &str| -> Vec<u32> {
-        v[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
+    let ids = |k: &str| json_ids(&v, k);
     assert_eq!(ids("prompt_ids"), r.ids("chat", "prompt"));
     assert_eq!(ids("generated_ids"), want);
     assert_eq!(v["text"], r.meta["chat"]["text"]);
@@ -365,13 +369,7 @@ fn run_with_an_image_reproduces_the_reference_in_json() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-    let ids = |k: &str| -> Vec<u32> {
-        v[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
+    let ids = |k: &str| json_ids(&v, k);
     assert_eq!(
         ids("prompt_ids"),
         r.ids_at(&["modes", "image", "prompt_ids"])

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{max_abs_diff, pattern_image, Reference};
+use common::{max_abs_diff, mode_images, pattern_image, Reference};
 use phi4::media::dynamic_hd::{self, CropLayout, DEFAULT_MAX_CROPS, MASK};
 use sha2::{Digest, Sha256};
 
@@ -186,23 +186,6 @@ use phi4::text::ImageSource;
 use phi4::{Engine, Message, SamplingParams};
 use std::sync::Arc;
 
-fn mode_images(r: &Reference, mode: &str) -> Vec<phi4::media::RgbImage> {
-    r.meta["modes"][mode]["images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|wh| {
-            let wh: Vec<usize> = wh
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as usize)
-                .collect();
-            pattern_image(wh[0], wh[1])
-        })
-        .collect()
-}
-
 fn png(img: &phi4::media::RgbImage) -> Vec<u8> {
     let mut out = Vec::new();
     image::RgbImage::from_raw(img.width as u32, img.height as u32, img.data.clone())
@@ -220,21 +203,7 @@ fn engine_generates_transformers_greedy_tokens_in_every_mode_and_layout() {
     for dir in [common::tiny_mm_dir(), common::tiny_mm_remote_dir()] {
         let e = Engine::load(&dir).unwrap();
         for mode in MODES {
-            let prompt = r.meta["modes"][mode]["prompt"].as_str().unwrap();
-            let (ids, media) = e
-                .encode_with_images(prompt, &mode_images(&r, mode))
-                .unwrap();
-            assert_eq!(ids, r.ids_at(&["modes", mode, "prompt_ids"]), "{mode}");
-            let want = r.ids_at(&["modes", mode, "greedy_ids"]);
-            let out = e
-                .generate_media(
-                    &ids,
-                    media,
-                    &SamplingParams::greedy(want.len()),
-                    &mut |_| true,
-                )
-                .unwrap();
-            assert_eq!(out.generated_ids, want, "{mode} in {}", dir.display());
+            common::check_mode_greedy(&e, &r, mode);
         }
     }
 }

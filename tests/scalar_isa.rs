@@ -36,18 +36,5 @@ fn scalar_kernels_match_transformers_on_images() {
     assert_eq!(cpu(), Isa::Scalar);
     let r = Reference::load_named("tiny-phi4mm");
     let e = Engine::load(&common::tiny_mm_dir()).unwrap();
-    let img = common::pattern_image(500, 300);
-    let prompt = r.meta["modes"]["image"]["prompt"].as_str().unwrap();
-    let (ids, media) = e.encode_with_images(prompt, &[img]).unwrap();
-    assert_eq!(ids, r.ids_at(&["modes", "image", "prompt_ids"]));
-    let want = r.ids_at(&["modes", "image", "greedy_ids"]);
-    let out = e
-        .generate_media(
-            &ids,
-            media,
-            &SamplingParams::greedy(want.len()),
-            &mut |_| true,
-        )
-        .unwrap();
-    assert_eq!(out.generated_ids, want);
+    common::check_mode_greedy(&e, &r, "image");
 }

@@ -105,3 +105,35 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// The pictures of a reference mode of tiny-phi4mm (sizes in its metadata).
+pub fn mode_images(r: &Reference, mode: &str) -> Vec<phi4::media::RgbImage> {
+    r.meta["modes"][mode]["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|wh| {
+            let wh: Vec<usize> = wh
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as usize)
+                .collect();
+            pattern_image(wh[0], wh[1])
+        })
+        .collect()
+}
+
+/// Runs a reference mode's prompt with its images through `e` and checks the prompt ids and
+/// the greedy continuation against transformers'.
+pub fn check_mode_greedy(e: &phi4::Engine, r: &Reference, mode: &str) {
+    let prompt = r.meta["modes"][mode]["prompt"].as_str().unwrap();
+    let (ids, media) = e.encode_with_images(prompt, &mode_images(r, mode)).unwrap();
+    assert_eq!(ids, r.ids_at(&["modes", mode, "prompt_ids"]), "{mode}");
+    let want = r.ids_at(&["modes", mode, "greedy_ids"]);
+    let params = phi4::SamplingParams::greedy(want.len());
+    let out = e
+        .generate_media(&ids, media, &params, &mut |_| true)
+        .unwrap();
+    assert_eq!(out.generated_ids, want, "{mode}");
+}
