@@ -1,0 +1,339 @@
+use super::*;
+
+#[derive(Args)]
+pub(super) struct BenchArgs {
+    /// Benchmark this checkpoint (directory or repo id).
+    #[arg(long, conflicts_with = "synthetic")]
+    model: Option<String>,
+    /// Random weights of the real Phi-4-mini shapes (bf16); no files needed.
+    #[arg(long)]
+    synthetic: bool,
+    /// Quantize the weights first: q8, q4 or q4-edge.
+    #[arg(long, value_parser = parse_recipe)]
+    quant: Option<Recipe>,
+    /// With --synthetic: write the (quantized, with --quant) weights and config.json to this
+    /// directory instead of benchmarking, for `--model DIR` and other engines to read.
+    #[arg(long, requires = "synthetic")]
+    save: Option<PathBuf>,
+    #[command(flatten)]
+    opts: ModelOptions,
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    #[arg(long)]
+    json: bool,
+    /// Measure aggregate decode throughput of the continuous batcher at these numbers of
+    /// simultaneous requests (e.g. 1,4,16) instead of the single-stream figures.
+    #[arg(long, value_delimiter = ',')]
+    concurrency: Vec<usize>,
+    /// Phi-4-multimodal's image path instead (repeatable, WIDTHxHEIGHT): time to first token
+    /// for one image of each size with a --prompt-tokens text prompt, split into preprocess /
+    /// vision tower / prefill. With --synthetic: random Phi-4-multimodal weights.
+    #[arg(long = "image", value_parser = parse_size, value_name = "WxH")]
+    images: Vec<(usize, usize)>,
+    /// With --synthetic --save: Phi-4-multimodal weights (transformers' layout, bf16) instead.
+    #[arg(long)]
+    multimodal: bool,
+}
+
+pub(super) fn parse_size(s: &str) -> Result<(usize, usize)> {
+    let (w, h) = s
+        .split_once(['x', 'X'])
+        .with_context(|| format!("image size {s:?} is not WIDTHxHEIGHT"))?;
+    let (w, h): (usize, usize) = (
+        w.parse().with_context(|| format!("image width in {s:?}"))?,
+        h.parse()
+            .with_context(|| format!("image height in {s:?}"))?,
+    );
+    if w == 0 || h == 0 || w * h > 100_000_000 {
+        bail!("image size {s:?} must be between 1x1 and 100 Mpixel");
+    }
+    Ok((w, h))
+}
+
+pub(super) fn bench_cmd(a: BenchArgs) -> Result<()> {
+    if a.prompt_tokens == 0 || a.gen_tokens == 0 || a.runs == 0 {
+        bail!("--prompt-tokens, --gen-tokens and --runs must be at least 1");
+    }
+    if !a.images.is_empty() || a.multimodal {
+        return bench_images(a);
+    }
+    let mut engine = None;
+    let mut synthetic = None;
+    let (model, label): (&Phi3ForCausalLM, String) = match (&a.model, a.synthetic) {
+        (Some(m), _) if !a.concurrency.is_empty() => {
+            let e: &Engine = engine.insert(load_engine(m, a.quant, &a.opts)?);
+            (&e.model, m.clone())
+        }
+        (Some(m), _) if is_gguf(m) => {
+            let mut model = phi4::model::gguf::GgufFile::open(Path::new(m))?.model(a.quant)?;
+            a.opts.apply(&mut model);
+            (synthetic.insert(model), m.clone())
+        }
+        (Some(m), _) => {
+            // Single-stream figures need only the weights: no tokenizer or template.
+            let mut model = load_model(&resolve_model(m)?, a.quant)?;
+            a.opts.apply(&mut model);
+            (synthetic.insert(model), m.clone())
+        }
+        (None, true) => {
+            eprintln!("building synthetic Phi-4-mini weights (bf16, random)...");
+            let mut m = Phi3ForCausalLM::synthetic(Phi3Config::phi4_mini(), 1);
+            let format = match a.quant {
+                Some(r) => {
+                    eprintln!("quantizing ({})...", r.name());
+                    m.quantize(r)?;
+                    r.name()
+                }
+                None => "bf16",
+            };
+            if let Some(dir) = &a.save {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                std::fs::write(dir.join("config.json"), phi4::config::PHI4_MINI_CONFIG)?;
+                phi4::model::quantize::write_checkpoint(&m, a.quant, dir)?;
+                eprintln!("wrote {} ({format})", dir.display());
+                return Ok(());
+            }
+            a.opts.apply(&mut m);
+            let s: &Phi3ForCausalLM = synthetic.insert(m);
+            (s, format!("synthetic Phi-4-mini {format}"))
+        }
+        (None, false) => bail!("give --model M or --synthetic"),
+    };
+    let ctx = model.config.max_position_embeddings;
+    if a.prompt_tokens + a.gen_tokens > ctx {
+        bail!("--prompt-tokens plus --gen-tokens exceed the model's context ({ctx})");
+    }
+    if !a.concurrency.is_empty() {
+        return bench_batched(a, engine_for_batching(engine, synthetic)?);
+    }
+    let report = phi4::bench::run(
+        model,
+        &BenchOptions {
+            prompt_tokens: a.prompt_tokens,
+            gen_tokens: a.gen_tokens,
+            runs: a.runs,
+        },
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("model: {label}, threads: {}", report.threads);
+        println!(
+            "prefill ({} tokens): {:.2} tok/s   time to first token: {:.0} ms",
+            report.prompt_tokens, report.prefill_tokens_per_s, report.time_to_first_token_ms
+        );
+        println!(
+            "decode ({} tokens): {:.2} tok/s   ceiling {:.2} tok/s ({:.1} GB/s over {:.2} GB of weights) = {:.0}%",
+            report.gen_tokens,
+            report.decode_tokens_per_s,
+            report.decode_ceiling_tokens_per_s,
+            report.memory_bandwidth_gb_s,
+            report.weight_bytes_per_token as f64 / 1e9,
+            100.0 * report.decode_fraction_of_ceiling
+        );
+        if let (Some(read), Some(frac)) = (
+            report.weight_read_gb_s,
+            report.decode_fraction_of_weight_read,
+        ) {
+            println!(
+                "decode vs a plain read of the same weights beside every {}th step ({read:.1} GB/s): {:.0}%",
+                phi4::bench::READ_EVERY,
+                100.0 * frac
+            );
+        }
+        if let Some(rss) = report.peak_rss_mb {
+            println!("peak RSS: {rss:.0} MB");
+        }
+        println!(
+            "KV cache: {} ({:.1} MB)   activations against bf16 weights: {}",
+            report.kv_cache, report.kv_cache_mb, report.bf16_acts
+        );
+        println!(
+            "runs (median reported): {:?}",
+            report
+                .runs
+                .iter()
+                .map(|r| (r.prefill_tokens_per_s * 10.0).round() / 10.0)
+                .collect::<Vec<_>>()
+        );
+    }
+    Ok(())
+}
+
+pub(super) fn bench_images(a: BenchArgs) -> Result<()> {
+    use phi4::config::multimodal::Phi4MMConfig;
+    use phi4::model::phi4mm::Phi4MMForCausalLM;
+    let mut synthetic = None;
+    let mut engine = None;
+    let (lm, image_embed, image_id, label) = match (&a.model, a.synthetic) {
+        (None, true) => {
+            eprintln!(
+                "building synthetic Phi-4-multimodal weights (bf16, random, both adapters)..."
+            );
+            let mut m = Phi4MMForCausalLM::synthetic(Phi4MMConfig::phi4_multimodal(), 1)?;
+            if let Some(dir) = &a.save {
+                if a.quant.is_some() {
+                    bail!("--save with --multimodal writes bf16 weights (for transformers); leave out --quant");
+                }
+                phi4::model::phi4mm::write_native(&m, dir)?;
+                eprintln!("wrote {} (transformers' layout, bf16)", dir.display());
+                return Ok(());
+            }
+            let format = match a.quant {
+                Some(r) => {
+                    eprintln!("quantizing the decoder ({})...", r.name());
+                    m.lm.quantize(r)?;
+                    r.name()
+                }
+                None => "bf16",
+            };
+            a.opts.apply(&mut m.lm);
+            m.image_embed.set_bf16_acts(a.opts.bf16_acts);
+            let m = synthetic.insert(m);
+            let id = m.image_token_id();
+            (
+                &m.lm,
+                &m.image_embed,
+                id,
+                format!("synthetic Phi-4-multimodal {format}"),
+            )
+        }
+        (Some(path), _) => {
+            let e: &Engine = engine.insert(load_engine(path, a.quant, &a.opts)?);
+            let mm = e.multimodal()?;
+            (
+                &e.model,
+                &mm.image_embed,
+                mm.config.vision.image_token_id,
+                path.clone(),
+            )
+        }
+        (None, false) => bail!("give --model M or --synthetic"),
+    };
+    if a.images.is_empty() {
+        bail!("give the image sizes to time with --image WIDTHxHEIGHT (e.g. 448x448)");
+    }
+    phi4::bench::reset_peak_rss();
+    let results = phi4::bench::run_images(
+        lm,
+        image_embed,
+        image_id,
+        &a.images,
+        a.prompt_tokens,
+        a.runs,
+    )?;
+    let peak_gmacs = phi4::bench::bf16_matmul_peak_gmacs(a.opts.bf16_acts)?;
+    let tensor_bytes = |v: Vec<(String, phi4::weights::Tensor)>| -> usize {
+        v.iter().map(|(_, t)| t.nbytes()).sum()
+    };
+    let lora_bytes: usize = lm
+        .model
+        .layers
+        .iter()
+        .flat_map(|l| l.linears())
+        .flat_map(|(_, lin)| lin.lora().iter())
+        .map(|d| d.a.weight().nbytes() + d.b.weight().nbytes())
+        .sum();
+    let weights_mb = (tensor_bytes(lm.named_tensors())
+        + lora_bytes
+        + tensor_bytes(image_embed.named_tensors())) as f64
+        / 1e6;
+    let peak = phi4::bench::peak_rss_mb();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "model": label, "threads": rayon::current_num_threads(),
+                "text_tokens": a.prompt_tokens, "images": results,
+                "weights_mb": weights_mb, "adapters_mb": lora_bytes as f64 / 1e6,
+                "peak_rss_mb": peak, "bf16_matmul_peak_gmacs": peak_gmacs,
+                "bf16_acts": a.opts.bf16_acts.name(),
+            }))?
+        );
+    } else {
+        println!("model: {label}, threads: {}", rayon::current_num_threads());
+        for r in &results {
+            println!(
+                "{}x{}: {} views, {} image + {} text tokens: time to first token {:.0} ms = preprocess {:.0} + vision {:.0} ({:.1} G MAC/s, {:.0}% of the bf16 product peak) + prefill {:.0} ms (median of {})",
+                r.width, r.height, r.views, r.image_tokens, r.prompt_tokens - r.image_tokens,
+                r.time_to_first_token_ms, r.preprocess_ms, r.vision_ms, r.vision_gmacs,
+                100.0 * r.vision_gmacs / peak_gmacs, r.prefill_ms, r.runs
+            );
+        }
+        println!(
+            "bf16 matrix-product peak ({} activations): {peak_gmacs:.1} G MAC/s",
+            a.opts.bf16_acts.name()
+        );
+        println!(
+            "weights {weights_mb:.0} MB (adapters {:.0} MB, unmerged); peak RSS {}",
+            lora_bytes as f64 / 1e6,
+            peak.map_or("n/a".into(), |p| format!("{p:.0} MB"))
+        );
+    }
+    Ok(())
+}
+
+pub(super) fn engine_for_batching(
+    engine: Option<Engine>,
+    synthetic: Option<Phi3ForCausalLM>,
+) -> Result<Engine> {
+    match (engine, synthetic) {
+        (Some(e), _) => Ok(e),
+        (None, Some(m)) => phi4::bench::bench_engine(m),
+        (None, None) => bail!("no model to benchmark"),
+    }
+}
+
+pub(super) fn bench_batched(a: BenchArgs, engine: Engine) -> Result<()> {
+    if a.concurrency.contains(&0) {
+        bail!("--concurrency levels must be at least 1");
+    }
+    let engine = std::sync::Arc::new(engine);
+    let mut results = Vec::new();
+    for &c in &a.concurrency {
+        let mut runs = Vec::new();
+        for _ in 0..a.runs {
+            runs.push(phi4::bench::run_batched(
+                engine.clone(),
+                c,
+                a.prompt_tokens,
+                a.gen_tokens,
+            )?);
+        }
+        runs.sort_by(|x, y| {
+            x.aggregate_decode_tokens_per_s
+                .total_cmp(&y.aggregate_decode_tokens_per_s)
+        });
+        let median = runs[runs.len() / 2].clone();
+        if !a.json {
+            println!(
+                "concurrency {c:>3}: aggregate decode {:.2} tok/s ({:.2} per request), runs {:?}",
+                median.aggregate_decode_tokens_per_s,
+                median.per_request_decode_tokens_per_s,
+                runs.iter()
+                    .map(|r| (r.aggregate_decode_tokens_per_s * 100.0).round() / 100.0)
+                    .collect::<Vec<_>>()
+            );
+        }
+        results.push(median);
+    }
+    let base = results[0].aggregate_decode_tokens_per_s;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        for r in &results[1..] {
+            println!(
+                "concurrency {} / concurrency {}: {:.2}x",
+                r.concurrency,
+                results[0].concurrency,
+                r.aggregate_decode_tokens_per_s / base
+            );
+        }
+    }
+    Ok(())
+}
