@@ -41,15 +41,7 @@ pub(super) fn quantize_cmd(a: QuantizeArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     phi4::model::quantize::write_checkpoint(&model, Some(a.recipe), &a.out)?;
     // Everything but the weights travels unchanged: config, tokenizer, chat template.
-    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
-        let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        let is_weights = name.ends_with(".safetensors") || name == "model.safetensors.index.json";
-        if path.is_file() && !is_weights {
-            std::fs::copy(&path, a.out.join(name))
-                .with_context(|| format!("copying {}", path.display()))?;
-        }
-    }
+    phi4::model::quantize::copy_beside_weights(&dir, &a.out, false)?;
     let bytes = model.weight_bytes();
     eprintln!(
         "wrote {} ({}, {:.2} GB of weights read per token)",

@@ -125,3 +125,27 @@ pub fn write_tensors(named: &[(String, Tensor)], recipe: Option<Recipe>, dir: &P
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
+
+/// Copies everything in `dir` but its weight files into `out`: config, tokenizer, chat template,
+/// and with `folders` the subfolders' files too (Phi-4-multimodal's adapter folders).
+pub fn copy_beside_weights(dir: &Path, out: &Path, folders: bool) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let is_weights = name.ends_with(".safetensors") || name == "model.safetensors.index.json";
+        if path.is_dir() && folders {
+            std::fs::create_dir_all(out.join(name))?;
+            for f in std::fs::read_dir(&path)? {
+                let f = f?.path();
+                if f.is_file() {
+                    std::fs::copy(&f, out.join(name).join(f.file_name().unwrap()))
+                        .with_context(|| format!("copying {}", f.display()))?;
+                }
+            }
+        } else if path.is_file() && !is_weights {
+            std::fs::copy(&path, out.join(name))
+                .with_context(|| format!("copying {}", path.display()))?;
+        }
+    }
+    Ok(())
+}

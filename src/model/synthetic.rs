@@ -129,8 +129,10 @@ impl super::phi4mm::Phi4MMForCausalLM {
             img_projection_up: biased(h, hv, s + 1002)?,
             img_projection_down: biased(h, h, s + 1003)?,
         };
-        for (id, spec) in [(0, &config.vision_lora), (1, &config.speech_lora)] {
-            let Some(spec) = spec else { continue };
+        for id in 0..super::phi4mm::ADAPTERS.len() {
+            let Some(spec) = super::phi4mm::adapter_spec(&config, id) else {
+                continue;
+            };
             for (l, layer) in lm.model.layers.iter_mut().enumerate() {
                 for (k, (_, lin)) in layer.linears_mut().into_iter().enumerate() {
                     let base = s.wrapping_add(5000 + 100 * l as u64 + 10 * k as u64 + id as u64);

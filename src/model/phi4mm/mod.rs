@@ -31,6 +31,16 @@ pub const SPEECH: AdapterId = 1;
 /// tensors are accepted and left unread.
 const AUDIO_PREFIX: &str = "model.embed_tokens_extend.audio_embed.";
 
+/// The settings `config.json` gives adapter `id` (the remote layout's `vision_lora` /
+/// `speech_lora`).
+pub fn adapter_spec(config: &Phi4MMConfig, id: AdapterId) -> Option<&LoraSpec> {
+    match id {
+        VISION => config.vision_lora.as_ref(),
+        SPEECH => config.speech_lora.as_ref(),
+        _ => None,
+    }
+}
+
 /// What an input's media make of it (the remote code's `input_mode`, spec §3.7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InputMode {
@@ -91,10 +101,7 @@ impl Phi4MMForCausalLM {
                     .map(|(k, t)| (remote_to_native(&k), t))
                     .collect();
                 for (id, name) in ADAPTERS.iter().enumerate() {
-                    let spec = match id {
-                        VISION => config.vision_lora.clone(),
-                        _ => config.speech_lora.clone(),
-                    };
+                    let spec = adapter_spec(&config, id).cloned();
                     let seg = format!(".{name}.weight");
                     let keys: Vec<String> = tensors
                         .keys()
@@ -236,7 +243,7 @@ pub fn write_quantized(dir: &Path, config: Phi4MMConfig, recipe: Recipe, out: &P
     named.extend(rest);
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     crate::model::quantize::write_tensors(&named, Some(recipe), out)?;
-    copy_beside_weights(dir, out)
+    crate::model::quantize::copy_beside_weights(dir, out, true)
 }
 
 /// Writes `model` in transformers' native layout: `config.json`, `model.safetensors` (decoder
@@ -253,11 +260,9 @@ pub fn write_native(model: &Phi4MMForCausalLM, out: &Path) -> Result<()> {
     named.extend(model.image_embed.named_tensors());
     crate::model::quantize::write_tensors(&named, None, out)?;
     for (id, name) in ADAPTERS.iter().enumerate() {
-        let spec = match id {
-            VISION => &model.config.vision_lora,
-            _ => &model.config.speech_lora,
+        let Some(spec) = adapter_spec(&model.config, id) else {
+            continue;
         };
-        let Some(spec) = spec else { continue };
         let mut tensors = Vec::new();
         for (l, layer) in model.lm.model.layers.iter().enumerate() {
             for (m, lin) in layer.linears() {
@@ -287,29 +292,6 @@ pub fn write_native(model: &Phi4MMForCausalLM, out: &Path) -> Result<()> {
                 "target_modules": crate::config::multimodal::LORA_TARGETS,
             }))?,
         )?;
-    }
-    Ok(())
-}
-
-/// Copies everything in `dir` but its weight files into `out` (folders too: the adapters).
-fn copy_beside_weights(dir: &Path, out: &Path) -> Result<()> {
-    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        let is_weights = name.ends_with(".safetensors") || name == "model.safetensors.index.json";
-        if path.is_dir() {
-            std::fs::create_dir_all(out.join(name))?;
-            for f in std::fs::read_dir(&path)? {
-                let f = f?.path();
-                if f.is_file() {
-                    std::fs::copy(&f, out.join(name).join(f.file_name().unwrap()))
-                        .with_context(|| format!("copying {}", f.display()))?;
-                }
-            }
-        } else if path.is_file() && !is_weights {
-            std::fs::copy(&path, out.join(name))
-                .with_context(|| format!("copying {}", path.display()))?;
-        }
     }
     Ok(())
 }
