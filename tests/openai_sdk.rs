@@ -64,6 +64,13 @@ fn start_server_for(model: &Path) -> Server {
 
 /// A Python with the pinned openai SDK, made on first use.
 fn sdk_python() -> PathBuf {
+    // Two tests of this binary use the SDK: the first makes the venv, the other waits for it
+    // (two pip installs into one venv at once fail).
+    static MADE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    MADE.get_or_init(make_sdk_python).clone()
+}
+
+fn make_sdk_python() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let venv = root.join("target/openai-sdk-venv");
     let python = venv.join("bin/python");
