@@ -61,6 +61,11 @@ SPEECH_LORA = dict(r=6, lora_alpha=12, lora_dropout=0.01)
 PROCESSOR_CASES = [(100, 80), (500, 300), (200, 700), (1000, 300), (448, 448), (1344, 896), (3000, 2250), (2900, 2900)]
 MAIN_IMAGE = (500, 300)
 SECOND_IMAGE = (100, 80)
+# 16 kHz clips made by `synth_pcm` (the Rust tests evaluate it too): (name, samples, seed).
+# "short" is 1 s plus an odd tail, "main" 3 s (298 mel frames, 38 tokens), "long" 41 s: 4098 frames,
+# 513 encoder frames, so past the encoder's 500-frame chunk (the last chunk zero-padded).
+AUDIO_CLIPS = [("short", 16123, 7), ("main", 48000, 6), ("long", 656000, 5)]
+LONG_FEATURE_STRIDE = 64  # rows of the long clip's features kept in the reference
 
 
 def pattern_image(w, h):
@@ -72,6 +77,26 @@ def pattern_image(w, h):
     g = (y * 255 // max(h - 1, 1) + ((hsh >> 5) & 15)) & 255
     b = ((((x >> 4) + (y >> 4)) & 1) * 180 + ((hsh >> 9) & 63)) & 255
     return np.stack([r, g, b], -1).astype(np.uint8)
+
+
+def synth_pcm(n, seed):
+    """Deterministic int16 "speech-like" samples from integer arithmetic only (so Rust reproduces
+    them exactly): xorshift32 noise and a 37-sample triangle tone under a 0.5 s triangle envelope,
+    with a 0.3 s pause (noise floor only) at the end of every 2.5 s."""
+    state = seed & 0xFFFFFFFF
+    out = np.empty(n, dtype=np.int16)
+    for i in range(n):
+        state ^= (state << 13) & 0xFFFFFFFF
+        state ^= state >> 17
+        state ^= (state << 5) & 0xFFFFFFFF
+        noise = (state >> 16) - 32768
+        k = i % 37
+        tone = (k if k < 19 else 37 - k) * 1200 - 10800
+        e = i % 8000
+        env = 0 if i % 40000 >= 35200 else (e if e < 4000 else 8000 - e) // 4
+        v = (noise // 4 + tone) * env // 1000 + noise // 256
+        out[i] = max(-32768, min(32767, v))
+    return out
 
 
 def tiny_tokenizer():
@@ -412,6 +437,38 @@ def main():
     ref["image.embeds"] = merged[0][enc["input_ids"][0] == IMAGE_ID].contiguous()
     print(f"image embeds {tuple(ref['image.embeds'].shape)}")
 
+    # 3b. audio: features (the native extractor, 16 kHz mono), the encoder's stages, both projections
+    meta["audio"] = {"clips": {}, "long_feature_stride": LONG_FEATURE_STRIDE,
+                     "mel_filters_nonzero": int((proc.audio_processor.mel_filters > 0).sum())}
+    ref["audio.mel_filters"] = torch.from_numpy(proc.audio_processor.mel_filters).float().contiguous()  # [257, 80]
+    clips = {}
+    ae = sub.audio_embed
+    for name, n, seed in AUDIO_CLIPS:
+        wave = synth_pcm(n, seed).astype(np.float32) / 32768.0
+        clips[name] = wave
+        fe = proc.audio_processor(wave, sampling_rate=16000, return_tensors="pt")
+        feats = fe["audio_input_features"]
+        with torch.no_grad():
+            enc_out = ae.encoder(feats.float(), None)
+            sp = ae.down_proj_for_speech(torch.nn.functional.gelu(ae.up_proj_for_speech(enc_out)))
+            vs = ae.down_proj_for_vision_speech(torch.nn.functional.gelu(ae.up_proj_for_vision_speech(enc_out)))
+        if name == "long":
+            ref[f"audio.{name}.features_rows"] = feats[0, ::LONG_FEATURE_STRIDE].contiguous()
+        else:
+            ref[f"audio.{name}.features"] = feats[0].contiguous()
+        ref[f"audio.{name}.encoder_out"] = enc_out[0].contiguous()
+        if name == "main":
+            with torch.no_grad():
+                x = ae.encoder.encoder_embedding(feats.float())
+                ref["audio.main.subsampled"] = ae.encoder.embed(x, None)[0][0].contiguous()
+            ref["audio.main.embeds_speech"] = sp[0].contiguous()
+            ref["audio.main.embeds_vision_speech"] = vs[0].contiguous()
+        meta["audio"]["clips"][name] = {"samples": n, "seed": seed, "frames": int(feats.shape[1]),
+                                        "tokens": int(fe["audio_embed_sizes"][0]),
+                                        "features_sum": float(feats.double().sum())}
+        print(f"audio {name}: {n} samples -> {feats.shape[1]} frames -> {int(fe['audio_embed_sizes'][0])} tokens;"
+              f" encoder out {tuple(enc_out.shape)}")
+
     # 4. per mode: the prompt as a user writes it, the adapter the mode routes to
     second = Image.fromarray(pattern_image(*SECOND_IMAGE))
     modes = {
@@ -419,10 +476,17 @@ def main():
         "image": ("<|user|><|image_1|>Describe the image.<|end|><|assistant|>", [main_img], "vision", True),
         "two_images": ("<|user|>First <|image_1|> then <|image_2|>: compare.<|end|><|assistant|>",
                        [main_img, second], "vision", False),
+        "audio": ("<|user|><|audio_1|>Transcribe the audio clip into text.<|end|><|assistant|>", [], "speech", True,
+                  ["main"]),
+        "image_audio": ("<|user|><|image_1|><|audio_1|>Answer the question in the audio.<|end|><|assistant|>",
+                        [main_img], "vision", False, ["main"]),
     }
-    for name, (prompt, images, adapter, all_logits) in modes.items():
+    for name, (prompt, images, adapter, all_logits, *rest) in modes.items():
+        audios = rest[0] if rest else []
         text = re.sub(r"<\|image_\d+\|>", IMAGE_TOKEN, prompt)
-        inputs = proc(text=text, images=images or None, return_tensors="pt")
+        text = re.sub(r"<\|audio_\d+\|>", AUDIO_TOKEN, text)
+        kw = {"audio": [clips[a] for a in audios]} if audios else {}
+        inputs = proc(text=text, images=images or None, return_tensors="pt", **kw)
         select_lora(model, adapter)
         gen, logits, full, margin = greedy(model, inputs, 6)
         ids = inputs["input_ids"][0].tolist()
@@ -431,7 +495,8 @@ def main():
         else:
             ref[f"mode.{name}.logits_last"] = full[-1].contiguous()
         ref[f"mode.{name}.greedy_logits"] = logits.contiguous()
-        meta["modes"][name] = {"prompt": prompt, "images": [list(i.size) for i in images], "adapter": adapter,
+        meta["modes"][name] = {"prompt": prompt, "images": [list(i.size) for i in images], "audios": audios,
+                               "adapter": adapter,
                                "prompt_ids": ids, "greedy_ids": gen, "min_margin": margin}
         print(f"[{name}] adapter={adapter} prompt {len(ids)} tokens, greedy {gen}, margin {margin:.4f}")
     # The adapter matters: the text prompt with the vision adapter differs from the base.

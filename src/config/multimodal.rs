@@ -240,6 +240,182 @@ impl LoraSpec {
     }
 }
 
+/// The Conformer speech encoder (transformers' `audio_config` field names; the remote layout's
+/// `audio_processor.config` is read into the same struct). Missing fields take the released
+/// checkpoint's values, not transformers' class defaults, which differ (spec P15).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AudioConfig {
+    pub hidden_size: usize,
+    /// FFN width (each FFN's first matrix is twice this: value and gate).
+    pub intermediate_size: usize,
+    pub num_blocks: usize,
+    pub num_attention_heads: usize,
+    pub input_size: usize,
+    pub time_reduction: usize,
+    pub nemo_conv_channels: usize,
+    pub ext_pw_out_channel: usize,
+    pub depthwise_separable_out_channel: usize,
+    pub kernel_size: usize,
+    /// The relative-position table has `2 · bias_max_distance` rows.
+    pub bias_max_distance: usize,
+    pub audio_token_id: u32,
+}
+
+impl Default for AudioConfig {
+    /// Phi-4-multimodal-instruct's encoder (spec §3.6).
+    fn default() -> AudioConfig {
+        AudioConfig {
+            hidden_size: 1024,
+            intermediate_size: 1536,
+            num_blocks: 24,
+            num_attention_heads: 16,
+            input_size: 80,
+            time_reduction: 8,
+            nemo_conv_channels: 1024,
+            ext_pw_out_channel: 1024,
+            depthwise_separable_out_channel: 1024,
+            kernel_size: 3,
+            bias_max_distance: 500,
+            audio_token_id: 200011,
+        }
+    }
+}
+
+impl AudioConfig {
+    /// Frequency bins left after the ×`time_reduction` subsampling (80 → 40 → 20 → 10).
+    pub fn nemo_final_size(&self) -> usize {
+        let mut f = self.input_size;
+        for _ in 0..self.subsampling_stages() {
+            f = f.div_ceil(2);
+        }
+        f
+    }
+
+    pub fn subsampling_stages(&self) -> usize {
+        self.time_reduction.trailing_zeros() as usize
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    fn from_value(v: Option<&Value>, layout: Layout) -> Result<AudioConfig> {
+        let mut c = AudioConfig::default();
+        let Some(v) = v.filter(|v| !v.is_null()) else {
+            return Ok(c);
+        };
+        let field = match layout {
+            Layout::Native => "audio_config",
+            Layout::Remote => "audio_processor.config",
+        };
+        let obj = v
+            .as_object()
+            .with_context(|| format!("config field `{field}` must be an object"))?;
+        let uint = |path: &[&str], into: &mut usize| -> Result<()> {
+            let mut at = Some(v);
+            for p in path {
+                at = at.and_then(|x| x.get(*p));
+            }
+            if let Some(x) = at {
+                *into = x.as_u64().with_context(|| {
+                    format!(
+                        "config field `{field}.{}` must be a whole number",
+                        path.join(".")
+                    )
+                })? as usize;
+            }
+            Ok(())
+        };
+        match layout {
+            Layout::Native => {
+                uint(&["hidden_size"], &mut c.hidden_size)?;
+                uint(&["intermediate_size"], &mut c.intermediate_size)?;
+                uint(&["num_attention_heads"], &mut c.num_attention_heads)?;
+                uint(&["nemo_conv_channels"], &mut c.nemo_conv_channels)?;
+                uint(
+                    &["depthwise_separable_out_channel"],
+                    &mut c.depthwise_separable_out_channel,
+                )?;
+                uint(&["bias_max_distance"], &mut c.bias_max_distance)?;
+            }
+            Layout::Remote => {
+                uint(&["attention_dim"], &mut c.hidden_size)?;
+                uint(&["linear_units"], &mut c.intermediate_size)?;
+                uint(&["attention_heads"], &mut c.num_attention_heads)?;
+                uint(
+                    &["nemo_conv_settings", "conv_channels"],
+                    &mut c.nemo_conv_channels,
+                )?;
+                uint(
+                    &["depthwise_seperable_out_channel"],
+                    &mut c.depthwise_separable_out_channel,
+                )?;
+                uint(
+                    &["relative_attention_bias_args", "t5_bias_max_distance"],
+                    &mut c.bias_max_distance,
+                )?;
+            }
+        }
+        uint(&["num_blocks"], &mut c.num_blocks)?;
+        uint(&["input_size"], &mut c.input_size)?;
+        uint(&["time_reduction"], &mut c.time_reduction)?;
+        uint(&["ext_pw_out_channel"], &mut c.ext_pw_out_channel)?;
+        uint(&["kernel_size"], &mut c.kernel_size)?;
+        let mut token = c.audio_token_id as usize;
+        uint(&["audio_token_id"], &mut token)?;
+        c.audio_token_id = token as u32;
+        // Settings the released encoder fixes; anything else would run a different network.
+        let fixed: [(&str, Value); 9] = [
+            ("activation", Value::from("swish")),
+            ("conv_activation", Value::from("swish")),
+            ("conv_glu_type", Value::from("swish")),
+            ("nemo_activation", Value::from("relu")),
+            ("depthwise_multiplier", Value::from(1)),
+            ("downsample_rate", Value::from(1)),
+            ("chunk_size", Value::from(-1)),
+            ("bias_symmetric", Value::from(false)),
+            ("batch_norm", Value::from(false)),
+        ];
+        for (key, want) in fixed {
+            if let Some(got) = obj.get(key) {
+                if *got != want {
+                    bail!("config field `{field}.{key}` is {got}; only {want} is supported");
+                }
+            }
+        }
+        if c.hidden_size == 0
+            || c.num_attention_heads == 0
+            || c.hidden_size % c.num_attention_heads != 0
+        {
+            bail!(
+                "config: the audio encoder's hidden size {} is not a multiple of its {} heads",
+                c.hidden_size,
+                c.num_attention_heads
+            );
+        }
+        if !c.time_reduction.is_power_of_two() || c.time_reduction < 2 {
+            bail!(
+                "config field `{field}.time_reduction` is {}; a power of two is required",
+                c.time_reduction
+            );
+        }
+        if c.kernel_size == 0 || c.bias_max_distance == 0 {
+            bail!("config field `{field}`: kernel_size and bias_max_distance must be positive");
+        }
+        if c.depthwise_separable_out_channel != c.hidden_size
+            || c.ext_pw_out_channel != c.hidden_size
+        {
+            bail!(
+                "config field `{field}`: the convolution module's widths ({}, {}) must equal the hidden size {}",
+                c.depthwise_separable_out_channel,
+                c.ext_pw_out_channel,
+                c.hidden_size
+            );
+        }
+        Ok(c)
+    }
+}
+
 /// A Phi-4-multimodal `config.json`.
 #[derive(Debug, Clone)]
 pub struct Phi4MMConfig {
@@ -251,8 +427,8 @@ pub struct Phi4MMConfig {
     pub vision_lora: Option<LoraSpec>,
     pub speech_lora: Option<LoraSpec>,
     pub audio_token_id: u32,
-    /// The audio encoder's settings as written (`audio_config` or `audio_processor.config`).
-    pub audio: Option<Value>,
+    /// The speech encoder (`audio_config` or `audio_processor.config`).
+    pub audio: AudioConfig,
 }
 
 /// The LoRA target regex of transformers' converter (both adapters).
@@ -307,11 +483,14 @@ impl Phi4MMConfig {
             }
             Layout::Native => (None, None, v.get("audio_config").cloned()),
         };
-        let audio_token_id = audio
-            .as_ref()
-            .and_then(|a| a.get("audio_token_id"))
-            .and_then(Value::as_u64)
-            .map_or(200011, |i| i as u32);
+        let audio = AudioConfig::from_value(audio.as_ref(), layout)?;
+        let audio_token_id = audio.audio_token_id;
+        if audio_token_id as usize >= text.vocab_size {
+            bail!(
+                "config: the audio token id {audio_token_id} is outside the vocabulary ({})",
+                text.vocab_size
+            );
+        }
         Ok(Phi4MMConfig {
             layout,
             text,
@@ -345,10 +524,11 @@ impl Phi4MMConfig {
     }
 
     /// This configuration as transformers' native `config.json` (`phi4_multimodal`), for a
-    /// checkpoint that transformers loads (the audio tower at the class's sizes).
+    /// checkpoint that transformers loads.
     pub fn native_json(&self) -> Value {
         let t = &self.text;
         let v = &self.vision;
+        let a = &self.audio;
         serde_json::json!({
             "architectures": ["Phi4MultimodalForCausalLM"],
             "model_type": "phi4_multimodal",
@@ -371,7 +551,15 @@ impl Phi4MMConfig {
                 "hidden_act": v.hidden_act, "feature_layer": v.feature_layer, "crop_size": v.crop_size,
                 "image_token_id": v.image_token_id
             },
-            "audio_config": {"audio_token_id": self.audio_token_id, "bias_max_distance": 500}
+            "audio_config": {
+                "hidden_size": a.hidden_size, "intermediate_size": a.intermediate_size,
+                "num_blocks": a.num_blocks, "num_attention_heads": a.num_attention_heads,
+                "input_size": a.input_size, "time_reduction": a.time_reduction,
+                "nemo_conv_channels": a.nemo_conv_channels, "ext_pw_out_channel": a.ext_pw_out_channel,
+                "depthwise_separable_out_channel": a.depthwise_separable_out_channel,
+                "kernel_size": a.kernel_size, "bias_max_distance": a.bias_max_distance,
+                "audio_token_id": self.audio_token_id
+            }
         })
     }
 

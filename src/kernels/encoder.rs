@@ -1,5 +1,6 @@
-//! Ops of the encoders (the SigLIP vision tower; the speech encoder in part 2): LayerNorm, the
-//! two GELUs and attention in which every query sees every (valid) key.
+//! Ops of the encoders (the SigLIP vision tower, the Conformer speech encoder): LayerNorm, the
+//! two GELUs, swish, and attention in which every query sees every (valid) key, optionally with
+//! a learned bias by relative position.
 //!
 //! Attention runs as the decoder's prefill runs it, blocked matrix products (`attend_block_scores`,
 //! `attend_block_values` in `ops`):
@@ -39,6 +40,22 @@ pub fn gelu_erf(x: &mut [f32]) {
     }
 }
 
+/// Swish (SiLU), `x · sigmoid(x)`, in place.
+pub fn swish(x: &mut [f32]) {
+    x.par_chunks_mut(1 << 14).for_each(|c| {
+        for v in c {
+            *v /= 1.0 + (-*v).exp();
+        }
+    });
+}
+
+/// A T5-style relative-position bias without buckets: `table` is `[heads][2 · max]`, and the
+/// logit of query `i` for key `j` gains `table[h][clamp(j − i, −max, max − 1) + max]`.
+pub struct RelativeBias<'a> {
+    pub table: &'a [f32],
+    pub max: usize,
+}
+
 /// Query rows per block of scores.
 const QUERY_BLOCK: usize = 64;
 
@@ -47,7 +64,8 @@ const QUERY_BLOCK: usize = 64;
 ///
 /// `q`, `k`, `v` and `out` are `[groups · n, heads · hd]` row-major; `valid` is `[groups · n]`
 /// (empty: all keys valid). A group with no valid key attends uniformly to all of them, as the
-/// reference's additive mask of the dtype's minimum then does.
+/// reference's additive mask of the dtype's minimum then does. `bias` adds a relative-position
+/// bias to the scaled logits (positions counted inside the group).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_full(
     q: &[f32],
@@ -59,6 +77,7 @@ pub fn attention_full(
     heads: usize,
     hd: usize,
     scale: f32,
+    bias: Option<&RelativeBias>,
     out: &mut [f32],
 ) {
     let width = heads * hd;
@@ -105,6 +124,16 @@ pub fn attention_full(
                     m,
                 );
             }
+            if let Some(b) = bias {
+                let max = b.max as isize;
+                let table = &b.table[head * 2 * b.max..(head + 1) * 2 * b.max];
+                for (i, row) in (q0..q1).zip(sc.chunks_mut(m)) {
+                    for (s, &r) in row.iter_mut().zip(&keys) {
+                        let d = (r - g * n) as isize - i as isize;
+                        *s += table[(d.clamp(-max, max - 1) + max) as usize];
+                    }
+                }
+            }
             for row in sc.chunks_mut(m) {
                 softmax(row);
             }
@@ -142,7 +171,9 @@ mod tests {
         let valid: Vec<bool> = (0..groups * n).map(|r| r >= n || r % n < n - 9).collect();
         let scale = 0.37;
         let mut out = vec![0f32; q.len()];
-        attention_full(&q, &k, &v, &valid, groups, n, heads, hd, scale, &mut out);
+        attention_full(
+            &q, &k, &v, &valid, groups, n, heads, hd, scale, None, &mut out,
+        );
         for g in 0..groups {
             for h in 0..heads {
                 for i in 0..n {

@@ -9,7 +9,7 @@ use super::Linear;
 use crate::config::multimodal::Phi4MMConfig;
 use crate::config::Phi3Config;
 use crate::weights::Tensor;
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 fn random_bf16(v: &mut [bf16], scale: f32, seed: u64) {
     v.par_chunks_mut(1 << 16)
@@ -73,9 +73,10 @@ impl Phi3ForCausalLM {
 
 impl super::phi4mm::Phi4MMForCausalLM {
     /// Phi-4-multimodal of `config`'s shapes with random bf16 weights: the decoder, the vision
-    /// tower (the layers that feed the feature layer), the projection, and both adapters on
-    /// every decoder projection (unmerged, as served).
+    /// tower (the layers that feed the feature layer), the projection, the speech encoder with
+    /// both projections, and both adapters on every decoder projection (unmerged, as served).
     pub fn synthetic(config: Phi4MMConfig, seed: u64) -> Result<super::phi4mm::Phi4MMForCausalLM> {
+        use super::phi4mm::audio_embed::AudioEmbedding;
         use super::phi4mm::image_embed::ImageEmbedding;
         use super::phi4mm::siglip::{
             LayerNorm, VisionAttention, VisionEmbeddings, VisionEncoderLayer, VisionMlp,
@@ -142,10 +143,47 @@ impl super::phi4mm::Phi4MMForCausalLM {
                 }
             }
         }
+        // The speech encoder: every tensor of the registry, norms at 1, biases and CMVN mean at 0,
+        // matrices uniform with the fan-in scale.
+        let mut audio: std::collections::HashMap<String, Tensor> =
+            AudioEmbedding::expected_tensors(&config.audio, h)
+                .into_iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    let n = e.name.as_str();
+                    let fill = |x: f32| {
+                        Tensor::from_f32(e.shape.clone(), &vec![x; e.shape.iter().product()])
+                    };
+                    let t = if n.ends_with("norm.weight")
+                        || n.ends_with("norm_att.weight")
+                        || n.ends_with("global_invstd")
+                    {
+                        fill(1.0)
+                    } else if n.ends_with(".bias")
+                        || n.ends_with("global_mean")
+                        || n.ends_with(".b1")
+                        || n.ends_with(".b2")
+                    {
+                        fill(0.0)
+                    } else {
+                        let cols: usize = e.shape[1..].iter().product::<usize>().max(1);
+                        let scale = (3.0 / cols as f32).sqrt();
+                        let seed = s.wrapping_add(20_000 + i as u64);
+                        Tensor::bf16_with(e.shape.clone(), |v| random_bf16(v, scale, seed))
+                    };
+                    (e.name, t)
+                })
+                .collect();
+        let audio_embed = AudioEmbedding::load(&config.audio, &mut |name: &str| {
+            audio
+                .remove(name)
+                .with_context(|| format!("synthetic tensor {name}"))
+        })?;
         Ok(super::phi4mm::Phi4MMForCausalLM {
             config,
             lm,
             image_embed,
+            audio_embed: Some(audio_embed),
         })
     }
 }

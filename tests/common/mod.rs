@@ -137,3 +137,37 @@ pub fn check_mode_greedy(e: &phi4::Engine, r: &Reference, mode: &str) {
         .unwrap();
     assert_eq!(out.generated_ids, want, "{mode}");
 }
+
+/// The test clip generator of scripts/make_mm_fixtures.py (`synth_pcm`), integer for integer:
+/// xorshift32 noise and a triangle tone under a triangle envelope, a pause every 2.5 s.
+pub fn synth_pcm(n: usize, seed: u32) -> Vec<i16> {
+    let mut state = seed;
+    (0..n as i64)
+        .map(|i| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            let noise = (state >> 16) as i64 - 32768;
+            let k = i % 37;
+            let tone = (if k < 19 { k } else { 37 - k }) * 1200 - 10800;
+            let e = i % 8000;
+            let env = if i % 40000 >= 35200 {
+                0
+            } else {
+                (if e < 4000 { e } else { 8000 - e }) / 4
+            };
+            // Python's floor division, for negative numerators too.
+            let v = (noise.div_euclid(4) + tone) * env;
+            let v = v.div_euclid(1000) + noise.div_euclid(256);
+            v.clamp(-32768, 32767) as i16
+        })
+        .collect()
+}
+
+/// `synth_pcm` as the float waveform the reference's extractor was given.
+pub fn synth_wave(n: usize, seed: u32) -> Vec<f32> {
+    synth_pcm(n, seed)
+        .into_iter()
+        .map(|s| s as f32 / 32768.0)
+        .collect()
+}

@@ -1,11 +1,14 @@
 //! Phi-4-multimodal (spec §3): the Phi-4-mini decoder ([`Phi3ForCausalLM`], the same code and
-//! kernels), with the vision and speech LoRA adapters riding unmerged on its linear layers, and
-//! the image embedding that turns pictures into rows of the prompt.
+//! kernels), with the vision and speech LoRA adapters riding unmerged on its linear layers, the
+//! image embedding that turns pictures into rows of the prompt and the audio embedding that does
+//! the same for speech.
 //!
 //! Both checkpoint layouts load into the same structs, named as transformers' native model
 //! names them: Microsoft's remote-code one (adapters inside the weights, PEFT-wrapped names, the
 //! original image-projection names) is renamed on load.
 
+pub mod audio_embed;
+pub mod conformer;
 pub mod image_embed;
 pub mod siglip;
 
@@ -14,6 +17,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
+use self::audio_embed::{AudioEmbedding, Projection};
 use self::image_embed::ImageEmbedding;
 use crate::config::multimodal::{Layout, LoraSpec, Phi4MMConfig};
 use crate::media::ProcessedImage;
@@ -26,10 +30,6 @@ use crate::weights::{check_registry, open_safetensors, Checkpoint, Expected, Ten
 pub const ADAPTERS: [&str; 2] = ["vision", "speech"];
 pub const VISION: AdapterId = 0;
 pub const SPEECH: AdapterId = 1;
-
-/// Tensors of the speech encoder; it is built by part 2 of the multimodal work, until then its
-/// tensors are accepted and left unread.
-const AUDIO_PREFIX: &str = "model.embed_tokens_extend.audio_embed.";
 
 /// The settings `config.json` gives adapter `id` (the remote layout's `vision_lora` /
 /// `speech_lora`).
@@ -76,6 +76,8 @@ pub struct Phi4MMForCausalLM {
     /// The language model, its projections carrying the adapters.
     pub lm: Phi3ForCausalLM,
     pub image_embed: ImageEmbedding,
+    /// The speech encoder and its projections; `None` for a checkpoint without them.
+    pub audio_embed: Option<AudioEmbedding>,
 }
 
 impl Phi4MMForCausalLM {
@@ -139,15 +141,34 @@ impl Phi4MMForCausalLM {
         let vision_cfg = &config.vision;
         let mut lm = HashMap::new();
         let mut vision = HashMap::new();
+        let mut audio = HashMap::new();
         for (k, t) in tensors {
             if k.starts_with(image_embed::PREFIX) {
                 if !ImageEmbedding::is_unused(vision_cfg, &k) {
                     vision.insert(k, t);
                 }
-            } else if !k.starts_with(AUDIO_PREFIX) {
+            } else if k.starts_with(audio_embed::PREFIX) {
+                audio.insert(k, t);
+            } else {
                 lm.insert(k, t);
             }
         }
+        let audio_embed = if audio.is_empty() {
+            None
+        } else {
+            let audio_ckpt = Checkpoint::from_parts(audio, ckpt.files.clone(), Vec::new());
+            let mut found = check_registry(
+                &audio_ckpt,
+                &AudioEmbedding::expected_tensors(&config.audio, config.text.hidden_size),
+            )
+            .with_context(|| format!("loading the speech encoder from {}", dir.display()))?;
+            let mut take = |name: &str| -> Result<Tensor> {
+                found
+                    .remove(name)
+                    .with_context(|| format!("tensor {name} missing after registry check"))
+            };
+            Some(AudioEmbedding::load(&config.audio, &mut take)?)
+        };
         let lm_ckpt = Checkpoint::from_parts(lm, ckpt.files.clone(), Vec::new());
         let mut lm = Phi3ForCausalLM::load(config.text.clone(), &lm_ckpt)
             .with_context(|| format!("loading the language model from {}", dir.display()))?;
@@ -177,6 +198,7 @@ impl Phi4MMForCausalLM {
             config,
             lm,
             image_embed,
+            audio_embed,
         })
     }
 
@@ -195,6 +217,15 @@ impl Phi4MMForCausalLM {
                 .iter()
                 .any(|(_, lin)| lin.lora().iter().any(|d| d.adapter == id))
         })
+    }
+
+    /// The prompt rows of one audio's `[frames, 80]` features, through the projection its
+    /// prompt's mode selects.
+    pub fn embed_audio(&self, features: &[f32], projection: Projection) -> Result<Vec<f32>> {
+        let a = self.audio_embed.as_ref().context(
+            "this checkpoint has no speech encoder (no model.embed_tokens_extend.audio_embed.* tensors)",
+        )?;
+        Ok(a.forward(features, projection))
     }
 
     /// The embedding rows of every image, concatenated in order (one per image token).
@@ -246,10 +277,9 @@ pub fn write_quantized(dir: &Path, config: Phi4MMConfig, recipe: Recipe, out: &P
     crate::model::quantize::copy_beside_weights(dir, out, true)
 }
 
-/// Writes `model` in transformers' native layout: `config.json`, `model.safetensors` (decoder
-/// and image embedding; a float model only) and one PEFT folder per adapter. The speech encoder is
-/// not written (transformers initialises what is missing), so the result serves as the peer's
-/// copy of synthetic weights for benchmarks.
+/// Writes `model` in transformers' native layout: `config.json`, `model.safetensors` (decoder,
+/// image and audio embeddings; a float model only) and one PEFT folder per adapter, so the result
+/// serves as the peer's copy of synthetic weights for benchmarks.
 pub fn write_native(model: &Phi4MMForCausalLM, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(
@@ -258,6 +288,9 @@ pub fn write_native(model: &Phi4MMForCausalLM, out: &Path) -> Result<()> {
     )?;
     let mut named = model.lm.named_tensors();
     named.extend(model.image_embed.named_tensors());
+    if let Some(a) = &model.audio_embed {
+        named.extend(a.named_tensors());
+    }
     crate::model::quantize::write_tensors(&named, None, out)?;
     for (id, name) in ADAPTERS.iter().enumerate() {
         let Some(spec) = adapter_spec(&model.config, id) else {
@@ -313,6 +346,29 @@ fn remote_to_native(name: &str) -> String {
     }
     if name.starts_with("model.layers.") {
         return name.replacen(".base_layer.weight", ".weight", 1);
+    }
+    const AUDIO: &str = "model.embed_tokens_extend.audio_embed.";
+    if let Some(rest) = name.strip_prefix(AUDIO) {
+        let rest = rest
+            .replacen("audio_projection.speech.0.", "up_proj_for_speech.", 1)
+            .replacen("audio_projection.speech.2.", "down_proj_for_speech.", 1)
+            .replacen(
+                "audio_projection.vision.0.",
+                "up_proj_for_vision_speech.",
+                1,
+            )
+            .replacen(
+                "audio_projection.vision.2.",
+                "down_proj_for_vision_speech.",
+                1,
+            )
+            .replacen(".net.0.linear.", ".gate_up_proj.", 1)
+            .replacen(".net.2.", ".down_proj.", 1)
+            .replacen(".self_attn.linear_q.", ".self_attn.q_proj.", 1)
+            .replacen(".self_attn.linear_k.", ".self_attn.k_proj.", 1)
+            .replacen(".self_attn.linear_v.", ".self_attn.v_proj.", 1)
+            .replacen(".self_attn.linear_out.", ".self_attn.o_proj.", 1);
+        return format!("{AUDIO}{rest}");
     }
     name.to_owned()
 }
@@ -406,6 +462,18 @@ mod tests {
             (
                 "model.layers.0.self_attn.qkv_proj.lora_A.vision.weight",
                 "model.layers.0.self_attn.qkv_proj.lora_A.vision.weight",
+            ),
+            (
+                "model.embed_tokens_extend.audio_embed.audio_projection.vision.2.weight",
+                "model.embed_tokens_extend.audio_embed.down_proj_for_vision_speech.weight",
+            ),
+            (
+                "model.embed_tokens_extend.audio_embed.encoder.encoders.3.feed_forward_out.net.0.linear.bias",
+                "model.embed_tokens_extend.audio_embed.encoder.encoders.3.feed_forward_out.gate_up_proj.bias",
+            ),
+            (
+                "model.embed_tokens_extend.audio_embed.encoder.encoders.0.self_attn.linear_out.weight",
+                "model.embed_tokens_extend.audio_embed.encoder.encoders.0.self_attn.o_proj.weight",
             ),
         ] {
             assert_eq!(remote_to_native(remote), native);

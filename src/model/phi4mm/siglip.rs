@@ -26,7 +26,7 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    fn forward_rows(&self, x: &[f32], out: &mut [f32], eps: f32) {
+    pub fn forward_rows(&self, x: &[f32], out: &mut [f32], eps: f32) {
         let h = self.weight.len();
         for (o, r) in out.chunks_mut(h).zip(x.chunks(h)) {
             layer_norm(r, &self.weight, &self.bias, eps, o);
@@ -264,6 +264,7 @@ impl VisionModel {
                 heads,
                 h / heads,
                 scale,
+                None,
                 &mut attn,
             );
             layer.self_attn.out_proj.forward(&attn, &mut proj);
