@@ -135,3 +135,126 @@ fn conformer_encoder_and_projections_match_transformers() {
         m.embed_audio(&feats, Projection::VisionSpeech).unwrap()
     );
 }
+
+/// Amplitude of the `freq` Hz component of 16 kHz samples (a least-squares sine/cosine fit).
+fn tone_amplitude(x: &[f32], freq: f64) -> f64 {
+    let w = 2.0 * std::f64::consts::PI * freq / 16000.0;
+    let (mut s, mut c) = (0f64, 0f64);
+    for (i, &v) in x.iter().enumerate() {
+        s += f64::from(v) * (w * i as f64).sin();
+        c += f64::from(v) * (w * i as f64).cos();
+    }
+    2.0 * (s * s + c * c).sqrt() / x.len() as f64
+}
+
+fn rms(x: &[f32]) -> f64 {
+    (x.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / x.len() as f64).sqrt()
+}
+
+#[test]
+fn every_supported_format_decodes_mixes_down_and_resamples() {
+    use phi4::media::audio;
+    let dir = common::fixtures().join("audio");
+    // (file, rate, channels, amplitude tolerance): lossless files within quantization, lossy ones
+    // within their codec's error. Every file holds 0.4 s of 440 Hz that mixes down to 0.4.
+    for (file, rate, channels, tol) in [
+        ("u8_8000_mono.wav", 8000, 1, 0.01),
+        ("s16_16000_mono.wav", 16000, 1, 1e-3),
+        ("s24_11025_stereo.wav", 11025, 2, 1e-3),
+        ("s32_8000_mono.wav", 8000, 1, 1e-3),
+        ("f32_22050_mono.wav", 22050, 1, 1e-3),
+        ("flac_44100_stereo.flac", 44100, 2, 1e-3),
+        ("mp3_44100_stereo.mp3", 44100, 2, 0.03),
+        ("vorbis_48000_stereo.ogg", 48000, 2, 0.03),
+        ("aac_48000_mono.m4a", 48000, 1, 0.03),
+    ] {
+        let bytes = std::fs::read(dir.join(file)).unwrap();
+        let ext = file.rsplit('.').next();
+        let d = audio::decode(&bytes, ext, 60.0).unwrap_or_else(|e| panic!("{file}: {e:#}"));
+        assert_eq!((d.rate, d.channels), (rate, channels), "{file}");
+        // Encoders add priming/padding frames; the tone itself is 0.4 s.
+        assert!(
+            (d.seconds() - 0.4).abs() < 0.06,
+            "{file}: {} s decoded",
+            d.seconds()
+        );
+        // No hint: the content alone decides.
+        assert_eq!(
+            audio::decode(&bytes, None, 60.0).unwrap().frames(),
+            d.frames()
+        );
+        let w = audio::load(&bytes, ext, 60.0).unwrap();
+        assert!(
+            (w.seconds() - d.seconds()).abs() < 2e-3,
+            "{file}: length kept"
+        );
+        // The middle of the clip (away from encoder fades): a 0.4-amplitude 440 Hz tone.
+        let mid = &w.samples[w.samples.len() / 4..w.samples.len() * 3 / 4];
+        let amp = tone_amplitude(mid, 440.0);
+        assert!((amp - 0.4).abs() < tol, "{file}: tone amplitude {amp}");
+        // And nothing else: the residual is small.
+        let resid = (rms(mid).powi(2) - amp * amp / 2.0).max(0.0).sqrt();
+        assert!(resid < 0.02 + tol, "{file}: residual rms {resid}");
+    }
+}
+
+#[test]
+fn resampler_keeps_the_speech_band_and_removes_what_16k_cannot_hold() {
+    use phi4::media::audio::resample_to_16k;
+    for rate in [8000u32, 11025, 22050, 32000, 44100, 48000, 96000] {
+        let n = rate as usize; // one second
+        let sine = |f: f64, a: f32| -> Vec<f32> {
+            (0..n)
+                .map(|i| a * (2.0 * std::f64::consts::PI * f * i as f64 / rate as f64).sin() as f32)
+                .collect()
+        };
+        let nyquist_in = rate as f64 / 2.0;
+        // In-band tones keep their amplitude (±0.5 %), the length is exact to a sample.
+        for f in [100.0, 440.0, 1000.0, 3000.0, 6000.0, 7000.0] {
+            if f >= nyquist_in * 0.9 {
+                continue;
+            }
+            let out = resample_to_16k(&sine(f, 0.5), rate).unwrap();
+            assert!(
+                out.len().abs_diff(16000) <= 1,
+                "{rate} Hz: {} samples",
+                out.len()
+            );
+            let amp = tone_amplitude(&out[2000..14000], f);
+            assert!(
+                (amp - 0.5).abs() < 2.5e-3,
+                "{rate} Hz: {f} Hz tone at {amp}"
+            );
+        }
+        // Tones above 8 kHz are removed, not folded back into the band.
+        for f in [8500.0, 10000.0, 15000.0, 20000.0] {
+            if f >= nyquist_in * 0.95 {
+                continue;
+            }
+            let out = resample_to_16k(&sine(f, 0.5), rate).unwrap();
+            let r = rms(&out[2000..14000]);
+            assert!(r < 1e-3, "{rate} Hz: {f} Hz leaves rms {r}");
+        }
+    }
+}
+
+#[test]
+fn bad_audio_is_refused_with_a_reason() {
+    use phi4::media::audio;
+    let err = |bytes: &[u8]| format!("{:#}", audio::decode(bytes, None, 60.0).unwrap_err());
+    assert!(err(b"").contains("empty"));
+    assert!(err(b"hello, this is not audio at all").contains("not a supported audio file"));
+    let good = std::fs::read(common::fixtures().join("audio/s16_16000_mono.wav")).unwrap();
+    // A header with its data cut off: what remains decodes, nothing at all is an error.
+    let cut = err(&good[..44]);
+    assert!(
+        cut.contains("no samples") || cut.contains("could not be read"),
+        "{cut}"
+    );
+    let e = format!("{:#}", audio::decode(&good, None, 0.1).unwrap_err());
+    assert!(e.contains("longer than the limit"), "{e}");
+    let png = std::fs::read(common::fixtures().join("../../README.md")).unwrap_or_default();
+    if !png.is_empty() {
+        assert!(err(&png).contains("not a supported"));
+    }
+}
