@@ -195,7 +195,7 @@ fn png(img: &phi4::media::RgbImage) -> Vec<u8> {
     out
 }
 
-const MODES: [&str; 3] = ["text", "image", "two_images"];
+const MODES: [&str; 5] = ["text", "image", "two_images", "audio", "image_audio"];
 
 #[test]
 fn engine_generates_transformers_greedy_tokens_in_every_mode_and_layout() {
@@ -309,7 +309,7 @@ fn bad_image_input_is_refused_with_a_clear_error() {
 }
 
 #[test]
-fn a_batch_mixing_text_and_image_requests_equals_each_run_alone() {
+fn a_batch_mixing_text_image_and_audio_requests_equals_each_run_alone() {
     let r = reference();
     let e = Arc::new(Engine::load(&common::tiny_mm_dir()).unwrap());
     let b = Batcher::spawn(e.clone(), BatcherConfig::default());
@@ -320,8 +320,12 @@ fn a_batch_mixing_text_and_image_requests_equals_each_run_alone() {
             let prompt = r.meta["modes"][mode]["prompt"].as_str().unwrap();
             (
                 mode,
-                e.encode_with_images(prompt, &mode_images(&r, mode))
-                    .unwrap(),
+                e.encode_with_media(
+                    prompt,
+                    &mode_images(&r, mode),
+                    &common::mode_audios(&r, mode),
+                )
+                .unwrap(),
             )
         })
         .collect();

@@ -258,3 +258,58 @@ fn bad_audio_is_refused_with_a_reason() {
         assert!(err(&png).contains("not a supported"));
     }
 }
+
+/// A reference mode through the engine's encoders and decoder: every position's logits.
+fn engine_logits(e: &phi4::Engine, r: &Reference, mode: &str) -> Vec<f32> {
+    use phi4::model::{BatchItem, Logits};
+    let prompt = r.meta["modes"][mode]["prompt"].as_str().unwrap();
+    let (ids, media) = e
+        .encode_with_media(
+            prompt,
+            &common::mode_images(r, mode),
+            &common::mode_audios(r, mode),
+        )
+        .unwrap();
+    assert_eq!(ids, r.ids_at(&["modes", mode, "prompt_ids"]), "{mode} ids");
+    let media = media.unwrap();
+    let want_adapter = match r.meta["modes"][mode]["adapter"].as_str() {
+        Some("vision") => Some(phi4::model::phi4mm::VISION),
+        Some("speech") => Some(phi4::model::phi4mm::SPEECH),
+        _ => None,
+    };
+    assert_eq!(media.adapter, want_adapter, "{mode} adapter");
+    let m = &e.model;
+    let mut cache = m.new_cache();
+    let item = BatchItem {
+        embeds: Some(&media.embeds),
+        adapter: media.adapter,
+        ..BatchItem::new(&ids, &mut cache, m.rope.table_for_len(ids.len()))
+    };
+    let mut logits = Vec::new();
+    m.forward_item(item, Logits::All, None, &mut logits)
+        .unwrap();
+    logits
+}
+
+#[test]
+fn audio_prompts_match_transformers_with_the_speech_or_vision_route() {
+    let r = reference();
+    for dir in [common::tiny_mm_dir(), common::tiny_mm_remote_dir()] {
+        let e = phi4::Engine::load(&dir).unwrap();
+        let v = e.model.config.vocab_size;
+        // Audio alone: speech adapter, speech projection; every position.
+        let got = engine_logits(&e, &r, "audio");
+        let d = rel(&got, r.tensor("mode.audio.logits"));
+        assert!(d < 1e-4, "audio logits differ by {d}");
+        // Image and audio: vision adapter, vision-speech projection; the last position.
+        let got = engine_logits(&e, &r, "image_audio");
+        let d = rel(
+            &got[got.len() - v..],
+            r.tensor("mode.image_audio.logits_last"),
+        );
+        assert!(d < 1e-4, "image+audio logits differ by {d}");
+        for mode in ["audio", "image_audio"] {
+            common::check_mode_greedy(&e, &r, mode);
+        }
+    }
+}

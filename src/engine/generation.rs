@@ -106,18 +106,25 @@ impl Engine {
             bail!("prompt token id {bad} is outside the model's vocabulary");
         }
         if let Some(mm) = &self.mm {
-            // Image and audio ids stand for media rows: a prompt may hold exactly those its
-            // media fill (a literal one in text or ids would take an image's place).
+            // Image and audio ids stand for media rows: a prompt holds them exactly where its
+            // media's rows go (a literal one in text or ids would take a medium's place).
             let (image_id, audio_id) = (mm.config.vision.image_token_id, mm.config.audio_token_id);
             let rows = req.media.as_ref().map_or(0, |m| m.embeds.len());
-            let slots = prompt.iter().filter(|&&t| t == image_id).count();
+            let slots = prompt
+                .iter()
+                .filter(|&&t| t == image_id || t == audio_id)
+                .count();
             if slots != rows {
                 bail!(
-                    "the prompt holds {slots} image tokens (id {image_id}) for {rows} image rows; place images with <|image_N|>"
+                    "the prompt holds {slots} media tokens (image id {image_id}, audio id {audio_id}) for {rows} media rows; place media with <|image_N|> and <|audio_N|>"
                 );
             }
-            if prompt.contains(&audio_id) {
-                bail!("the prompt holds the audio token (id {audio_id}), reserved for audio input");
+            if let Some(m) = &req.media {
+                if let Some(&p) = m.embeds.positions().iter().find(|&&p| {
+                    p >= prompt.len() || (prompt[p] != image_id && prompt[p] != audio_id)
+                }) {
+                    bail!("media row at position {p} does not stand on an image or audio token");
+                }
             }
         } else if req.media.is_some() {
             self.multimodal()?;

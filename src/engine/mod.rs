@@ -89,7 +89,7 @@ pub struct Engine {
     pub max_model_len: usize,
     /// Built on first use: indexing a 200K vocabulary for grammars takes a moment.
     constraints: OnceLock<std::result::Result<ConstraintFactory, String>>,
-    /// Phi-4-multimodal's vision (and later speech) parts; `None` for a text model.
+    /// Phi-4-multimodal's vision and speech parts; `None` for a text model.
     pub mm: Option<Multimodal>,
 }
 

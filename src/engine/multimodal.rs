@@ -1,11 +1,12 @@
-//! Prompts with images for Phi-4-multimodal: placeholders, the rules for where an image may
-//! come from, the vision tower's rows merged into the prompt, and the adapter the input mode
-//! routes to (spec §3.7).
+//! Prompts with images and audio for Phi-4-multimodal: placeholders, the rules for where media
+//! may come from, the encoders' rows merged into the prompt, and the adapter and audio
+//! projection the input mode routes to (spec §3.7).
 //!
 //! `<|image_N|>` in the prompt (N from 1, any order, each image once) stands for the N-th image
-//! and expands to as many image tokens as the processor gives it; a prompt with images and no
-//! placeholder gets them in front of the text. A literal image or audio token in the text is
-//! refused: it would take an image's place.
+//! and expands to as many image tokens as the processor gives it; `<|audio_N|>` likewise for the
+//! N-th audio (`ceil(frames / 8)` tokens). A prompt with media and no placeholder gets them in
+//! front of the text. A literal image or audio token in the text is refused: it would take a
+//! medium's place.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,16 +16,19 @@ use base64::Engine as _;
 
 use super::Engine;
 use crate::config::multimodal::Phi4MMConfig;
-use crate::media::{self, dynamic_hd, ProcessedImage, RgbImage};
+use crate::media::{self, audio, dynamic_hd, log_mel, LogMel, ProcessedImage, RgbImage, Waveform};
+use crate::model::phi4mm::audio_embed::{AudioEmbedding, Projection};
 use crate::model::phi4mm::image_embed::ImageEmbedding;
 use crate::model::phi4mm::{InputMode, Phi4MMForCausalLM};
 use crate::model::{AdapterId, InputEmbeds, Phi3ForCausalLM};
-use crate::text::{ImageSource, Message};
+use crate::text::{AudioSource, ImageSource, Message};
 
 /// The parts of Phi-4-multimodal beyond its decoder.
 pub struct Multimodal {
     pub config: Phi4MMConfig,
     pub image_embed: ImageEmbedding,
+    pub audio_embed: Option<AudioEmbedding>,
+    pub log_mel: LogMel,
     pub limits: MediaLimits,
 }
 
@@ -36,9 +40,25 @@ impl Multimodal {
             Multimodal {
                 config: m.config,
                 image_embed: m.image_embed,
+                audio_embed: m.audio_embed,
+                log_mel: LogMel::new(),
                 limits: MediaLimits::default(),
             },
         )
+    }
+
+    /// The speech encoder, or an error saying the checkpoint has none.
+    pub fn audio_embed(&self) -> Result<&AudioEmbedding> {
+        self.audio_embed.as_ref().context(
+            "this checkpoint has no speech encoder (no model.embed_tokens_extend.audio_embed.* tensors)",
+        )
+    }
+
+    /// The prompt rows of one 16 kHz waveform, through `projection`.
+    pub fn embed_audio(&self, wave: &Waveform, projection: Projection) -> Result<Vec<f32>> {
+        let enc = self.audio_embed()?;
+        let features = self.log_mel.features(&wave.samples);
+        Ok(enc.forward(&features, projection))
     }
 }
 
@@ -62,6 +82,11 @@ pub struct MediaLimits {
     pub max_crops: usize,
     /// Largest image file, in bytes.
     pub max_image_bytes: usize,
+    /// Longest audio, in seconds (each audio of a request).
+    pub max_audio_seconds: f64,
+    pub max_audios: usize,
+    /// Largest audio file, in bytes.
+    pub max_audio_bytes: usize,
     pub allow_remote: bool,
     pub local: LocalMedia,
 }
@@ -73,8 +98,34 @@ impl Default for MediaLimits {
             max_images: 16,
             max_crops: dynamic_hd::DEFAULT_MAX_CROPS,
             max_image_bytes: 64 << 20,
+            max_audio_seconds: audio::DEFAULT_MAX_SECONDS,
+            max_audios: 16,
+            max_audio_bytes: 256 << 20,
             allow_remote: false,
             local: LocalMedia::Any,
+        }
+    }
+}
+
+/// What kind of medium a file is, for limits and messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Image,
+    Audio,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Image => "image",
+            Kind::Audio => "audio",
+        }
+    }
+
+    fn max_bytes(self, limits: &MediaLimits) -> usize {
+        match self {
+            Kind::Image => limits.max_image_bytes,
+            Kind::Audio => limits.max_audio_bytes,
         }
     }
 }
@@ -86,6 +137,7 @@ pub struct MediaInput {
     pub embeds: InputEmbeds,
     pub adapter: Option<AdapterId>,
     pub images: usize,
+    pub audios: usize,
 }
 
 /// A placeholder found in prompt text: byte range and the 1-based index it names.
@@ -113,37 +165,47 @@ fn placeholders(text: &str, kind: &str) -> Vec<(std::ops::Range<usize>, usize)> 
 impl Engine {
     /// The multimodal parts, or an error saying this model takes text only.
     pub fn multimodal(&self) -> Result<&Multimodal> {
-        self.mm
-            .as_ref()
-            .context("this model takes text only; images need a Phi-4-multimodal checkpoint")
+        self.mm.as_ref().context(
+            "this model takes text only; images and audio need a Phi-4-multimodal checkpoint",
+        )
     }
 
     /// Reads an image from where `src` says, under the engine's [`MediaLimits`].
     pub fn load_image(&self, src: &ImageSource) -> Result<RgbImage> {
         let limits = &self.multimodal()?.limits;
-        let bytes = match src {
-            ImageSource::Bytes(b) => b.as_ref().clone(),
-            ImageSource::Url(url) => fetch(url, limits)?,
-        };
-        if bytes.len() > limits.max_image_bytes {
-            bail!(
-                "image of {} bytes is larger than the limit of {} bytes",
-                bytes.len(),
-                limits.max_image_bytes
-            );
-        }
+        let (bytes, _) = media_bytes(src, limits, Kind::Image)?;
         media::image::decode(&bytes, limits.max_image_pixels)
     }
 
-    /// Tokenizes prompt text, expanding `<|image_N|>` for `images`, and runs the vision tower:
-    /// the prompt ids and, when there are images, what the decoder needs for them.
+    /// Reads an audio from where `src` says and makes it 16 kHz mono, under the engine's
+    /// [`MediaLimits`].
+    pub fn load_audio(&self, src: &AudioSource) -> Result<Waveform> {
+        let mm = self.multimodal()?;
+        mm.audio_embed()?;
+        let (bytes, ext) = media_bytes(src, &mm.limits, Kind::Audio)?;
+        audio::load(&bytes, ext.as_deref(), mm.limits.max_audio_seconds)
+    }
+
+    /// [`Engine::encode_with_media`] without audio.
     pub fn encode_with_images(
         &self,
         text: &str,
         images: &[RgbImage],
     ) -> Result<(Vec<u32>, Option<Arc<MediaInput>>)> {
+        self.encode_with_media(text, images, &[])
+    }
+
+    /// Tokenizes prompt text, expanding `<|image_N|>` and `<|audio_N|>` for `images` and
+    /// `audios`, and runs the encoders: the prompt ids and, when there are media, what the
+    /// decoder needs for them (rows, adapter).
+    pub fn encode_with_media(
+        &self,
+        text: &str,
+        images: &[RgbImage],
+        audios: &[Waveform],
+    ) -> Result<(Vec<u32>, Option<Arc<MediaInput>>)> {
         let Some(mm) = &self.mm else {
-            if !images.is_empty() {
+            if !images.is_empty() || !audios.is_empty() {
                 self.multimodal()?;
             }
             return Ok((self.tokenizer.encode(text)?, None));
@@ -155,26 +217,42 @@ impl Engine {
                 mm.limits.max_images
             );
         }
-        let found = placeholders(text, "image");
-        let mut seen = vec![false; images.len()];
-        for (_, idx) in &found {
-            if *idx == 0 || *idx > images.len() {
-                bail!(
-                    "the prompt's placeholder <|image_{idx}|> has no image ({} given)",
-                    images.len()
-                );
-            }
-            if std::mem::replace(&mut seen[idx - 1], true) {
-                bail!("the prompt names <|image_{idx}|> more than once");
-            }
-        }
-        if let Some(i) = seen.iter().position(|s| !s) {
+        if audios.len() > mm.limits.max_audios {
             bail!(
-                "image {} has no <|image_{}|> placeholder in the prompt",
-                i + 1,
-                i + 1
+                "{} audios in one request; the limit is {}",
+                audios.len(),
+                mm.limits.max_audios
             );
         }
+        if !audios.is_empty() {
+            mm.audio_embed()?;
+        }
+        // Every placeholder of either kind, in text order.
+        let mut found: Vec<(std::ops::Range<usize>, Kind, usize)> = Vec::new();
+        for (kind, count) in [(Kind::Image, images.len()), (Kind::Audio, audios.len())] {
+            let name = kind.name();
+            let list = placeholders(text, name);
+            let mut seen = vec![false; count];
+            for (_, idx) in &list {
+                if *idx == 0 || *idx > count {
+                    bail!(
+                        "the prompt's placeholder <|{name}_{idx}|> has no {name} ({count} given)"
+                    );
+                }
+                if std::mem::replace(&mut seen[idx - 1], true) {
+                    bail!("the prompt names <|{name}_{idx}|> more than once");
+                }
+            }
+            if let Some(i) = seen.iter().position(|s| !s) {
+                bail!(
+                    "{name} {} has no <|{name}_{}|> placeholder in the prompt",
+                    i + 1,
+                    i + 1
+                );
+            }
+            found.extend(list.into_iter().map(|(r, i)| (r, kind, i - 1)));
+        }
+        found.sort_by_key(|(r, _, _)| r.start);
         let processed: Vec<ProcessedImage> = images
             .iter()
             .enumerate()
@@ -183,124 +261,209 @@ impl Engine {
                     .with_context(|| format!("image {}", i + 1))
             })
             .collect::<Result<_>>()?;
+        let audio_tokens: Vec<usize> = audios
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let n = log_mel::num_tokens(a.samples.len());
+                if n == 0 {
+                    bail!(
+                        "audio {} is too short ({:.1} ms; at least {} ms of sound is needed)",
+                        i + 1,
+                        a.seconds() * 1000.0,
+                        1000 * log_mel::WIN_LENGTH / audio::SAMPLE_RATE as usize
+                    );
+                }
+                Ok(n)
+            })
+            .collect::<Result<_>>()?;
         let (image_id, audio_id) = (mm.config.vision.image_token_id, mm.config.audio_token_id);
         let mut ids = Vec::new();
-        let mut spans = Vec::new(); // (first token, image index)
+        let mut spans = Vec::new(); // (first token, kind, index)
         let mut at = 0;
         let text_ids = |piece: &str, ids: &mut Vec<u32>| -> Result<()> {
             let t = self.tokenizer.encode(piece)?;
             if let Some(bad) = t.iter().find(|&&i| i == image_id || i == audio_id) {
                 let name = self.tokenizer.decode(&[*bad], false).unwrap_or_default();
                 bail!(
-                    "the prompt text contains {name} (token {bad}), which is reserved for image and audio input; write <|image_N|> to place an image"
+                    "the prompt text contains {name} (token {bad}), which is reserved for image and audio input; write <|image_N|> or <|audio_N|> to place one"
                 );
             }
             ids.extend(t);
             Ok(())
         };
-        for (range, idx) in &found {
+        for (range, kind, idx) in &found {
             text_ids(&text[at..range.start], &mut ids)?;
-            spans.push((ids.len(), idx - 1));
-            ids.extend(std::iter::repeat_n(
-                image_id,
-                processed[idx - 1].num_tokens(),
-            ));
+            spans.push((ids.len(), *kind, *idx));
+            let (id, n) = match kind {
+                Kind::Image => (image_id, processed[*idx].num_tokens()),
+                Kind::Audio => (audio_id, audio_tokens[*idx]),
+            };
+            ids.extend(std::iter::repeat_n(id, n));
             at = range.end;
         }
         text_ids(&text[at..], &mut ids)?;
-        if images.is_empty() {
+        if images.is_empty() && audios.is_empty() {
             return Ok((ids, None));
         }
+        let mode = InputMode::of(images.len(), audios.len());
+        let projection = if images.is_empty() {
+            Projection::Speech
+        } else {
+            Projection::VisionSpeech
+        };
         let h = self.model.config.hidden_size;
         let per_image: Vec<Vec<f32>> = processed
             .iter()
             .map(|p| mm.image_embed.forward(p))
             .collect::<Result<_>>()?;
+        let per_audio: Vec<Vec<f32>> = audios
+            .iter()
+            .map(|a| mm.embed_audio(a, projection))
+            .collect::<Result<_>>()?;
         let mut positions = Vec::new();
         let mut rows = Vec::new();
-        for (first, img) in spans {
-            let n = processed[img].num_tokens();
+        for (first, kind, idx) in spans {
+            let (n, r) = match kind {
+                Kind::Image => (processed[idx].num_tokens(), &per_image[idx]),
+                Kind::Audio => (audio_tokens[idx], &per_audio[idx]),
+            };
             positions.extend(first..first + n);
-            rows.extend_from_slice(&per_image[img]);
+            rows.extend_from_slice(r);
         }
         let embeds = InputEmbeds::new(positions, rows, h)?;
         Ok((
             ids,
             Some(Arc::new(MediaInput {
                 embeds,
-                adapter: InputMode::of(images.len(), 0).adapter(),
+                adapter: mode.adapter(),
                 images: images.len(),
+                audios: audios.len(),
             })),
         ))
     }
 
-    /// Renders a chat whose messages may carry images: each message's placeholders are
-    /// renumbered to count across the whole chat, then [`Engine::encode_with_images`].
+    /// Renders a chat whose messages may carry images and audio: each message's placeholders
+    /// are renumbered to count across the whole chat, then [`Engine::encode_with_media`].
     pub fn encode_chat(
         &self,
         messages: &[Message],
         tools: Option<&[serde_json::Value]>,
     ) -> Result<(Vec<u32>, Option<Arc<MediaInput>>)> {
-        let total: usize = messages.iter().map(|m| m.images.len()).sum();
-        if total == 0 {
+        let total_images: usize = messages.iter().map(|m| m.images.len()).sum();
+        let total_audios: usize = messages.iter().map(|m| m.audios.len()).sum();
+        if total_images == 0 && total_audios == 0 {
             let prompt = self.render_chat(messages, tools)?;
-            return self.encode_with_images(&prompt, &[]);
+            return self.encode_with_media(&prompt, &[], &[]);
         }
         let mm = self.multimodal()?;
-        if total > mm.limits.max_images {
+        if total_images > mm.limits.max_images {
             bail!(
-                "{total} images in one request; the limit is {}",
+                "{total_images} images in one request; the limit is {}",
                 mm.limits.max_images
             );
         }
+        if total_audios > mm.limits.max_audios {
+            bail!(
+                "{total_audios} audios in one request; the limit is {}",
+                mm.limits.max_audios
+            );
+        }
         let mut msgs = messages.to_vec();
-        let mut images = Vec::with_capacity(total);
+        let mut images = Vec::with_capacity(total_images);
+        let mut audios = Vec::with_capacity(total_audios);
         for m in &mut msgs {
-            let offset = images.len();
-            let n = m.images.len();
-            let mut out = String::with_capacity(m.content.len());
-            let mut at = 0;
-            for (range, idx) in placeholders(&m.content, "image") {
-                if idx == 0 || idx > n {
-                    bail!(
-                        "a {} message names <|image_{idx}|> but carries {n} image{}",
-                        m.role,
-                        if n == 1 { "" } else { "s" }
-                    );
-                }
-                out.push_str(&m.content[at..range.start]);
-                out.push_str(&format!("<|image_{}|>", offset + idx));
-                at = range.end;
-            }
-            out.push_str(&m.content[at..]);
-            m.content = out;
+            m.content = renumber(&m.content, &m.role, "image", m.images.len(), images.len())?;
+            m.content = renumber(&m.content, &m.role, "audio", m.audios.len(), audios.len())?;
             for (i, src) in m.images.iter().enumerate() {
                 images.push(
                     self.load_image(src)
                         .with_context(|| format!("image {} of a {} message", i + 1, m.role))?,
                 );
             }
+            for (i, src) in m.audios.iter().enumerate() {
+                audios.push(
+                    self.load_audio(src)
+                        .with_context(|| format!("audio {} of a {} message", i + 1, m.role))?,
+                );
+            }
         }
         let prompt = self.render_chat(&msgs, tools)?;
-        self.encode_with_images(&prompt, &images)
+        self.encode_with_media(&prompt, &images, &audios)
     }
 }
 
-/// The bytes behind an image URL, under `limits`.
-fn fetch(url: &str, limits: &MediaLimits) -> Result<Vec<u8>> {
+/// A message's `<|{kind}_N|>` placeholders (N counting its own `n` media) renumbered to count
+/// across the chat, after `offset` earlier ones.
+fn renumber(content: &str, role: &str, kind: &str, n: usize, offset: usize) -> Result<String> {
+    let mut out = String::with_capacity(content.len());
+    let mut at = 0;
+    for (range, idx) in placeholders(content, kind) {
+        if idx == 0 || idx > n {
+            bail!(
+                "a {role} message names <|{kind}_{idx}|> but carries {n} {kind}{}",
+                if n == 1 { "" } else { "s" }
+            );
+        }
+        out.push_str(&content[at..range.start]);
+        out.push_str(&format!("<|{kind}_{}|>", offset + idx));
+        at = range.end;
+    }
+    out.push_str(&content[at..]);
+    Ok(out)
+}
+
+/// A medium's bytes from where `src` says, under `limits`, with the file type when the source
+/// names one (a data: URL's `audio/mp3`, a path's extension).
+fn media_bytes(
+    src: &crate::text::MediaSource,
+    limits: &MediaLimits,
+    kind: Kind,
+) -> Result<(Vec<u8>, Option<String>)> {
+    let (bytes, ext) = match src {
+        crate::text::MediaSource::Bytes(b) => (b.as_ref().clone(), None),
+        crate::text::MediaSource::Url(url) => (fetch(url, limits, kind)?, extension_of(url)),
+    };
+    let max = kind.max_bytes(limits);
+    if bytes.len() > max {
+        bail!(
+            "{} of {} bytes is larger than the limit of {max} bytes",
+            kind.name(),
+            bytes.len()
+        );
+    }
+    Ok((bytes, ext))
+}
+
+/// `data:audio/mp3;base64,…` → "mp3"; `…/clip.flac` → "flac".
+fn extension_of(url: &str) -> Option<String> {
+    if let Some(rest) = url.strip_prefix("data:") {
+        let mime = rest.split([';', ',']).next()?;
+        return mime
+            .split('/')
+            .nth(1)
+            .map(|s| s.trim_start_matches("x-").to_owned());
+    }
+    let name = url.rsplit('/').next()?;
+    let ext = name.rsplit_once('.')?.1;
+    (!ext.is_empty() && ext.len() <= 5).then(|| ext.to_ascii_lowercase())
+}
+
+/// The bytes behind a medium's URL, under `limits`.
+fn fetch(url: &str, limits: &MediaLimits, kind: Kind) -> Result<Vec<u8>> {
+    let (what, max) = (kind.name(), kind.max_bytes(limits));
     if let Some(rest) = url.strip_prefix("data:") {
         let (meta, data) = rest
             .split_once(',')
             .context("a data: URL needs a comma before its data")?;
         if !meta.ends_with(";base64") {
-            bail!("only base64 data: URLs are supported for images");
+            bail!("only base64 data: URLs are supported for {what}");
         }
-        let max_b64 = limits.max_image_bytes.div_ceil(3) * 4 + 4;
+        let max_b64 = max.div_ceil(3) * 4 + 4;
         if data.len() > max_b64 {
             bail!(
-                "image data of about {} bytes is larger than the limit of {} bytes",
+                "{what} data of about {} bytes is larger than the limit of {max} bytes",
                 data.len() / 4 * 3,
-                limits.max_image_bytes
             );
         }
         return base64::engine::general_purpose::STANDARD
@@ -309,50 +472,51 @@ fn fetch(url: &str, limits: &MediaLimits) -> Result<Vec<u8>> {
     }
     if url.starts_with("http://") || url.starts_with("https://") {
         if !limits.allow_remote {
-            bail!("image URLs are not fetched unless the server runs with --allow-remote-media; send the image as a data: URL");
+            bail!("{what} URLs are not fetched unless the server runs with --allow-remote-media; send the {what} as a data: URL");
         }
-        return fetch_remote(url, limits.max_image_bytes);
+        return fetch_remote(url, max, what);
     }
     let path = Path::new(url.strip_prefix("file://").unwrap_or(url));
     if url.contains("://") && !url.starts_with("file://") {
-        bail!("unsupported image URL scheme in {url:?} (data:, http(s)://, file:// or a path)");
+        bail!("unsupported {what} URL scheme in {url:?} (data:, http(s)://, file:// or a path)");
     }
     match &limits.local {
         LocalMedia::Denied => bail!(
-            "local image files are not read unless the server runs with --allowed-local-media-path DIR"
+            "local {what} files are not read unless the server runs with --allowed-local-media-path DIR"
         ),
         LocalMedia::Under(root) => {
             let real = path
                 .canonicalize()
-                .with_context(|| format!("image file {}", path.display()))?;
+                .with_context(|| format!("{what} file {}", path.display()))?;
             let root = root
                 .canonicalize()
                 .with_context(|| format!("media directory {}", root.display()))?;
             if !real.starts_with(&root) {
                 bail!(
-                    "image file {} is outside the allowed media directory",
+                    "{what} file {} is outside the allowed media directory",
                     path.display()
                 );
             }
-            read_limited(&real, limits.max_image_bytes)
+            read_limited(&real, max, what)
         }
-        LocalMedia::Any => read_limited(path, limits.max_image_bytes),
+        LocalMedia::Any => read_limited(path, max, what),
     }
 }
 
-fn read_limited(path: &Path, max: usize) -> Result<Vec<u8>> {
-    let meta = std::fs::metadata(path).with_context(|| format!("image file {}", path.display()))?;
+fn read_limited(path: &Path, max: usize, what: &str) -> Result<Vec<u8>> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("{what} file {}", path.display()))?;
     if meta.len() > max as u64 {
         bail!(
-            "image file {} has {} bytes; the limit is {max}",
+            "{what} file {} has {} bytes; the limit is {max}",
             path.display(),
             meta.len()
         );
     }
-    std::fs::read(path).with_context(|| format!("reading image file {}", path.display()))
+    std::fs::read(path).with_context(|| format!("reading {what} file {}", path.display()))
 }
 
-fn fetch_remote(url: &str, max: usize) -> Result<Vec<u8>> {
+fn fetch_remote(url: &str, max: usize, what: &str) -> Result<Vec<u8>> {
     use std::io::Read;
     let resp = ureq::get(url)
         .timeout(std::time::Duration::from_secs(30))
@@ -364,7 +528,7 @@ fn fetch_remote(url: &str, max: usize) -> Result<Vec<u8>> {
         .read_to_end(&mut bytes)
         .with_context(|| format!("reading {url}"))?;
     if bytes.len() > max {
-        bail!("the image at {url} is larger than the limit of {max} bytes");
+        bail!("the {what} at {url} is larger than the limit of {max} bytes");
     }
     Ok(bytes)
 }
@@ -378,5 +542,20 @@ mod tests {
         let p = placeholders("a<|image_2|>b<|image_|><|image_10|><|audio_1|>", "image");
         assert_eq!(p, vec![(1..12, 2), (23..35, 10)]);
         assert!(placeholders("<|image_x|>", "image").is_empty());
+        assert_eq!(placeholders("x<|audio_3|>", "audio"), vec![(1..12, 3)]);
+    }
+
+    #[test]
+    fn file_types_come_from_data_urls_and_paths() {
+        assert_eq!(
+            extension_of("data:audio/mp3;base64,AAAA").as_deref(),
+            Some("mp3")
+        );
+        assert_eq!(
+            extension_of("data:audio/x-wav;base64,AAAA").as_deref(),
+            Some("wav")
+        );
+        assert_eq!(extension_of("/tmp/a.b/clip.FLAC").as_deref(), Some("flac"));
+        assert_eq!(extension_of("https://x.org/speech").as_deref(), None);
     }
 }

@@ -784,6 +784,11 @@ impl InputEmbeds {
         self.positions.len()
     }
 
+    /// The prompt positions the rows replace, ascending.
+    pub fn positions(&self) -> &[usize] {
+        &self.positions
+    }
+
     pub fn is_empty(&self) -> bool {
         self.positions.is_empty()
     }

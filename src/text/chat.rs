@@ -26,9 +26,11 @@ pub const PHI4_CHAT_TEMPLATE: &str = "{% for message in messages %}{% if message
 pub const DEFAULT_TOOLS_SYSTEM: &str = "You are a helpful assistant with some tools.";
 
 /// One chat message. `content` accepts a string, null, or OpenAI content parts: text parts are
-/// joined with newlines, and each `image_url` part becomes an image of the message, written into
-/// the text as its placeholder `<|image_N|>` (N counting the message's images from 1) where the
-/// part stands. Other fields (`tools`, `tool_calls`, `name`, ...) pass to the template.
+/// joined with newlines, each `image_url` part becomes an image of the message, written into the
+/// text as its placeholder `<|image_N|>` (N counting the message's images from 1) where the part
+/// stands, and each `input_audio` (`{"data": base64, "format": "wav"}`) or `audio_url` part an
+/// audio, written as `<|audio_N|>`. Other fields (`tools`, `tool_calls`, `name`, ...) pass to the
+/// template.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(try_from = "RawMessage")]
 pub struct Message {
@@ -38,18 +40,24 @@ pub struct Message {
     /// for what may be fetched or read) resolves them.
     #[serde(skip)]
     pub images: Vec<ImageSource>,
+    /// The message's audios in placeholder order, resolved as images are.
+    #[serde(skip)]
+    pub audios: Vec<AudioSource>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
 
-/// Where an image comes from.
+/// Where an image or an audio comes from.
 #[derive(Debug, Clone, PartialEq)]
-pub enum ImageSource {
+pub enum MediaSource {
     /// A `data:` URL, an `http(s)://` URL, a `file://` URL or a local path.
     Url(String),
-    /// The image file's bytes.
+    /// The file's bytes.
     Bytes(std::sync::Arc<Vec<u8>>),
 }
+
+pub type ImageSource = MediaSource;
+pub type AudioSource = MediaSource;
 
 impl Message {
     pub fn new(role: &str, content: &str) -> Message {
@@ -57,6 +65,7 @@ impl Message {
             role: role.into(),
             content: content.into(),
             images: Vec::new(),
+            audios: Vec::new(),
             extra: Map::new(),
         }
     }
@@ -70,15 +79,30 @@ impl Message {
         m
     }
 
-    /// Puts the placeholders of images the text does not mention in front of it, as users of
-    /// other engines expect when they attach images without saying where.
+    /// A message with images and audios, placed as [`Message::with_images`] places images.
+    pub fn with_media(
+        role: &str,
+        content: &str,
+        images: Vec<ImageSource>,
+        audios: Vec<AudioSource>,
+    ) -> Message {
+        let mut m = Message::new(role, content);
+        m.images = images;
+        m.audios = audios;
+        m.place_images();
+        m
+    }
+
+    /// Puts the placeholders of images (then audios) the text does not mention in front of it,
+    /// as users of other engines expect when they attach media without saying where.
     pub fn place_images(&mut self) {
-        if self.images.is_empty() || self.content.contains("<|image_") {
-            return;
+        let mut tags = String::new();
+        if !self.images.is_empty() && !self.content.contains("<|image_") {
+            tags.extend((1..=self.images.len()).map(|i| format!("<|image_{i}|>")));
         }
-        let tags: String = (1..=self.images.len())
-            .map(|i| format!("<|image_{i}|>"))
-            .collect();
+        if !self.audios.is_empty() && !self.content.contains("<|audio_") {
+            tags.extend((1..=self.audios.len()).map(|i| format!("<|audio_{i}|>")));
+        }
         self.content.insert_str(0, &tags);
     }
 }
@@ -127,6 +151,39 @@ impl TryFrom<RawMessage> for Message {
                                 )?;
                             m.images.push(ImageSource::Url(url.to_owned()));
                             out.push_str(&format!("<|image_{}|>", m.images.len()));
+                            last_text = false;
+                        }
+                        Some("input_audio") => {
+                            let a = p.get("input_audio").ok_or(
+                                "an input_audio content part needs \"input_audio\": {\"data\": base64, \"format\": ...}",
+                            )?;
+                            let data = a
+                                .get("data")
+                                .and_then(Value::as_str)
+                                .ok_or("input_audio needs \"data\", the file's bytes in base64")?;
+                            let format = a.get("format").and_then(Value::as_str).unwrap_or("wav");
+                            if !format.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                                return Err(format!(
+                                    "input_audio format {format:?} is not a file type"
+                                ));
+                            }
+                            // As a data: URL, so one set of rules (size limits, decoding) applies.
+                            m.audios.push(AudioSource::Url(format!(
+                                "data:audio/{format};base64,{data}"
+                            )));
+                            out.push_str(&format!("<|audio_{}|>", m.audios.len()));
+                            last_text = false;
+                        }
+                        Some("audio_url") => {
+                            let url = p
+                                .get("audio_url")
+                                .and_then(|u| u.get("url").or(Some(u)))
+                                .and_then(Value::as_str)
+                                .ok_or(
+                                    "an audio_url content part needs \"audio_url\": {\"url\": ...}",
+                                )?;
+                            m.audios.push(AudioSource::Url(url.to_owned()));
+                            out.push_str(&format!("<|audio_{}|>", m.audios.len()));
                             last_text = false;
                         }
                         Some(kind) => {

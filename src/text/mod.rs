@@ -5,5 +5,5 @@ pub mod pyjson;
 pub mod tokenizer;
 pub mod tool_calls;
 
-pub use chat::{ChatTemplate, ImageSource, Message};
+pub use chat::{AudioSource, ChatTemplate, ImageSource, MediaSource, Message};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};

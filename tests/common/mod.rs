@@ -124,11 +124,32 @@ pub fn mode_images(r: &Reference, mode: &str) -> Vec<phi4::media::RgbImage> {
         .collect()
 }
 
-/// Runs a reference mode's prompt with its images through `e` and checks the prompt ids and
-/// the greedy continuation against transformers'.
+/// The audios of a reference mode of tiny-phi4mm (clip names in its metadata), 16 kHz.
+pub fn mode_audios(r: &Reference, mode: &str) -> Vec<phi4::media::Waveform> {
+    r.meta["modes"][mode]["audios"]
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|name| {
+            let c = &r.meta["audio"]["clips"][name.as_str().unwrap()];
+            phi4::media::Waveform {
+                samples: synth_wave(
+                    c["samples"].as_u64().unwrap() as usize,
+                    c["seed"].as_u64().unwrap() as u32,
+                ),
+            }
+        })
+        .collect()
+}
+
+/// Runs a reference mode's prompt with its images and audios through `e` and checks the prompt
+/// ids and the greedy continuation against transformers'.
 pub fn check_mode_greedy(e: &phi4::Engine, r: &Reference, mode: &str) {
     let prompt = r.meta["modes"][mode]["prompt"].as_str().unwrap();
-    let (ids, media) = e.encode_with_images(prompt, &mode_images(r, mode)).unwrap();
+    let (ids, media) = e
+        .encode_with_media(prompt, &mode_images(r, mode), &mode_audios(r, mode))
+        .unwrap();
     assert_eq!(ids, r.ids_at(&["modes", mode, "prompt_ids"]), "{mode}");
     let want = r.ids_at(&["modes", mode, "greedy_ids"]);
     let params = phi4::SamplingParams::greedy(want.len());
