@@ -10,6 +10,8 @@ use hf_hub::{Cache, Repo};
 use crate::weights::shard_files;
 
 pub const DEFAULT_MODEL: &str = "microsoft/Phi-4-mini-instruct";
+/// What `phi4 transcribe` loads unless told otherwise: the model with ears.
+pub const DEFAULT_MULTIMODAL_MODEL: &str = "microsoft/Phi-4-multimodal-instruct";
 
 /// Files every checkpoint directory needs, besides its weights.
 const REQUIRED: &[&str] = &["config.json", "tokenizer.json"];

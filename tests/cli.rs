@@ -432,3 +432,142 @@ fn run_with_an_image_reproduces_the_reference_in_json() {
         "names <|image_2|> but carries 1 image",
     );
 }
+
+#[test]
+fn transcribe_and_run_with_audio_reproduce_the_reference() {
+    let r = Reference::load_named("tiny-phi4mm");
+    let dir = tempfile::tempdir().unwrap();
+    let wav = dir.path().join("clip.wav");
+    std::fs::write(&wav, common::clip_wav(&r, "main")).unwrap();
+    let wav = wav.display().to_string();
+    let mm = common::tiny_mm_dir().display().to_string();
+    let want = r.ids_at(&["modes", "audio", "greedy_ids"]);
+    // The built-in transcription prompt is the reference's audio prompt.
+    let o = phi4(
+        &[
+            "transcribe",
+            &wav,
+            "--model",
+            &mm,
+            "--format",
+            "verbose-json",
+            "--max-tokens",
+            &want.len().to_string(),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["task"], "transcribe");
+    assert!((v["duration"].as_f64().unwrap() - 3.0).abs() < 1e-9);
+    let seg = &v["segments"][0];
+    assert_eq!(json_ids(seg, "tokens"), want);
+    assert_eq!(
+        (seg["start"].as_f64(), seg["end"].as_f64()),
+        (Some(0.0), Some(3.0))
+    );
+    assert_eq!(v["text"], seg["text"]);
+    // Subtitles: one cue over the 3 s.
+    let o = phi4(
+        &[
+            "transcribe",
+            &wav,
+            "--model",
+            &mm,
+            "--format",
+            "srt",
+            "--max-tokens",
+            "2",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let srt = String::from_utf8(o.stdout).unwrap();
+    assert!(
+        srt.starts_with("1\n00:00:00,000 --> 00:00:03,000\n"),
+        "{srt}"
+    );
+    let o = phi4(
+        &[
+            "transcribe",
+            &wav,
+            "--model",
+            &mm,
+            "--format",
+            "vtt",
+            "--max-tokens",
+            "2",
+            "--translate-to",
+            "fr",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8(o.stdout)
+        .unwrap()
+        .starts_with("WEBVTT\n\n00:00:00.000 --> 00:00:03.000\n"));
+    // run --audio with the same instruction: the same prompt and tokens.
+    let o = phi4(
+        &[
+            "run",
+            "--model",
+            &mm,
+            "--audio",
+            &wav,
+            "--prompt",
+            "Transcribe the audio clip into text.",
+            "--max-tokens",
+            "6",
+            "--json",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        json_ids(&v, "prompt_ids"),
+        r.ids_at(&["modes", "audio", "prompt_ids"])
+    );
+    assert_eq!(json_ids(&v, "generated_ids"), want);
+    // The chat REPL attaches an audio to the next message.
+    let script = format!("/audio {wav}\nTranscribe the audio clip into text.\n/exit\n");
+    let o = phi4(
+        &["chat", "--model", &mm, "--max-tokens", "2"],
+        Some(script.as_bytes()),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 1);
+    // Wrong inputs.
+    let bad = |args: &[&str], needle: &str| {
+        let o = phi4(args, None);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
+    };
+    bad(
+        &["transcribe", "/nonexistent.wav", "--model", &mm],
+        "/nonexistent.wav",
+    );
+    let junk = dir.path().join("junk.mp3");
+    std::fs::write(&junk, b"hello").unwrap();
+    bad(
+        &["transcribe", junk.to_str().unwrap(), "--model", &mm],
+        "not a supported audio file",
+    );
+    bad(
+        &["transcribe", &wav, "--model", &mm, "--window-seconds", "50"],
+        "between 1 and 40 seconds",
+    );
+    bad(&["transcribe", &wav, "--model", &tiny()], "text only");
+    bad(
+        &[
+            "run",
+            "--model",
+            &mm,
+            "--audio",
+            &wav,
+            "--prompt",
+            "<|audio_2|>",
+        ],
+        "names <|audio_2|>",
+    );
+}

@@ -313,3 +313,43 @@ fn audio_prompts_match_transformers_with_the_speech_or_vision_route() {
         }
     }
 }
+
+#[test]
+fn long_audio_is_cut_in_its_pauses_and_each_window_transcribed() {
+    use phi4::engine::{SpeechOptions, SpeechTask};
+    let r = reference();
+    let e = phi4::Engine::load(&common::tiny_mm_dir()).unwrap();
+    let wave = phi4::media::Waveform {
+        samples: clip(&r, "long"),
+    };
+    let mut opts = SpeechOptions::new(SpeechTask::Transcribe);
+    opts.params = phi4::SamplingParams::greedy(2);
+    let t = e.transcribe(&wave, &opts).unwrap();
+    // 41 s in windows of at most 30 s: two, the cut inside one of the clip's pauses (the last
+    // 0.3 s of every 2.5 s: samples 35200..40000 mod 40000) in the window's last third.
+    assert_eq!(t.segments.len(), 2, "{:?}", t.segments);
+    let cut = t.segments[0].end;
+    assert!((20.0..=30.0).contains(&cut), "cut at {cut} s");
+    let at = (cut * 16000.0).round() as usize % 40000;
+    assert!(
+        (35200..40000).contains(&at),
+        "cut at {cut} s is not in a pause"
+    );
+    assert_eq!(t.segments[1].start, cut);
+    assert!((t.segments[1].end - 41.0).abs() < 1e-9);
+    assert!(t.segments.iter().all(|s| s.tokens.len() == 2));
+    // A window's tokens are those of that piece of audio transcribed alone.
+    let piece = phi4::media::Waveform {
+        samples: wave.samples[..(cut * 16000.0).round() as usize].to_vec(),
+    };
+    assert_eq!(
+        e.transcribe(&piece, &opts).unwrap().segments[0].tokens,
+        t.segments[0].tokens
+    );
+    // A summary takes the recording whole; the windows are bounded by the encoder's 40 s.
+    let mut sum = SpeechOptions::new(SpeechTask::Summarize);
+    sum.params = phi4::SamplingParams::greedy(1);
+    assert_eq!(e.transcribe(&wave, &sum).unwrap().segments.len(), 1);
+    opts.window_seconds = 41.0;
+    assert!(e.transcribe(&wave, &opts).is_err());
+}

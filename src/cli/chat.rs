@@ -26,10 +26,11 @@ pub(super) fn chat(a: ChatArgs) -> Result<()> {
     reset(&mut history);
     if interactive {
         eprintln!(
-            "phi4 chat: type a message; /image PATH attaches an image to the next one, /reset clears the conversation, /exit or Ctrl-D quits."
+            "phi4 chat: type a message; /image PATH and /audio PATH attach an image or an audio file to the next one, /reset clears the conversation, /exit or Ctrl-D quits."
         );
     }
     let mut pending: Vec<ImageSource> = Vec::new();
+    let mut pending_audio: Vec<AudioSource> = Vec::new();
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     loop {
@@ -45,6 +46,7 @@ pub(super) fn chat(a: ChatArgs) -> Result<()> {
             "/reset" => {
                 reset(&mut history);
                 pending.clear();
+                pending_audio.clear();
                 continue;
             }
             _ => {}
@@ -67,10 +69,35 @@ pub(super) fn chat(a: ChatArgs) -> Result<()> {
             }
             continue;
         }
-        history.push(Message::with_images(
+        if let Some(path) = msg.strip_prefix("/audio ") {
+            let path = std::path::Path::new(path.trim());
+            // Decoded now, so a file that cannot be used is reported before the turn.
+            let checked = engine.multimodal().and_then(|_| {
+                let bytes = std::fs::read(path)
+                    .with_context(|| format!("reading audio {}", path.display()))?;
+                let src = AudioSource::Bytes(std::sync::Arc::new(bytes));
+                let w = engine.load_audio(&src)?;
+                Ok((src, w.seconds()))
+            });
+            match checked {
+                Ok((src, seconds)) => {
+                    pending_audio.push(src);
+                    if interactive {
+                        eprintln!(
+                            "[audio {} ({seconds:.1} s) attached to your next message]",
+                            pending_audio.len()
+                        );
+                    }
+                }
+                Err(e) => eprintln!("error: {e:#}"),
+            }
+            continue;
+        }
+        history.push(Message::with_media(
             "user",
             msg,
             std::mem::take(&mut pending),
+            std::mem::take(&mut pending_audio),
         ));
         let mut stdout = std::io::stdout().lock();
         let out = engine.chat_stream(&history, None, &params, &mut |ev| {

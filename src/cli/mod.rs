@@ -1,5 +1,5 @@
 //! The `phi4` command: arguments shared by the commands, and a file per command (run, chat,
-//! serve, tokenize, bench, quantize).
+//! transcribe, serve, tokenize, bench, quantize).
 
 use std::io::{BufRead, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -17,7 +17,7 @@ use phi4::hub::{resolve_model, DEFAULT_MODEL};
 use phi4::kernels::bf16::Bf16Acts;
 use phi4::model::{KvType, Phi3ForCausalLM, Recipe};
 use phi4::server::ServerOptions;
-use phi4::text::ImageSource;
+use phi4::text::{AudioSource, ImageSource};
 use phi4::{Engine, Message, SamplingParams};
 
 mod bench;
@@ -26,6 +26,7 @@ mod quantize;
 mod run;
 mod serve;
 mod tokenize;
+mod transcribe;
 
 use self::bench::{bench_cmd, BenchArgs};
 use self::chat::{chat, ChatArgs};
@@ -33,6 +34,7 @@ use self::quantize::{quantize_cmd, QuantizeArgs};
 use self::run::{run, RunArgs};
 use self::serve::{serve, ServeArgs};
 use self::tokenize::{tokenize, TokenizeArgs};
+use self::transcribe::{transcribe, TranscribeArgs};
 
 #[derive(Parser)]
 #[command(
@@ -54,6 +56,8 @@ enum Command {
     Run(RunArgs),
     /// Interactive multi-turn chat.
     Chat(ChatArgs),
+    /// Transcribe, translate or summarize an audio file (Phi-4-multimodal).
+    Transcribe(TranscribeArgs),
     /// Serve the model over an OpenAI-compatible HTTP API.
     Serve(ServeArgs),
     /// Print the token ids of the text on stdin.
@@ -99,11 +103,14 @@ impl ModelOptions {
         model.set_bf16_acts(self.bf16_acts);
     }
 
-    /// [`ModelOptions::apply`] to an engine, its vision tower included.
+    /// [`ModelOptions::apply`] to an engine, its vision and speech encoders included.
     fn apply_engine(&self, engine: &mut Engine) {
         self.apply(&mut engine.model);
         if let Some(mm) = &mut engine.mm {
             mm.image_embed.set_bf16_acts(self.bf16_acts);
+            if let Some(a) = &mut mm.audio_embed {
+                a.set_bf16_acts(self.bf16_acts);
+            }
         }
     }
 }
@@ -207,6 +214,7 @@ fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(a) => run(a),
         Command::Chat(a) => chat(a),
+        Command::Transcribe(a) => transcribe(a),
         Command::Serve(a) => serve(a),
         Command::Tokenize(a) => tokenize(a),
         Command::Bench(a) => bench_cmd(a),

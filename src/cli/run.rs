@@ -23,6 +23,11 @@ pub(super) struct RunArgs {
     /// in the prompt place them; without placeholders they go before the text.
     #[arg(long = "image", value_name = "FILE")]
     images: Vec<PathBuf>,
+    /// An audio file for the prompt (repeatable; Phi-4-multimodal): WAV, FLAC, MP3, OGG/Vorbis,
+    /// M4A/AAC at any sample rate. `<|audio_1|>`, … place them; without placeholders they go
+    /// before the text (after any images).
+    #[arg(long = "audio", value_name = "FILE")]
+    audios: Vec<PathBuf>,
     #[command(flatten)]
     sampling: Sampling,
 }
@@ -54,6 +59,13 @@ pub(super) fn read_image(path: &std::path::Path) -> Result<ImageSource> {
     Ok(ImageSource::Bytes(std::sync::Arc::new(bytes)))
 }
 
+/// An audio file as a source that keeps its name (the extension is a decoding hint), checked
+/// to exist before the model loads.
+pub(super) fn audio_source(path: &std::path::Path) -> Result<AudioSource> {
+    std::fs::metadata(path).with_context(|| format!("reading audio {}", path.display()))?;
+    Ok(AudioSource::Url(path.to_string_lossy().into_owned()))
+}
+
 pub(super) fn run(a: RunArgs) -> Result<()> {
     let params = a.sampling.params()?;
     let prompt = read_prompt(&a)?;
@@ -62,10 +74,15 @@ pub(super) fn run(a: RunArgs) -> Result<()> {
         .iter()
         .map(|p| read_image(p))
         .collect::<Result<_>>()?;
+    let audio_sources: Vec<AudioSource> = a
+        .audios
+        .iter()
+        .map(|p| audio_source(p))
+        .collect::<Result<_>>()?;
     let mut engine = load_engine(&a.model.model, a.model.quant, &a.model.opts)?;
     engine.rope_policy = a.sampling.policy();
     let (ids, media) = if a.raw {
-        let mut m = Message::with_images("user", &prompt, sources);
+        let mut m = Message::with_media("user", &prompt, sources, audio_sources);
         let images = m
             .images
             .iter()
@@ -76,13 +93,23 @@ pub(super) fn run(a: RunArgs) -> Result<()> {
                     .with_context(|| format!("image {}", a.images[i].display()))
             })
             .collect::<Result<Vec<_>>>()?;
-        engine.encode_with_images(&std::mem::take(&mut m.content), &images)?
+        let audios = m
+            .audios
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                engine
+                    .load_audio(s)
+                    .with_context(|| format!("audio {}", a.audios[i].display()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        engine.encode_with_media(&std::mem::take(&mut m.content), &images, &audios)?
     } else {
         let mut msgs = Vec::new();
         if let Some(s) = &a.system {
             msgs.push(Message::new("system", s));
         }
-        msgs.push(Message::with_images("user", &prompt, sources));
+        msgs.push(Message::with_media("user", &prompt, sources, audio_sources));
         engine.encode_chat(&msgs, None)?
     };
     let mut stdout = std::io::stdout().lock();

@@ -7,6 +7,7 @@ pub mod constraint;
 pub mod generation;
 pub mod multimodal;
 pub mod sampling;
+pub mod speech;
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -27,6 +28,7 @@ pub use constraint::{ConstraintFactory, Grammar};
 pub use generation::{Generation, Request, Step, TokenLogprob, TopLogprob};
 pub use multimodal::{LocalMedia, MediaInput, MediaLimits, Multimodal};
 pub use sampling::{Sampler, SamplingParams};
+pub use speech::{Segment, SpeechOptions, SpeechTask, Transcript};
 
 /// Which LongRoPE table a sequence uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -192,3 +192,37 @@ pub fn synth_wave(n: usize, seed: u32) -> Vec<f32> {
         .map(|s| s as f32 / 32768.0)
         .collect()
 }
+
+/// A 16-bit mono PCM WAV file of `samples` at `rate`.
+pub fn wav_bytes(samples: &[i16], rate: u32) -> Vec<u8> {
+    let data = samples.len() as u32 * 2;
+    let mut out = Vec::with_capacity(44 + data as usize);
+    out.extend_from_slice(b"RIFF");
+    out.extend_from_slice(&(36 + data).to_le_bytes());
+    out.extend_from_slice(b"WAVEfmt ");
+    out.extend_from_slice(&16u32.to_le_bytes());
+    out.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    out.extend_from_slice(&1u16.to_le_bytes()); // mono
+    out.extend_from_slice(&rate.to_le_bytes());
+    out.extend_from_slice(&(rate * 2).to_le_bytes());
+    out.extend_from_slice(&2u16.to_le_bytes());
+    out.extend_from_slice(&16u16.to_le_bytes());
+    out.extend_from_slice(b"data");
+    out.extend_from_slice(&data.to_le_bytes());
+    for s in samples {
+        out.extend_from_slice(&s.to_le_bytes());
+    }
+    out
+}
+
+/// The reference's clip `name` of tiny-phi4mm as a WAV file's bytes.
+pub fn clip_wav(r: &Reference, name: &str) -> Vec<u8> {
+    let c = &r.meta["audio"]["clips"][name];
+    wav_bytes(
+        &synth_pcm(
+            c["samples"].as_u64().unwrap() as usize,
+            c["seed"].as_u64().unwrap() as u32,
+        ),
+        16000,
+    )
+}
