@@ -173,7 +173,6 @@ impl ConformerEncoder {
         let global_mean = get("encoder_embedding.global_mean")?.to_f32_vec();
         let global_invstd = get("encoder_embedding.global_invstd")?.to_f32_vec();
         let table = get("relative_attention_bias_layer.bias_values.weight")?.to_f32_vec();
-        drop(get);
         let heads = c.num_attention_heads;
         let rows = 2 * c.bias_max_distance;
         let mut relative_bias = vec![0f32; rows * heads];
