@@ -163,7 +163,7 @@ pub fn windows(samples: &[f32], window: usize) -> Vec<Range<usize>> {
     let n = samples.len();
     let window = window.max(1);
     if n <= window {
-        return Vec::from([0..n]);
+        return std::iter::once(0..n).collect();
     }
     let mut energy = Vec::with_capacity(n + 1);
     energy.push(0f64);
@@ -234,7 +234,7 @@ impl Engine {
         let spans = if opts.task.windowed() {
             windows(&wave.samples, (opts.window_seconds * rate) as usize)
         } else {
-            Vec::from([0..wave.samples.len()])
+            std::iter::once(0..wave.samples.len()).collect()
         };
         let mut segments = Vec::with_capacity(spans.len());
         for (id, span) in spans.into_iter().enumerate() {
