@@ -353,3 +353,457 @@ fn long_audio_is_cut_in_its_pauses_and_each_window_transcribed() {
     opts.window_seconds = 41.0;
     assert!(e.transcribe(&wave, &opts).is_err());
 }
+
+mod server {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::{Request as HttpRequest, StatusCode};
+    use http_body_util::BodyExt;
+    use phi4::engine::{BatcherConfig, LocalMedia, MediaLimits};
+    use phi4::server::{engine_router, ServerOptions};
+    use serde_json::{json, Value};
+    use std::sync::Arc;
+    use tower::ServiceExt;
+
+    fn app_with(limits: MediaLimits, max_body_bytes: usize) -> axum::Router {
+        let mut e = phi4::Engine::load(&common::tiny_mm_dir()).unwrap();
+        e.mm.as_mut().unwrap().limits = limits;
+        engine_router(
+            Arc::new(e),
+            BatcherConfig::default(),
+            ServerOptions {
+                max_body_bytes,
+                ..Default::default()
+            },
+        )
+    }
+
+    fn app() -> axum::Router {
+        app_with(
+            MediaLimits {
+                local: LocalMedia::Denied,
+                ..MediaLimits::default()
+            },
+            32 << 20,
+        )
+    }
+
+    async fn send(app: &axum::Router, req: HttpRequest<Body>) -> (StatusCode, String, Vec<u8>) {
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let ctype = resp
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, ctype, bytes.to_vec())
+    }
+
+    async fn chat(app: &axum::Router, parts: Value) -> (StatusCode, Value) {
+        let body = json!({"model": "phi4", "temperature": 0, "max_tokens": 6,
+                          "messages": [{"role": "user", "content": parts}]});
+        let req = HttpRequest::builder()
+            .method("POST")
+            .uri("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let (s, _, b) = send(app, req).await;
+        (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
+    }
+
+    fn b64(bytes: &[u8]) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    }
+
+    /// A multipart/form-data body: (name, filename, bytes) per field.
+    fn multipart(fields: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
+        let boundary = "phi4-test-boundary-7d1f";
+        let mut body = Vec::new();
+        for (name, file, value) in fields {
+            body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+            match file {
+                Some(f) => body.extend_from_slice(
+                    format!(
+                        "Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+                    )
+                    .as_bytes(),
+                ),
+                None => body.extend_from_slice(
+                    format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
+                ),
+            }
+            body.extend_from_slice(value);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        (format!("multipart/form-data; boundary={boundary}"), body)
+    }
+
+    async fn audio_api(
+        app: &axum::Router,
+        path: &str,
+        fields: &[(&str, Option<&str>, &[u8])],
+    ) -> (StatusCode, String, Vec<u8>) {
+        let (ctype, body) = multipart(fields);
+        let req = HttpRequest::builder()
+            .method("POST")
+            .uri(path)
+            .header("content-type", ctype)
+            .body(Body::from(body))
+            .unwrap();
+        send(app, req).await
+    }
+
+    fn greedy_text(r: &Reference, mode: &str) -> String {
+        let e = phi4::Engine::load(&common::tiny_mm_dir()).unwrap();
+        e.tokenizer
+            .decode(&r.ids_at(&["modes", mode, "greedy_ids"]), true)
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chat_audio_parts_answer_like_the_reference() {
+        let r = reference();
+        let app = app();
+        let wav = common::clip_wav(&r, "main");
+        let text = json!({"type": "text", "text": "Transcribe the audio clip into text."});
+        let (s, v) = chat(
+            &app,
+            json!([{"type": "input_audio", "input_audio": {"data": b64(&wav), "format": "wav"}}, text]),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(
+            v["usage"]["prompt_tokens"],
+            r.ids_at(&["modes", "audio", "prompt_ids"]).len()
+        );
+        assert_eq!(
+            v["choices"][0]["message"]["content"],
+            greedy_text(&r, "audio")
+        );
+        // The same audio as an audio_url data: URL.
+        let url = format!("data:audio/wav;base64,{}", b64(&wav));
+        let (s, v2) = chat(
+            &app,
+            json!([{"type": "audio_url", "audio_url": {"url": url}}, text]),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v2}");
+        assert_eq!(
+            v2["choices"][0]["message"]["content"],
+            v["choices"][0]["message"]["content"]
+        );
+        // Image and audio in one prompt: vision adapter, vision-speech projection.
+        let png = {
+            let img = common::pattern_image(500, 300);
+            let mut out = Vec::new();
+            image::RgbImage::from_raw(500, 300, img.data)
+                .unwrap()
+                .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+                .unwrap();
+            out
+        };
+        let (s, v) = chat(
+            &app,
+            json!([
+                {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{}", b64(&png))}},
+                {"type": "input_audio", "input_audio": {"data": b64(&wav), "format": "wav"}},
+                {"type": "text", "text": "Answer the question in the audio."}
+            ]),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(
+            v["choices"][0]["message"]["content"],
+            greedy_text(&r, "image_audio")
+        );
+        // Bad audio parts are 400s that say why.
+        for (part, needle) in [
+            (
+                json!({"type": "input_audio", "input_audio": {"data": "@@@", "format": "wav"}}),
+                "base64",
+            ),
+            (
+                json!({"type": "input_audio", "input_audio": {"data": b64(b"not audio"), "format": "mp3"}}),
+                "not a supported audio file",
+            ),
+            (
+                json!({"type": "input_audio", "input_audio": {"format": "wav"}}),
+                "data",
+            ),
+            (
+                json!({"type": "audio_url", "audio_url": {"url": "https://example.com/a.wav"}}),
+                "--allow-remote-media",
+            ),
+            (
+                json!({"type": "audio_url", "audio_url": {"url": "/etc/hostname"}}),
+                "--allowed-local-media-path",
+            ),
+            (
+                json!({"type": "input_audio", "input_audio": {"data": b64(&wav[..100]), "format": "wav"}}),
+                "too short",
+            ),
+        ] {
+            let (s, v) = chat(&app, json!([part, text])).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{needle}: {v}");
+            let msg = v["error"]["message"].as_str().unwrap_or_default();
+            assert!(msg.contains(needle), "wanted {needle:?} in {msg:?}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn transcription_endpoints_answer_in_every_format() {
+        let r = reference();
+        let app = app();
+        let wav = common::clip_wav(&r, "main");
+        let want = r.ids_at(&["modes", "audio", "greedy_ids"]);
+        let (s, ctype, body) = audio_api(
+            &app,
+            "/v1/audio/transcriptions",
+            &[
+                ("file", Some("clip.wav"), &wav),
+                ("model", None, b"phi4"),
+                ("response_format", None, b"verbose_json"),
+                ("temperature", None, b"0"),
+            ],
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        assert!(ctype.starts_with("application/json"), "{ctype}");
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["task"], "transcribe");
+        assert_eq!(v["duration"], 3.0);
+        let seg = &v["segments"][0];
+        let tokens: Vec<u32> = seg["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap() as u32)
+            .collect();
+        // The reference's greedy tokens begin the window's output.
+        assert_eq!(&tokens[..want.len()], &want[..]);
+        assert_eq!(
+            (seg["start"].as_f64(), seg["end"].as_f64()),
+            (Some(0.0), Some(3.0))
+        );
+        assert!(seg["avg_logprob"].as_f64().unwrap() < 0.0);
+        let text = v["text"].as_str().unwrap().to_owned();
+        for (format, ctype_want, check) in [
+            ("json", "application/json", 0),
+            ("text", "text/plain", 1),
+            ("srt", "text/plain", 2),
+            ("vtt", "text/plain", 3),
+        ] {
+            let (s, ctype, body) = audio_api(
+                &app,
+                "/v1/audio/transcriptions",
+                &[
+                    ("file", Some("clip.wav"), &wav),
+                    ("model", None, b"phi4"),
+                    ("response_format", None, format.as_bytes()),
+                ],
+            )
+            .await;
+            assert_eq!(s, StatusCode::OK, "{format}");
+            assert!(ctype.starts_with(ctype_want), "{format}: {ctype}");
+            let body = String::from_utf8(body).unwrap();
+            match check {
+                0 => assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["text"], text),
+                1 => assert_eq!(body, format!("{text}\n")),
+                2 => assert!(
+                    body.starts_with("1\n00:00:00,000 --> 00:00:03,000\n"),
+                    "{body}"
+                ),
+                _ => assert!(
+                    body.starts_with("WEBVTT\n\n00:00:00.000 --> 00:00:03.000\n"),
+                    "{body}"
+                ),
+            }
+        }
+        // Translations (into English) run the translation prompt.
+        let (s, _, body) = audio_api(
+            &app,
+            "/v1/audio/translations",
+            &[("file", Some("clip.wav"), &wav), ("model", None, b"phi4")],
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        assert!(serde_json::from_slice::<Value>(&body).unwrap()["text"].is_string());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_transcription_requests_get_clear_4xx() {
+        let r = reference();
+        let app = app();
+        let wav = common::clip_wav(&r, "main");
+        let check = |path: &'static str,
+                     fields: Vec<(&'static str, Option<&'static str>, Vec<u8>)>,
+                     status: StatusCode,
+                     needle: &'static str| {
+            let app = app.clone();
+            async move {
+                let f: Vec<(&str, Option<&str>, &[u8])> = fields
+                    .iter()
+                    .map(|(n, f, v)| (*n, *f, v.as_slice()))
+                    .collect();
+                let (s, _, body) = audio_api(&app, path, &f).await;
+                let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                assert_eq!(s, status, "{needle}: {v}");
+                let msg = v["error"]["message"].as_str().unwrap_or_default();
+                assert!(msg.contains(needle), "wanted {needle:?} in {msg:?}");
+            }
+        };
+        let t = "/v1/audio/transcriptions";
+        let model = ("model", None, b"phi4".to_vec());
+        let file = ("file", Some("clip.wav"), wav.clone());
+        check(
+            t,
+            vec![model.clone()],
+            StatusCode::BAD_REQUEST,
+            "no `file` field",
+        )
+        .await;
+        check(
+            t,
+            vec![file.clone()],
+            StatusCode::BAD_REQUEST,
+            "model parameter",
+        )
+        .await;
+        check(
+            t,
+            vec![file.clone(), ("model", None, b"whisper-1".to_vec())],
+            StatusCode::NOT_FOUND,
+            "does not exist",
+        )
+        .await;
+        check(
+            t,
+            vec![("file", Some("a.wav"), Vec::new()), model.clone()],
+            StatusCode::BAD_REQUEST,
+            "empty",
+        )
+        .await;
+        check(
+            t,
+            vec![
+                ("file", Some("a.mp3"), b"not audio".to_vec()),
+                model.clone(),
+            ],
+            StatusCode::BAD_REQUEST,
+            "not a supported audio file",
+        )
+        .await;
+        check(
+            t,
+            vec![
+                ("file", Some("a.wav"), wav[..wav.len() / 2 + 1].to_vec()),
+                model.clone(),
+                ("bogus", None, b"1".to_vec()),
+            ],
+            StatusCode::BAD_REQUEST,
+            "Unrecognized request argument",
+        )
+        .await;
+        check(
+            t,
+            vec![
+                file.clone(),
+                model.clone(),
+                ("response_format", None, b"xml".to_vec()),
+            ],
+            StatusCode::BAD_REQUEST,
+            "response_format",
+        )
+        .await;
+        check(
+            t,
+            vec![
+                file.clone(),
+                model.clone(),
+                ("temperature", None, b"hot".to_vec()),
+            ],
+            StatusCode::BAD_REQUEST,
+            "not a number",
+        )
+        .await;
+        check(
+            t,
+            vec![
+                file.clone(),
+                model.clone(),
+                ("timestamp_granularities[]", None, b"word".to_vec()),
+            ],
+            StatusCode::BAD_REQUEST,
+            "not supported",
+        )
+        .await;
+        check(
+            "/v1/audio/translations",
+            vec![
+                file.clone(),
+                model.clone(),
+                ("language", None, b"fr".to_vec()),
+            ],
+            StatusCode::BAD_REQUEST,
+            "Unrecognized request argument",
+        )
+        .await;
+        // Not multipart at all.
+        let req = HttpRequest::builder()
+            .method("POST")
+            .uri(t)
+            .header("content-type", "application/json")
+            .body(Body::from("{}"))
+            .unwrap();
+        let (s, _, body) = send(&app, req).await;
+        assert!(s.is_client_error(), "{s}");
+        assert!(String::from_utf8_lossy(&body).contains("multipart/form-data"));
+        // Too long, too large.
+        let short = app_with(
+            MediaLimits {
+                max_audio_seconds: 1.0,
+                ..MediaLimits::default()
+            },
+            32 << 20,
+        );
+        let (s, _, body) = audio_api(
+            &short,
+            t,
+            &[("file", Some("a.wav"), &wav), ("model", None, b"phi4")],
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert!(String::from_utf8_lossy(&body).contains("longer than the limit"));
+        let small = app_with(MediaLimits::default(), 50_000);
+        let (s, _, body) = audio_api(
+            &small,
+            t,
+            &[("file", Some("a.wav"), &wav), ("model", None, b"phi4")],
+        )
+        .await;
+        assert_eq!(
+            s,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+        // A text model has no audio endpoint to speak of.
+        let text_app = engine_router(
+            Arc::new(phi4::Engine::load(&common::tiny_dir()).unwrap()),
+            BatcherConfig::default(),
+            ServerOptions::default(),
+        );
+        let (s, _, body) = audio_api(
+            &text_app,
+            t,
+            &[("file", Some("a.wav"), &wav), ("model", None, b"phi4")],
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert!(String::from_utf8_lossy(&body).contains("text only"));
+    }
+}

@@ -25,7 +25,7 @@ pub(super) struct ServeArgs {
     #[arg(long, default_value_t = 256)]
     max_queue: usize,
     /// Largest request body in bytes (413 beyond; default 4 MiB, 32 MiB for a multimodal
-    /// model, whose images come as base64 data: URLs).
+    /// model, whose images and audio come as base64 or file uploads).
     #[arg(long)]
     max_body_bytes: Option<usize>,
     /// Longest prompt plus output per request (default: the model's context).
@@ -33,11 +33,12 @@ pub(super) struct ServeArgs {
     max_model_len: Option<usize>,
     #[arg(long, value_enum, default_value = "dynamic")]
     rope_policy: RopePolicyArg,
-    /// Fetch http(s) image URLs named in requests (off: only data: URLs, so the server makes
-    /// no request of its own that a client asked for).
+    /// Fetch http(s) image and audio URLs named in requests (off: only data: URLs and uploads,
+    /// so the server makes no request of its own that a client asked for).
     #[arg(long)]
     allow_remote_media: bool,
-    /// Let requests name local image files (file:// URLs or paths) under this directory.
+    /// Let requests name local image and audio files (file:// URLs or paths) under this
+    /// directory.
     #[arg(long, value_name = "DIR")]
     allowed_local_media_path: Option<PathBuf>,
     /// Largest image accepted, in pixels (decoded size; 400 beyond).
@@ -46,6 +47,12 @@ pub(super) struct ServeArgs {
     /// Most images in one request (400 beyond).
     #[arg(long, default_value_t = 16)]
     max_images_per_request: usize,
+    /// Longest audio accepted, in seconds, per audio (400 beyond).
+    #[arg(long, default_value_t = phi4::media::audio::DEFAULT_MAX_SECONDS)]
+    max_audio_seconds: f64,
+    /// Most audios in one chat request (400 beyond).
+    #[arg(long, default_value_t = 16)]
+    max_audios_per_request: usize,
 }
 
 pub(super) fn api_keys(a: &ServeArgs) -> Result<Vec<String>> {
@@ -86,8 +93,11 @@ pub(super) fn serve(a: ServeArgs) -> Result<()> {
         }
         None => LocalMedia::Denied,
     };
-    if a.max_images_per_request == 0 || a.max_image_pixels == 0 {
-        bail!("--max-images-per-request and --max-image-pixels must be at least 1");
+    if a.max_images_per_request == 0 || a.max_image_pixels == 0 || a.max_audios_per_request == 0 {
+        bail!("--max-images-per-request, --max-audios-per-request and --max-image-pixels must be at least 1");
+    }
+    if !(a.max_audio_seconds > 0.0 && a.max_audio_seconds.is_finite()) {
+        bail!("--max-audio-seconds must be a positive number of seconds");
     }
     let addr = format!("{}:{}", a.host, a.port);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -114,6 +124,8 @@ pub(super) fn serve(a: ServeArgs) -> Result<()> {
         mm.limits.local = local_media;
         mm.limits.max_image_pixels = a.max_image_pixels;
         mm.limits.max_images = a.max_images_per_request;
+        mm.limits.max_audio_seconds = a.max_audio_seconds;
+        mm.limits.max_audios = a.max_audios_per_request;
     }
     let max_body_bytes = a
         .max_body_bytes

@@ -6,6 +6,7 @@ pub mod error;
 pub mod metrics;
 pub mod openai;
 mod routes;
+mod speech;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -20,8 +21,11 @@ use serde_json::Value;
 use subtle::ConstantTimeEq;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::engine::{Batcher, Engine, Event, MediaInput, Request, SubmitError};
-use crate::text::Message;
+use crate::engine::speech::WindowOutput;
+use crate::engine::{
+    Batcher, Engine, Event, MediaInput, Request, SpeechOptions, SubmitError, Transcript,
+};
+use crate::text::{AudioSource, Message};
 pub use error::ApiError;
 use metrics::Metrics;
 
@@ -31,15 +35,20 @@ pub trait Backend: Send + Sync + 'static {
     fn max_model_len(&self) -> usize;
     fn render_chat(&self, messages: &[Message], tools: Option<&[Value]>) -> anyhow::Result<String>;
     fn tokenize(&self, text: &str) -> anyhow::Result<Vec<u32>>;
-    /// A chat's prompt ids and its images made ready for the decoder. A backend without image
-    /// support refuses messages that carry images.
+    /// A chat's prompt ids and its images and audios made ready for the decoder. A backend
+    /// without media support refuses messages that carry them.
     fn encode_chat(
         &self,
         messages: &[Message],
         tools: Option<&[Value]>,
     ) -> anyhow::Result<(Vec<u32>, Option<Arc<MediaInput>>)> {
-        if messages.iter().any(|m| !m.images.is_empty()) {
-            anyhow::bail!("this model takes text only; images need a Phi-4-multimodal checkpoint");
+        if messages
+            .iter()
+            .any(|m| !m.images.is_empty() || !m.audios.is_empty())
+        {
+            anyhow::bail!(
+                "this model takes text only; images and audio need a Phi-4-multimodal checkpoint"
+            );
         }
         let prompt = self.render_chat(messages, tools)?;
         Ok((self.tokenize(&prompt)?, None))
@@ -51,6 +60,14 @@ pub trait Backend: Send + Sync + 'static {
     fn submit(&self, req: Request) -> Result<UnboundedReceiver<Event>, SubmitError>;
     /// (waiting, running) sequences.
     fn load(&self) -> (usize, usize);
+    /// Runs a speech task over an audio file's bytes, its windows through the batcher. Blocks;
+    /// call it off the async workers.
+    fn transcribe(&self, audio: Vec<u8>, opts: &SpeechOptions) -> Result<Transcript, ApiError> {
+        let _ = (audio, opts);
+        Err(ApiError::invalid(
+            "this model takes text only; audio needs a Phi-4-multimodal checkpoint",
+        ))
+    }
 }
 
 /// The real engine behind the continuous batcher.
@@ -104,6 +121,60 @@ impl Backend for EngineBackend {
             s.running.load(Ordering::SeqCst),
         )
     }
+
+    fn transcribe(&self, audio: Vec<u8>, opts: &SpeechOptions) -> Result<Transcript, ApiError> {
+        let engine = &self.batcher.engine;
+        let wave = engine
+            .load_audio(&AudioSource::Bytes(Arc::new(audio)))
+            .map_err(|e| ApiError::param("file", format!("{e:#}")))?;
+        // The engine's errors are about the request (prompt too long for the context, …); the
+        // batcher's are the server's state.
+        let mut server_error: Option<ApiError> = None;
+        let result = engine.transcribe_with(&wave, opts, &mut |req| {
+            engine.check_request(&req)?;
+            let mut rx = match self.batcher.submit(req) {
+                Ok(rx) => rx,
+                Err(SubmitError::QueueFull) => {
+                    server_error = Some(ApiError::overloaded());
+                    anyhow::bail!("queue full");
+                }
+                Err(SubmitError::Stopped) => {
+                    server_error = Some(ApiError::internal("the engine has stopped"));
+                    anyhow::bail!("stopped");
+                }
+            };
+            let mut out = WindowOutput::default();
+            loop {
+                match rx.blocking_recv() {
+                    Some(Event::Started) => {}
+                    Some(Event::Step(s)) => {
+                        out.tokens.push(s.token);
+                        out.text.push_str(&s.text);
+                        if let Some(l) = &s.logprob {
+                            out.logprobs.push(l.logprob);
+                        }
+                        if s.finish.is_some() {
+                            break;
+                        }
+                    }
+                    Some(Event::Error(e)) => {
+                        server_error = Some(ApiError::internal(e.clone()));
+                        anyhow::bail!("{e}");
+                    }
+                    None => {
+                        server_error = Some(ApiError::internal("the engine dropped the request"));
+                        anyhow::bail!("dropped");
+                    }
+                }
+            }
+            Ok(out)
+        });
+        match (result, server_error) {
+            (Ok(t), _) => Ok(t),
+            (Err(_), Some(e)) => Err(e),
+            (Err(e), None) => Err(ApiError::invalid(format!("{e:#}"))),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -146,6 +217,8 @@ pub fn router(backend: Arc<dyn Backend>, opts: ServerOptions) -> Router {
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/completions", post(routes::completions))
         .route("/v1/models", get(routes::models))
+        .route("/v1/audio/transcriptions", post(speech::transcriptions))
+        .route("/v1/audio/translations", post(speech::translations))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .merge(v1)
@@ -204,9 +277,13 @@ async fn count_requests(State(st): State<AppState>, req: HttpRequest, next: Next
     let path = req.uri().path().to_string();
     let r = next.run(req).await;
     let endpoint = match path.as_str() {
-        "/v1/chat/completions" | "/v1/completions" | "/v1/models" | "/health" | "/metrics" => {
-            path.as_str()
-        }
+        "/v1/chat/completions"
+        | "/v1/completions"
+        | "/v1/models"
+        | "/v1/audio/transcriptions"
+        | "/v1/audio/translations"
+        | "/health"
+        | "/metrics" => path.as_str(),
         _ => "other",
     };
     st.metrics.count_request(endpoint, r.status().as_u16());
