@@ -156,6 +156,39 @@ fn openai_python_sdk_sends_images() {
     assert!(stdout.contains(" 0 failed"));
 }
 
+#[test]
+fn openai_python_sdk_transcribes_and_sends_audio() {
+    let r = common::Reference::load_named("tiny-phi4mm");
+    let dir = tempfile::tempdir().unwrap();
+    let wav = dir.path().join("clip.wav");
+    std::fs::write(&wav, common::clip_wav(&r, "main")).unwrap();
+    let ids = r.ids_at(&["modes", "audio", "greedy_ids"]);
+    let e = phi4::Engine::load(&common::tiny_mm_dir()).unwrap();
+    let expect = e.tokenizer.decode(&ids, true).unwrap();
+    let prompt_tokens = r.ids_at(&["modes", "audio", "prompt_ids"]).len();
+    let python = sdk_python();
+    let server = start_server_for(&common::tiny_mm_dir());
+    let out = Command::new(python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_sdk/audio_test.py"))
+        .env("PHI4_BASE_URL", format!("http://{}/v1", server.addr))
+        .env("PHI4_API_KEY", KEY)
+        .env("PHI4_MODEL", MODEL)
+        .env("PHI4_AUDIO", &wav)
+        .env("PHI4_EXPECT", expect)
+        .env(
+            "PHI4_EXPECT_IDS",
+            ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
+        )
+        .env("PHI4_PROMPT_TOKENS", prompt_tokens.to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "SDK audio checks failed:\n{stdout}");
+    assert!(stdout.contains(" 0 failed"));
+}
+
 fn http(addr: &str, method: &str, path: &str, body: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
     write!(
