@@ -460,3 +460,160 @@ pub fn run_images(
     }
     Ok(out)
 }
+
+/// The speech path for one clip length: medians over the runs, milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct AudioBench {
+    pub seconds: f64,
+    pub audio_tokens: usize,
+    pub prompt_tokens: usize,
+    pub gen_tokens: usize,
+    /// Log-mel features from the 16 kHz samples (decoding and resampling aside).
+    pub features_ms: f64,
+    /// Conformer encoder and the speech projection.
+    pub encoder_ms: f64,
+    /// The decoder over the prompt (speech adapter on), to the first token's logits.
+    pub prefill_ms: f64,
+    /// `gen_tokens` decode steps with the speech adapter.
+    pub decode_ms: f64,
+    pub time_to_first_token_ms: f64,
+    /// Seconds of compute per second of audio, end to end (features to the last token).
+    pub real_time_factor: f64,
+    /// Audio seconds per second of feature extraction.
+    pub features_x_real_time: f64,
+    /// Encoder matrix-product rate (multiply-adds of its linear layers, convolutions and
+    /// attention), to compare with the machine's matrix-product peak.
+    pub encoder_gmacs: f64,
+    pub runs: usize,
+}
+
+/// Multiply-adds of the speech encoder (subsampling, blocks, one projection) for `frames`
+/// feature frames.
+pub fn audio_macs(
+    c: &crate::config::multimodal::AudioConfig,
+    frames: usize,
+    lm_hidden: usize,
+) -> f64 {
+    let ch = c.nemo_conv_channels as f64;
+    let (mut t, mut f) = (frames as f64, c.input_size as f64);
+    let mut macs = 0.0;
+    for s in 0..c.subsampling_stages() {
+        t = (t / 2.0).ceil();
+        f = (f / 2.0).ceil();
+        macs += t * f * ch * 9.0; // the 3×3 taps (full from one channel, or depthwise)
+        if s > 0 {
+            macs += t * f * ch * ch; // pointwise
+        }
+    }
+    let h = c.hidden_size as f64;
+    let i = c.intermediate_size as f64;
+    macs += t * ch * f * h; // the linear over (channel, frequency)
+    let win = t.min(crate::model::phi4mm::conformer::MAX_SEQ_LEN as f64);
+    let per_block = t * (2.0 * (h * 2.0 * i + i * h) + 4.0 * h * h + 2.0 * h * h + 2.0 * h * h)
+        + 2.0 * t * win * h;
+    macs += c.num_blocks as f64 * per_block;
+    let lm = lm_hidden as f64;
+    macs + t * (h * lm + lm * lm)
+}
+
+/// Time to first token and real-time factor for clips of each length (synthetic speech-like
+/// noise), with the transcription instruction as the text and `gen_tokens` decoded tokens.
+pub fn run_audio(
+    lm: &Phi3ForCausalLM,
+    audio_embed: &crate::model::phi4mm::audio_embed::AudioEmbedding,
+    audio_token_id: u32,
+    seconds: &[f64],
+    gen_tokens: usize,
+    runs: usize,
+) -> Result<Vec<AudioBench>> {
+    use crate::media::{log_mel, LogMel};
+    use crate::model::phi4mm::audio_embed::Projection;
+    let mel = LogMel::new();
+    let mut out = Vec::new();
+    for &secs in seconds {
+        let n = (secs * 16000.0) as usize;
+        let mut s = 0x2545_F491_4F6C_DD1Du64;
+        let samples: Vec<f32> = (0..n)
+            .map(|i| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                let env = ((i % 8000) as f32 / 8000.0 * std::f32::consts::PI).sin();
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.3 * env
+            })
+            .collect();
+        let tokens = log_mel::num_tokens(n);
+        let (mut fe, mut enc, mut fill, mut dec) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut prompt_len = 0;
+        for r in 0..runs {
+            let t0 = Instant::now();
+            let feats = mel.features(&samples);
+            let t1 = Instant::now();
+            let rows = audio_embed.forward(&feats, Projection::Speech);
+            let t2 = Instant::now();
+            // <|user|> audio "Transcribe the audio clip into text." <|end|><|assistant|>: 12 text
+            // tokens around the audio.
+            let mut ids = vec![200021u32.min(lm.config.vocab_size as u32 - 1)];
+            ids.extend(std::iter::repeat_n(audio_token_id, tokens));
+            ids.extend(random_prompt(11 + r as u64, 9, lm.config.vocab_size));
+            ids.extend([200020, 200019].map(|t: u32| t.min(lm.config.vocab_size as u32 - 1)));
+            prompt_len = ids.len();
+            let embeds = crate::model::InputEmbeds::new(
+                (1..1 + tokens).collect(),
+                rows,
+                lm.config.hidden_size,
+            )?;
+            let table = lm.rope.table_for_len(ids.len() + gen_tokens);
+            let mut cache = lm.new_cache();
+            let item = crate::model::BatchItem {
+                adapter: Some(crate::model::phi4mm::SPEECH),
+                embeds: Some(&embeds),
+                ..crate::model::BatchItem::new(&ids, &mut cache, table)
+            };
+            let mut logits = Vec::new();
+            lm.forward_item(item, Logits::Last, None, &mut logits)?;
+            let mut tok = argmax(&logits);
+            let t3 = Instant::now();
+            for _ in 1..gen_tokens {
+                let step = [tok];
+                let item = crate::model::BatchItem {
+                    adapter: Some(crate::model::phi4mm::SPEECH),
+                    ..crate::model::BatchItem::new(&step, &mut cache, table)
+                };
+                lm.forward_item(item, Logits::Last, None, &mut logits)?;
+                tok = argmax(&logits);
+            }
+            let t4 = Instant::now();
+            fe.push((t1 - t0).as_secs_f64() * 1e3);
+            enc.push((t2 - t1).as_secs_f64() * 1e3);
+            fill.push((t3 - t2).as_secs_f64() * 1e3);
+            dec.push((t4 - t3).as_secs_f64() * 1e3);
+        }
+        let total: Vec<f64> = (0..runs)
+            .map(|i| fe[i] + enc[i] + fill[i] + dec[i])
+            .collect();
+        let ttft: Vec<f64> = (0..runs).map(|i| fe[i] + enc[i] + fill[i]).collect();
+        let (features_ms, encoder_ms) = (median(fe), median(enc));
+        out.push(AudioBench {
+            seconds: secs,
+            audio_tokens: tokens,
+            prompt_tokens: prompt_len,
+            gen_tokens,
+            features_ms,
+            encoder_ms,
+            prefill_ms: median(fill),
+            decode_ms: median(dec),
+            time_to_first_token_ms: median(ttft),
+            real_time_factor: median(total) / 1e3 / secs,
+            features_x_real_time: secs * 1e3 / features_ms,
+            encoder_gmacs: audio_macs(
+                &audio_embed.encoder.config,
+                log_mel::num_frames(n),
+                lm.config.hidden_size,
+            ) / encoder_ms
+                / 1e6,
+            runs,
+        });
+    }
+    Ok(out)
+}

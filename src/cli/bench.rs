@@ -34,6 +34,11 @@ pub(super) struct BenchArgs {
     /// vision tower / prefill. With --synthetic: random Phi-4-multimodal weights.
     #[arg(long = "image", value_parser = parse_size, value_name = "WxH")]
     images: Vec<(usize, usize)>,
+    /// Phi-4-multimodal's speech path instead (repeatable, seconds of audio): time to first
+    /// token and real-time factor with --gen-tokens output tokens, split into features /
+    /// encoder / prefill / decode. With --synthetic: random Phi-4-multimodal weights.
+    #[arg(long = "audio", value_name = "SECONDS")]
+    audios: Vec<f64>,
     /// With --synthetic --save: Phi-4-multimodal weights (transformers' layout, bf16) instead.
     #[arg(long)]
     multimodal: bool,
@@ -58,7 +63,7 @@ pub(super) fn bench_cmd(a: BenchArgs) -> Result<()> {
     if a.prompt_tokens == 0 || a.gen_tokens == 0 || a.runs == 0 {
         bail!("--prompt-tokens, --gen-tokens and --runs must be at least 1");
     }
-    if !a.images.is_empty() || a.multimodal {
+    if !a.images.is_empty() || !a.audios.is_empty() || a.multimodal {
         return bench_images(a);
     }
     let mut engine = None;
@@ -170,7 +175,7 @@ pub(super) fn bench_images(a: BenchArgs) -> Result<()> {
     use phi4::model::phi4mm::Phi4MMForCausalLM;
     let mut synthetic = None;
     let mut engine = None;
-    let (lm, image_embed, image_id, label) = match (&a.model, a.synthetic) {
+    let (lm, image_embed, audio_embed, ids, label) = match (&a.model, a.synthetic) {
         (None, true) => {
             eprintln!(
                 "building synthetic Phi-4-multimodal weights (bf16, random, both adapters)..."
@@ -194,12 +199,16 @@ pub(super) fn bench_images(a: BenchArgs) -> Result<()> {
             };
             a.opts.apply(&mut m.lm);
             m.image_embed.set_bf16_acts(a.opts.bf16_acts);
+            if let Some(ae) = &mut m.audio_embed {
+                ae.set_bf16_acts(a.opts.bf16_acts);
+            }
             let m = synthetic.insert(m);
             let id = m.image_token_id();
             (
                 &m.lm,
                 &m.image_embed,
-                id,
+                m.audio_embed.as_ref(),
+                (id, m.audio_token_id()),
                 format!("synthetic Phi-4-multimodal {format}"),
             )
         }
@@ -209,14 +218,53 @@ pub(super) fn bench_images(a: BenchArgs) -> Result<()> {
             (
                 &e.model,
                 &mm.image_embed,
-                mm.config.vision.image_token_id,
+                mm.audio_embed.as_ref(),
+                (mm.config.vision.image_token_id, mm.config.audio_token_id),
                 path.clone(),
             )
         }
         (None, false) => bail!("give --model M or --synthetic"),
     };
+    let (image_id, audio_id) = ids;
+    if !a.audios.is_empty() {
+        let audio_embed = audio_embed.context("this checkpoint has no speech encoder")?;
+        if a.audios.iter().any(|&s| !(0.1..=3600.0).contains(&s)) {
+            bail!("--audio takes seconds of audio between 0.1 and 3600");
+        }
+        let results =
+            phi4::bench::run_audio(lm, audio_embed, audio_id, &a.audios, a.gen_tokens, a.runs)?;
+        let peak_gmacs = phi4::bench::bf16_matmul_peak_gmacs(a.opts.bf16_acts)?;
+        if a.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({
+                    "model": label, "threads": rayon::current_num_threads(), "audio": results,
+                    "bf16_matmul_peak_gmacs": peak_gmacs, "bf16_acts": a.opts.bf16_acts.name(),
+                    "peak_rss_mb": phi4::bench::peak_rss_mb(),
+                }))?
+            );
+        } else {
+            println!("model: {label}, threads: {}", rayon::current_num_threads());
+            for r in &results {
+                println!(
+                    "{:.1} s audio ({} audio + {} text tokens, {} generated): time to first token {:.0} ms = features {:.1} ({:.0}x real time) + encoder {:.0} ({:.1} G MAC/s, {:.0}% of the bf16 product peak) + prefill {:.0}; decode {:.0} ms; real-time factor {:.3} (median of {})",
+                    r.seconds, r.audio_tokens, r.prompt_tokens - r.audio_tokens, r.gen_tokens,
+                    r.time_to_first_token_ms, r.features_ms, r.features_x_real_time, r.encoder_ms,
+                    r.encoder_gmacs, 100.0 * r.encoder_gmacs / peak_gmacs, r.prefill_ms,
+                    r.decode_ms, r.real_time_factor, r.runs
+                );
+            }
+            println!(
+                "bf16 matrix-product peak ({} activations): {peak_gmacs:.1} G MAC/s",
+                a.opts.bf16_acts.name()
+            );
+        }
+        if a.images.is_empty() {
+            return Ok(());
+        }
+    }
     if a.images.is_empty() {
-        bail!("give the image sizes to time with --image WIDTHxHEIGHT (e.g. 448x448)");
+        bail!("give the image sizes to time with --image WIDTHxHEIGHT (e.g. 448x448) or audio lengths with --audio SECONDS");
     }
     phi4::bench::reset_peak_rss();
     let results = phi4::bench::run_images(
