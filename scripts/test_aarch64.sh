@@ -20,4 +20,4 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER=qemu-aarch64
 export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
 
-cargo test --release --target aarch64-unknown-linux-gnu --lib --test parity --test gguf --test multimodal
+cargo test --release --target aarch64-unknown-linux-gnu --lib --test parity --test gguf --test multimodal --test speech

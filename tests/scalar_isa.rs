@@ -31,10 +31,12 @@ fn scalar_kernels_match_transformers() {
 }
 
 #[test]
-fn scalar_kernels_match_transformers_on_images() {
+fn scalar_kernels_match_transformers_on_images_and_audio() {
     std::env::set_var("PHI4_ISA", "scalar");
     assert_eq!(cpu(), Isa::Scalar);
     let r = Reference::load_named("tiny-phi4mm");
     let e = Engine::load(&common::tiny_mm_dir()).unwrap();
-    common::check_mode_greedy(&e, &r, "image");
+    for mode in ["image", "audio", "image_audio"] {
+        common::check_mode_greedy(&e, &r, mode);
+    }
 }
