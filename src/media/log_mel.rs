@@ -40,7 +40,7 @@ fn hz_to_mel(hz: f64) -> f64 {
 
 /// transformers' `mel_filter_bank(257, 80, 0, 7690, 16000, triangularize_in_mel_space=True,
 /// mel_scale="kaldi")`: triangles in mel space over 82 evenly spaced mel points, no area
-/// normalisation, computed in f64 and stored as f32. Row-major [257 bins][80 filters].
+/// normalisation, computed in f64 and stored as f32. Row-major `[257 bins][80 filters]`.
 pub fn mel_filters() -> Vec<f32> {
     let mel_max = hz_to_mel(MEL_MAX_HZ);
     let n_points = N_MELS + 2;
@@ -102,7 +102,7 @@ impl LogMel {
         }
     }
 
-    /// Features of 16 kHz mono samples, row-major [frames][80].
+    /// Features of 16 kHz mono samples, row-major `[frames][80]`.
     pub fn features(&self, samples: &[f32]) -> Vec<f32> {
         let frames = num_frames(samples.len());
         let mut out = vec![0f32; frames * N_MELS];
