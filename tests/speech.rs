@@ -884,3 +884,59 @@ fn resampled_input_gives_the_reference_features_of_the_16k_clip() {
         );
     }
 }
+
+#[test]
+fn several_audios_each_take_their_own_rows_in_prompt_order() {
+    use phi4::model::phi4mm::audio_embed::Projection;
+    let r = reference();
+    let e = phi4::Engine::load(&common::tiny_mm_dir()).unwrap();
+    let main = phi4::media::Waveform {
+        samples: clip(&r, "main"),
+    };
+    let short = phi4::media::Waveform {
+        samples: clip(&r, "short"),
+    };
+    // Placeholders out of order: audio 2 (short, 13 tokens) first, then audio 1 (main, 38).
+    let (ids, media) = e
+        .encode_with_media(
+            "<|user|>A <|audio_2|> B <|audio_1|> C<|end|><|assistant|>",
+            &[],
+            &[main.clone(), short.clone()],
+        )
+        .unwrap();
+    let media = media.unwrap();
+    assert_eq!(media.adapter, Some(phi4::model::phi4mm::SPEECH));
+    assert_eq!((media.images, media.audios), (0, 2));
+    let audio_id = e.mm.as_ref().unwrap().config.audio_token_id;
+    let pos: Vec<usize> = (0..ids.len()).filter(|&i| ids[i] == audio_id).collect();
+    assert_eq!(pos.len(), 13 + 38);
+    assert_eq!(media.embeds.positions(), &pos[..]);
+    // Two runs of audio tokens with text between them.
+    let first_run = pos.windows(2).position(|w| w[1] != w[0] + 1).unwrap() + 1;
+    assert_eq!(first_run, 13);
+    let mm = e.mm.as_ref().unwrap();
+    let mut want = mm.embed_audio(&short, Projection::Speech).unwrap();
+    want.extend(mm.embed_audio(&main, Projection::Speech).unwrap());
+    let h = e.model.config.hidden_size;
+    let got: Vec<f32> = pos
+        .iter()
+        .flat_map(|&p| media.embeds.row(p).unwrap().to_vec())
+        .collect();
+    assert_eq!(got.len(), want.len());
+    assert_eq!(
+        got, want,
+        "rows in prompt order, each audio encoded alone ({h} wide)"
+    );
+    // Mistakes are named.
+    let err = |t: &str, n: usize| {
+        format!(
+            "{:#}",
+            e.encode_with_media(t, &[], &vec![main.clone(); n])
+                .unwrap_err()
+        )
+    };
+    assert!(err("<|audio_1|><|audio_1|>", 1).contains("more than once"));
+    assert!(err("<|audio_1|>", 2).contains("audio 2 has no <|audio_2|>"));
+    assert!(err("<|audio_3|>", 1).contains("<|audio_3|> has no audio"));
+    assert!(err("hi <|endoftext11|>", 0).contains("reserved for image and audio"));
+}
