@@ -338,14 +338,22 @@ fn long_audio_is_cut_in_its_pauses_and_each_window_transcribed() {
     assert_eq!(t.segments[1].start, cut);
     assert!((t.segments[1].end - 41.0).abs() < 1e-9);
     assert!(t.segments.iter().all(|s| s.tokens.len() == 2));
-    // A window's tokens are those of that piece of audio transcribed alone.
-    let piece = phi4::media::Waveform {
-        samples: wave.samples[..(cut * 16000.0).round() as usize].to_vec(),
-    };
-    assert_eq!(
-        e.transcribe(&piece, &opts).unwrap().segments[0].tokens,
-        t.segments[0].tokens
-    );
+    // The windows decode together; each one's tokens are those of its piece transcribed alone.
+    opts.params = phi4::SamplingParams::greedy(5);
+    let t = e.transcribe(&wave, &opts).unwrap();
+    for s in &t.segments {
+        let (a, b) = (
+            (s.start * 16000.0).round() as usize,
+            (s.end * 16000.0).round() as usize,
+        );
+        let piece = phi4::media::Waveform {
+            samples: wave.samples[a..b].to_vec(),
+        };
+        assert_eq!(
+            e.transcribe(&piece, &opts).unwrap().segments[0].tokens,
+            s.tokens
+        );
+    }
     // A summary takes the recording whole; the windows are bounded by the encoder's 40 s.
     let mut sum = SpeechOptions::new(SpeechTask::Summarize);
     sum.params = phi4::SamplingParams::greedy(1);
@@ -622,6 +630,42 @@ mod server {
                     "{body}"
                 ),
             }
+        }
+        // A 41 s clip: two windows through the batcher, the same tokens as the engine's.
+        let long = common::clip_wav(&r, "long");
+        let (s, _, body) = audio_api(
+            &app,
+            "/v1/audio/transcriptions",
+            &[
+                ("file", Some("long.wav"), &long),
+                ("model", None, b"phi4"),
+                ("response_format", None, b"verbose_json"),
+            ],
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        let e = phi4::Engine::load(&common::tiny_mm_dir()).unwrap();
+        let opts = phi4::engine::SpeechOptions::new(phi4::engine::SpeechTask::Transcribe);
+        let want = e
+            .transcribe(
+                &phi4::media::Waveform {
+                    samples: clip(&r, "long"),
+                },
+                &opts,
+            )
+            .unwrap();
+        let segs = v["segments"].as_array().unwrap();
+        assert_eq!(segs.len(), 2);
+        for (got, want) in segs.iter().zip(&want.segments) {
+            assert_eq!(got["start"].as_f64().unwrap(), want.start);
+            let ids: Vec<u32> = got["tokens"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(ids, want.tokens);
         }
         // Translations (into English) run the translation prompt.
         let (s, _, body) = audio_api(

@@ -39,6 +39,10 @@ pub(super) struct BenchArgs {
     /// encoder / prefill / decode. With --synthetic: random Phi-4-multimodal weights.
     #[arg(long = "audio", value_name = "SECONDS")]
     audios: Vec<f64>,
+    /// With --audio: transcribe that many clips as the windows of one long recording are
+    /// (encoded and prefilled in turn, decoded together).
+    #[arg(long, default_value_t = 1)]
+    windows: usize,
     /// With --synthetic --save: Phi-4-multimodal weights (transformers' layout, bf16) instead.
     #[arg(long)]
     multimodal: bool,
@@ -231,8 +235,15 @@ pub(super) fn bench_images(a: BenchArgs) -> Result<()> {
         if a.audios.iter().any(|&s| !(0.1..=3600.0).contains(&s)) {
             bail!("--audio takes seconds of audio between 0.1 and 3600");
         }
-        let results =
-            phi4::bench::run_audio(lm, audio_embed, audio_id, &a.audios, a.gen_tokens, a.runs)?;
+        let results = phi4::bench::run_audio(
+            lm,
+            audio_embed,
+            audio_id,
+            &a.audios,
+            a.gen_tokens,
+            a.runs,
+            a.windows,
+        )?;
         let peak_gmacs = phi4::bench::bf16_matmul_peak_gmacs(a.opts.bf16_acts)?;
         if a.json {
             println!(
@@ -246,6 +257,14 @@ pub(super) fn bench_images(a: BenchArgs) -> Result<()> {
         } else {
             println!("model: {label}, threads: {}", rayon::current_num_threads());
             for r in &results {
+                if r.windows > 1 {
+                    println!(
+                        "{} windows of {:.1} s decoded together: features {:.0} + encoder {:.0} + prefill {:.0} + decode {:.0} ms; real-time factor {:.3} over {:.0} s (median of {})",
+                        r.windows, r.seconds, r.features_ms, r.encoder_ms, r.prefill_ms, r.decode_ms,
+                        r.real_time_factor, r.seconds * r.windows as f64, r.runs
+                    );
+                    continue;
+                }
                 println!(
                     "{:.1} s audio ({} audio + {} text tokens, {} generated): time to first token {:.0} ms = features {:.1} ({:.0}x real time) + encoder {:.0} ({:.1} G MAC/s, {:.0}% of the bf16 product peak) + prefill {:.0}; decode {:.0} ms; real-time factor {:.3} (median of {})",
                     r.seconds, r.audio_tokens, r.prompt_tokens - r.audio_tokens, r.gen_tokens,

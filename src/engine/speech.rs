@@ -5,15 +5,15 @@
 //! The speech encoder sees at most 500 frames (40 s) at once; the reference runs longer audio as
 //! independent 40 s pieces cut wherever the count falls, mid-word included. For transcription and
 //! translation we cut it ourselves first: windows of at most `window_seconds`, each ending at the
-//! lowest-energy 100 ms of its last third, transcribed one by one and joined. The cuts are the
-//! segment times. A summary needs the whole recording at once and is not cut.
+//! lowest-energy 100 ms of its last third, transcribed (up to 8 decoding together) and joined.
+//! The cuts are the segment times. A summary needs the whole recording at once and is not cut.
 
 use std::ops::Range;
 
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
 
-use super::{Engine, Request};
+use super::{Engine, Generation, Request};
 use crate::media::{audio::SAMPLE_RATE, Waveform};
 use crate::text::Message;
 use crate::SamplingParams;
@@ -22,6 +22,9 @@ use crate::SamplingParams;
 pub const MAX_WINDOW_SECONDS: f64 = 40.0;
 /// Default window length (Whisper's, well inside the encoder's).
 pub const DEFAULT_WINDOW_SECONDS: f64 = 30.0;
+/// Windows decoded together at most: 8 KV caches of a 30 s window's ~500 positions (f32:
+/// ~130 MB each at Phi-4-mini's size).
+pub const MAX_PARALLEL_WINDOWS: usize = 8;
 
 /// What to make of the audio.
 #[derive(Debug, Clone, PartialEq)]
@@ -216,13 +219,15 @@ impl Engine {
         })
     }
 
-    /// Runs `opts.task` over a recording, window by window, each request through `run` (the
-    /// server hands them to its batcher; [`Engine::transcribe`] runs them here).
+    /// Runs `opts.task` over a recording: its windows' requests go to `run` in groups of up to
+    /// [`MAX_PARALLEL_WINDOWS`], which decodes each group together (the server hands them to its
+    /// batcher; [`Engine::transcribe`] steps them here). Decode reads every weight once per
+    /// step whatever the batch, so a long recording's windows cost little more than one.
     pub fn transcribe_with(
         &self,
         wave: &Waveform,
         opts: &SpeechOptions,
-        run: &mut dyn FnMut(Request) -> Result<WindowOutput>,
+        run: &mut dyn FnMut(Vec<Request>) -> Result<Vec<WindowOutput>>,
     ) -> Result<Transcript> {
         if !(1.0..=MAX_WINDOW_SECONDS).contains(&opts.window_seconds) {
             bail!(
@@ -231,39 +236,52 @@ impl Engine {
             );
         }
         let rate = SAMPLE_RATE as f64;
-        let spans = if opts.task.windowed() {
+        let mut spans = if opts.task.windowed() {
             windows(&wave.samples, (opts.window_seconds * rate) as usize)
         } else {
             std::iter::once(0..wave.samples.len()).collect()
         };
+        // A tail too short for one feature frame carries no speech.
+        if spans.len() > 1
+            && crate::media::log_mel::num_tokens(spans.last().map_or(0, |s| s.len())) == 0
+        {
+            spans.pop();
+        }
         let mut segments = Vec::with_capacity(spans.len());
-        for (id, span) in spans.into_iter().enumerate() {
-            let piece = Waveform {
-                samples: wave.samples[span.clone()].to_vec(),
-            };
-            let (start, end) = (span.start as f64 / rate, span.end as f64 / rate);
-            // A tail too short for one feature frame carries no speech.
-            if crate::media::log_mel::num_tokens(piece.samples.len()) == 0 && id > 0 {
-                continue;
+        for group in spans.chunks(MAX_PARALLEL_WINDOWS) {
+            let requests = group
+                .iter()
+                .map(|span| {
+                    let piece = Waveform {
+                        samples: wave.samples[span.clone()].to_vec(),
+                    };
+                    self.speech_request(&piece, opts)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let outs = run(requests)?;
+            if outs.len() != group.len() {
+                bail!("{} window results for {} windows", outs.len(), group.len());
             }
-            let out = run(self.speech_request(&piece, opts)?)?;
-            let mut tokens = out.tokens;
-            if tokens.last().is_some_and(|t| self.stop_ids.contains(t)) {
-                tokens.pop();
+            for (span, out) in group.iter().zip(outs) {
+                let mut tokens = out.tokens;
+                if tokens.last().is_some_and(|t| self.stop_ids.contains(t)) {
+                    tokens.pop();
+                }
+                let avg_logprob = if out.logprobs.is_empty() {
+                    0.0
+                } else {
+                    out.logprobs.iter().map(|&l| f64::from(l)).sum::<f64>()
+                        / out.logprobs.len() as f64
+                };
+                segments.push(Segment {
+                    id: segments.len(),
+                    start: span.start as f64 / rate,
+                    end: span.end as f64 / rate,
+                    text: opts.task.answer(&out.text),
+                    tokens,
+                    avg_logprob,
+                });
             }
-            let avg_logprob = if out.logprobs.is_empty() {
-                0.0
-            } else {
-                out.logprobs.iter().map(|&l| f64::from(l)).sum::<f64>() / out.logprobs.len() as f64
-            };
-            segments.push(Segment {
-                id: segments.len(),
-                start,
-                end,
-                text: opts.task.answer(&out.text),
-                tokens,
-                avg_logprob,
-            });
         }
         let text = segments
             .iter()
@@ -281,25 +299,54 @@ impl Engine {
         })
     }
 
-    /// [`Engine::transcribe_with`], generating on this thread.
+    /// [`Engine::transcribe_with`], generating on this thread: each group's windows prefilled
+    /// one by one, then decoded together in batched steps.
     pub fn transcribe(&self, wave: &Waveform, opts: &SpeechOptions) -> Result<Transcript> {
-        self.transcribe_with(wave, opts, &mut |req| {
-            let (mut g, mut logits) = self.begin(req)?;
-            let mut out = WindowOutput::default();
-            loop {
-                let step = self.sample_next(&mut g, &mut logits)?;
-                out.tokens.push(step.token);
+        self.transcribe_with(wave, opts, &mut |requests| self.decode_together(requests))
+    }
+
+    /// Runs requests to the end, decoding them in one batch.
+    fn decode_together(&self, requests: Vec<Request>) -> Result<Vec<WindowOutput>> {
+        let mut gens = Vec::with_capacity(requests.len());
+        let mut logits = Vec::with_capacity(requests.len());
+        for r in requests {
+            let (g, l) = self.begin(r)?;
+            gens.push(g);
+            logits.push(l);
+        }
+        let mut outs = vec![WindowOutput::default(); gens.len()];
+        let mut active: Vec<usize> = (0..gens.len()).collect();
+        while !active.is_empty() {
+            let mut going = Vec::with_capacity(active.len());
+            for &i in &active {
+                let step = self.sample_next(&mut gens[i], &mut logits[i])?;
+                outs[i].tokens.push(step.token);
                 if let Some(l) = &step.logprob {
-                    out.logprobs.push(l.logprob);
+                    outs[i].logprobs.push(l.logprob);
                 }
-                if step.finish.is_some() {
-                    break;
+                if step.finish.is_none() {
+                    going.push(i);
                 }
-                logits = self.extend_generation(&mut g)?;
             }
-            out.text = g.text.clone();
-            Ok(out)
-        })
+            if going.is_empty() {
+                break;
+            }
+            let mut batch: Vec<&mut Generation> = gens
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| going.binary_search(i).is_ok())
+                .map(|(_, g)| g)
+                .collect();
+            let next = self.extend_generations(&mut batch)?;
+            for (i, l) in going.iter().zip(next) {
+                logits[*i] = l;
+            }
+            active = going;
+        }
+        for (o, g) in outs.iter_mut().zip(&gens) {
+            o.text = g.text.clone();
+        }
+        Ok(outs)
     }
 }
 

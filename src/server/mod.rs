@@ -130,44 +130,53 @@ impl Backend for EngineBackend {
         // The engine's errors are about the request (prompt too long for the context, …); the
         // batcher's are the server's state.
         let mut server_error: Option<ApiError> = None;
-        let result = engine.transcribe_with(&wave, opts, &mut |req| {
-            engine.check_request(&req)?;
-            let mut rx = match self.batcher.submit(req) {
-                Ok(rx) => rx,
-                Err(SubmitError::QueueFull) => {
-                    server_error = Some(ApiError::overloaded());
-                    anyhow::bail!("queue full");
-                }
-                Err(SubmitError::Stopped) => {
-                    server_error = Some(ApiError::internal("the engine has stopped"));
-                    anyhow::bail!("stopped");
-                }
-            };
-            let mut out = WindowOutput::default();
-            loop {
-                match rx.blocking_recv() {
-                    Some(Event::Started) => {}
-                    Some(Event::Step(s)) => {
-                        out.tokens.push(s.token);
-                        out.text.push_str(&s.text);
-                        if let Some(l) = &s.logprob {
-                            out.logprobs.push(l.logprob);
-                        }
-                        if s.finish.is_some() {
-                            break;
-                        }
+        let result = engine.transcribe_with(&wave, opts, &mut |requests| {
+            // All of a group's windows go in at once, so the batcher decodes them together.
+            let mut rxs = Vec::with_capacity(requests.len());
+            for req in requests {
+                engine.check_request(&req)?;
+                match self.batcher.submit(req) {
+                    Ok(rx) => rxs.push(rx),
+                    Err(SubmitError::QueueFull) => {
+                        server_error = Some(ApiError::overloaded());
+                        anyhow::bail!("queue full");
                     }
-                    Some(Event::Error(e)) => {
-                        server_error = Some(ApiError::internal(e.clone()));
-                        anyhow::bail!("{e}");
-                    }
-                    None => {
-                        server_error = Some(ApiError::internal("the engine dropped the request"));
-                        anyhow::bail!("dropped");
+                    Err(SubmitError::Stopped) => {
+                        server_error = Some(ApiError::internal("the engine has stopped"));
+                        anyhow::bail!("stopped");
                     }
                 }
             }
-            Ok(out)
+            let mut outs = Vec::with_capacity(rxs.len());
+            for mut rx in rxs {
+                let mut out = WindowOutput::default();
+                loop {
+                    match rx.blocking_recv() {
+                        Some(Event::Started) => {}
+                        Some(Event::Step(s)) => {
+                            out.tokens.push(s.token);
+                            out.text.push_str(&s.text);
+                            if let Some(l) = &s.logprob {
+                                out.logprobs.push(l.logprob);
+                            }
+                            if s.finish.is_some() {
+                                break;
+                            }
+                        }
+                        Some(Event::Error(e)) => {
+                            server_error = Some(ApiError::internal(e.clone()));
+                            anyhow::bail!("{e}");
+                        }
+                        None => {
+                            server_error =
+                                Some(ApiError::internal("the engine dropped the request"));
+                            anyhow::bail!("dropped");
+                        }
+                    }
+                }
+                outs.push(out);
+            }
+            Ok(outs)
         });
         match (result, server_error) {
             (Ok(t), _) => Ok(t),
