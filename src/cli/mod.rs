@@ -40,7 +40,7 @@ use self::transcribe::{transcribe, TranscribeArgs};
 #[command(
     name = "phi4",
     version,
-    about = "Run Microsoft's Phi-4-mini on your CPU"
+    about = "Run Microsoft's Phi-4-mini and Phi-4-multimodal on your CPU: text, images, speech"
 )]
 struct Cli {
     /// Worker threads (default: every core).
