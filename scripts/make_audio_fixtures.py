@@ -6,7 +6,7 @@ to the same 0.4-amplitude tone; the tests check duration, the mixdown, and the t
 frequency after resampling to 16 kHz (lossy codecs within their error).
 
 Encoded with PyAV (`pip install av==18.1.0`, which bundles FFmpeg's encoders). CI never runs this;
-its outputs are committed (~60 KB).
+its outputs are committed (144 KB).
 
     .venv-fixtures/bin/python scripts/make_audio_fixtures.py
 """
