@@ -523,7 +523,8 @@ pub fn audio_macs(
 /// noise), with the transcription instruction as the text and `gen_tokens` decoded tokens. With
 /// `windows` > 1, that many clips are transcribed as one long recording's windows are: each
 /// encoded and prefilled in turn, then all decoded together; the times are for all of them and
-/// the real-time factor is over their total length.
+/// the real-time factor is over their total length. `adapter`: the speech adapter's id, or
+/// `None` when it is merged into the weights.
 pub fn run_audio(
     lm: &Phi3ForCausalLM,
     audio_embed: &crate::model::phi4mm::audio_embed::AudioEmbedding,
@@ -532,10 +533,10 @@ pub fn run_audio(
     gen_tokens: usize,
     runs: usize,
     windows: usize,
+    adapter: Option<crate::model::AdapterId>,
 ) -> Result<Vec<AudioBench>> {
     use crate::media::{log_mel, LogMel};
     use crate::model::phi4mm::audio_embed::Projection;
-    use crate::model::phi4mm::SPEECH;
     use crate::model::BatchItem;
     let mel = LogMel::new();
     let windows = windows.max(1);
@@ -587,7 +588,7 @@ pub fn run_audio(
                 table = Some(t);
                 let mut cache = lm.new_cache();
                 let item = BatchItem {
-                    adapter: Some(SPEECH),
+                    adapter,
                     embeds: Some(&embeds),
                     ..BatchItem::new(&ids, &mut cache, t)
                 };
@@ -608,7 +609,7 @@ pub fn run_audio(
                     .iter_mut()
                     .zip(&steps)
                     .map(|(c, step)| BatchItem {
-                        adapter: Some(SPEECH),
+                        adapter,
                         ..BatchItem::new(step, c, table)
                     })
                     .collect();

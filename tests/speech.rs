@@ -984,3 +984,59 @@ fn several_audios_each_take_their_own_rows_in_prompt_order() {
     assert!(err("<|audio_3|>", 1).contains("<|audio_3|> has no audio"));
     assert!(err("hi <|endoftext11|>", 0).contains("reserved for image and audio"));
 }
+
+#[test]
+fn a_merged_speech_adapter_gives_the_same_transcription_and_refuses_other_modes() {
+    let r = reference();
+    let merged = phi4::Engine::load_merged(
+        &common::tiny_mm_dir(),
+        None,
+        phi4::model::phi4mm::SPEECH,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    // The decoder no longer carries the speech deltas; the vision ones stay.
+    let layer = &merged.model.model.layers[0];
+    for (_, lin) in layer.linears() {
+        assert!(lin
+            .lora()
+            .iter()
+            .all(|d| d.adapter != phi4::model::phi4mm::SPEECH));
+    }
+    // W + s·B·A rounded to bf16: the logits stay within the rounding, the tokens the same.
+    let got = {
+        use phi4::model::{BatchItem, Logits};
+        let prompt = r.meta["modes"]["audio"]["prompt"].as_str().unwrap();
+        let (ids, media) = merged
+            .encode_with_media(prompt, &[], &common::mode_audios(&r, "audio"))
+            .unwrap();
+        let media = media.unwrap();
+        assert_eq!(media.adapter, None, "the adapter is in the weights");
+        let m = &merged.model;
+        let mut cache = m.new_cache();
+        let item = BatchItem {
+            embeds: Some(&media.embeds),
+            adapter: media.adapter,
+            ..BatchItem::new(&ids, &mut cache, m.rope.table_for_len(ids.len()))
+        };
+        let mut logits = Vec::new();
+        m.forward_item(item, Logits::All, None, &mut logits)
+            .unwrap();
+        logits
+    };
+    let d = rel(&got, r.tensor("mode.audio.logits"));
+    assert!(d < 2e-2, "merged logits differ by {d}");
+    common::check_mode_greedy(&merged, &r, "audio");
+    // Other modes would run with the speech delta in the weights: refused, with the reason.
+    let err = |e: anyhow::Error| format!("{e:#}");
+    let text = merged.encode_with_media("<|user|>Hi<|end|><|assistant|>", &[], &[]);
+    assert!(err(text.unwrap_err()).contains("serves speech requests only"));
+    let img = merged.encode_with_media("<|image_1|>x", &common::mode_images(&r, "image"), &[]);
+    assert!(err(img.unwrap_err()).contains("serves speech requests only"));
+    let ids = merged
+        .generate_ids(&[504, 30], &phi4::SamplingParams::greedy(1), &mut |_| true)
+        .unwrap_err();
+    assert!(err(ids).contains("serves speech requests only"));
+    // A text model has nothing to merge.
+    assert!(phi4::Engine::load_merged(&common::tiny_dir(), None, 1, &mut |_, _| {}).is_err());
+}

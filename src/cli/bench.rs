@@ -43,6 +43,10 @@ pub(super) struct BenchArgs {
     /// (encoded and prefilled in turn, decoded together).
     #[arg(long, default_value_t = 1)]
     windows: usize,
+    /// With --synthetic --audio: fold the speech adapter into the decoder's weights before
+    /// quantizing (`phi4 transcribe --merge-adapter`).
+    #[arg(long, requires = "synthetic")]
+    merge_adapter: bool,
     /// With --synthetic --save: Phi-4-multimodal weights (transformers' layout, bf16) instead.
     #[arg(long)]
     multimodal: bool,
@@ -193,6 +197,10 @@ pub(super) fn bench_images(a: BenchArgs) -> Result<()> {
                 eprintln!("wrote {} (transformers' layout, bf16)", dir.display());
                 return Ok(());
             }
+            if a.merge_adapter {
+                eprintln!("merging the speech adapter into the decoder...");
+                phi4::model::phi4mm::merge_adapter(&mut m.lm, phi4::model::phi4mm::SPEECH)?;
+            }
             let format = match a.quant {
                 Some(r) => {
                     eprintln!("quantizing the decoder ({})...", r.name());
@@ -213,7 +221,14 @@ pub(super) fn bench_images(a: BenchArgs) -> Result<()> {
                 &m.image_embed,
                 m.audio_embed.as_ref(),
                 (id, m.audio_token_id()),
-                format!("synthetic Phi-4-multimodal {format}"),
+                format!(
+                    "synthetic Phi-4-multimodal {format}{}",
+                    if a.merge_adapter {
+                        ", speech adapter merged"
+                    } else {
+                        ""
+                    }
+                ),
             )
         }
         (Some(path), _) => {
@@ -243,6 +258,7 @@ pub(super) fn bench_images(a: BenchArgs) -> Result<()> {
             a.gen_tokens,
             a.runs,
             a.windows,
+            (!a.merge_adapter).then_some(phi4::model::phi4mm::SPEECH),
         )?;
         let peak_gmacs = phi4::bench::bf16_matmul_peak_gmacs(a.opts.bf16_acts)?;
         if a.json {

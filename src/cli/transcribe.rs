@@ -24,6 +24,10 @@ pub(super) struct TranscribeArgs {
     quant: Option<Recipe>,
     #[command(flatten)]
     opts: ModelOptions,
+    /// Fold the speech adapter into the decoder's weights at load (before --quant): decoding
+    /// then reads no adapter, at the cost of a slower load and of the other modes.
+    #[arg(long)]
+    merge_adapter: bool,
     /// Translate the speech into this language (a name or an ISO code: French, fr, ...).
     #[arg(long, value_name = "LANG", conflicts_with = "summarize")]
     translate_to: Option<String>,
@@ -69,7 +73,15 @@ pub(super) fn transcribe(a: TranscribeArgs) -> Result<()> {
         ..SamplingParams::greedy(a.max_tokens)
     };
     opts.params.validate()?;
-    let engine = load_engine(&a.model, a.quant, &a.opts)?;
+    let engine = if a.merge_adapter {
+        let dir = phi4::hub::resolve_model(&a.model)?;
+        let mut e =
+            Engine::load_merged(&dir, a.quant, phi4::model::phi4mm::SPEECH, &mut |_, _| {})?;
+        a.opts.apply_engine(&mut e);
+        e
+    } else {
+        load_engine(&a.model, a.quant, &a.opts)?
+    };
     let wave = engine
         .load_audio(&AudioSource::Bytes(std::sync::Arc::new(bytes)))
         .with_context(|| format!("audio {}", a.file.display()))?;

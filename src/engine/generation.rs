@@ -119,6 +119,11 @@ impl Engine {
                     "the prompt holds {slots} media tokens (image id {image_id}, audio id {audio_id}) for {rows} media rows; place media with <|image_N|> and <|audio_N|>"
                 );
             }
+            mm.check_mode(
+                req.media
+                    .as_ref()
+                    .map_or(crate::model::phi4mm::InputMode::Language, |m| m.mode),
+            )?;
             if let Some(m) = &req.media {
                 if let Some(&p) = m.embeds.positions().iter().find(|&&p| {
                     p >= prompt.len() || (prompt[p] != image_id && prompt[p] != audio_id)

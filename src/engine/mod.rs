@@ -20,7 +20,7 @@ use serde_json::Value;
 use crate::config::multimodal::Phi4MMConfig;
 use crate::config::{GenerationConfig, Phi3Config};
 use crate::model::gguf::GgufFile;
-use crate::model::{BatchItem, KvCache, Logits, Phi3ForCausalLM, Recipe, RopeTable};
+use crate::model::{AdapterId, BatchItem, KvCache, Logits, Phi3ForCausalLM, Recipe, RopeTable};
 use crate::text::{ChatTemplate, Message, Tokenizer};
 use crate::weights::Checkpoint;
 pub use batcher::{Batcher, BatcherConfig, Event, SubmitError};
@@ -135,7 +135,7 @@ impl Engine {
         let config_text = std::fs::read_to_string(&config_path)
             .with_context(|| format!("reading {}", config_path.display()))?;
         if Phi4MMConfig::is_multimodal(&config_text) {
-            return Self::load_multimodal(dir, &config_text, quant, progress);
+            return Self::load_multimodal(dir, &config_text, quant, None, progress);
         }
         let config = Phi3Config::from_file(&config_path)?;
         let gen = Self::generation_config(dir)?;
@@ -151,11 +151,31 @@ impl Engine {
         Ok(Engine::new(model, tokenizer, template, &gen))
     }
 
+    /// A Phi-4-multimodal engine with adapter `merge` folded into the decoder's weights before
+    /// quantization ([`crate::model::phi4mm::merge_adapter`]): requests of that adapter's mode
+    /// run at the base model's speed, and requests of any other mode are refused. For a
+    /// transcription-only deployment (`phi4 transcribe --merge-adapter`).
+    pub fn load_merged(
+        dir: &Path,
+        quant: Option<Recipe>,
+        merge: AdapterId,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Engine> {
+        let config_path = dir.join("config.json");
+        let config_text = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("reading {}", config_path.display()))?;
+        if !Phi4MMConfig::is_multimodal(&config_text) {
+            bail!("only a Phi-4-multimodal checkpoint has adapters to merge");
+        }
+        Self::load_multimodal(dir, &config_text, quant, Some(merge), progress)
+    }
+
     /// [`Engine::load_with_progress`] for a Phi-4-multimodal directory (either layout).
     fn load_multimodal(
         dir: &Path,
         config_text: &str,
         quant: Option<Recipe>,
+        merge: Option<AdapterId>,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Engine> {
         let config = Phi4MMConfig::from_json(config_text)
@@ -170,11 +190,15 @@ impl Engine {
                     .sum()
             })
             .unwrap_or(0);
-        let model =
-            crate::model::phi4mm::Phi4MMForCausalLM::load_dir(dir, config, quant, &mut |d| {
-                progress(d, total)
-            })?;
-        let (lm, mm) = Multimodal::split(model);
+        let model = crate::model::phi4mm::Phi4MMForCausalLM::load_dir_merged(
+            dir,
+            config,
+            quant,
+            merge,
+            &mut |d| progress(d, total),
+        )?;
+        let (lm, mut mm) = Multimodal::split(model);
+        mm.merged = merge;
         let mut engine = Engine::new(lm, tokenizer, template, &gen);
         engine.mm = Some(mm);
         Ok(engine)

@@ -30,6 +30,9 @@ pub struct Multimodal {
     pub audio_embed: Option<AudioEmbedding>,
     pub log_mel: LogMel,
     pub limits: MediaLimits,
+    /// An adapter folded into the decoder's weights ([`Engine::load_merged`]): only its mode
+    /// is served.
+    pub merged: Option<AdapterId>,
 }
 
 impl Multimodal {
@@ -43,8 +46,25 @@ impl Multimodal {
                 audio_embed: m.audio_embed,
                 log_mel: LogMel::new(),
                 limits: MediaLimits::default(),
+                merged: None,
             },
         )
+    }
+
+    /// Refuses a mode other than the merged adapter's, when one is merged.
+    pub fn check_mode(&self, mode: InputMode) -> Result<()> {
+        match self.merged {
+            Some(id) if mode.adapter() != Some(id) => {
+                let name = crate::model::phi4mm::ADAPTERS
+                    .get(id)
+                    .copied()
+                    .unwrap_or("an");
+                bail!(
+                    "this engine has the {name} adapter merged into its weights and serves {name} requests only (this one is {mode:?})"
+                )
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The speech encoder, or an error saying the checkpoint has none.
@@ -136,6 +156,8 @@ impl Kind {
 pub struct MediaInput {
     pub embeds: InputEmbeds,
     pub adapter: Option<AdapterId>,
+    /// The mode the media make (the adapter is its, unless merged into the weights).
+    pub mode: InputMode,
     pub images: usize,
     pub audios: usize,
 }
@@ -303,10 +325,11 @@ impl Engine {
             at = range.end;
         }
         text_ids(&text[at..], &mut ids)?;
+        let mode = InputMode::of(images.len(), audios.len());
+        mm.check_mode(mode)?;
         if images.is_empty() && audios.is_empty() {
             return Ok((ids, None));
         }
-        let mode = InputMode::of(images.len(), audios.len());
         let projection = if images.is_empty() {
             Projection::Speech
         } else {
@@ -336,7 +359,9 @@ impl Engine {
             ids,
             Some(Arc::new(MediaInput {
                 embeds,
-                adapter: mode.adapter(),
+                // A merged adapter is in the weights already.
+                adapter: mode.adapter().filter(|a| Some(*a) != mm.merged),
+                mode,
                 images: images.len(),
                 audios: audios.len(),
             })),

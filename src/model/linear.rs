@@ -102,6 +102,42 @@ impl Linear {
         Ok(())
     }
 
+    /// Folds adapter `adapter` into the weight, `W + scale · B·A`, and drops its delta: the
+    /// layer then computes that adapter's output with no extra product, and no other mode's.
+    /// The weight must be a float one (merge before quantizing); the sum is rounded to bf16.
+    /// Returns whether the layer carried the adapter.
+    pub fn merge_lora(&mut self, adapter: AdapterId) -> Result<bool> {
+        let Some(at) = self.lora.iter().position(|d| d.adapter == adapter) else {
+            return Ok(false);
+        };
+        if !self.weight.dtype.is_float() {
+            bail!("an adapter merges into float weights only (merge before quantizing)");
+        }
+        let d = self.lora.remove(at);
+        let (din, dout, r) = (self.in_features, self.out_features, d.a.out_features);
+        // (B·A)ᵀ as the B layer applied to the rows of Aᵀ: row i of Aᵀ is column i of A.
+        let a = d.a.weight.to_f32_vec();
+        let mut at_rows = vec![0f32; din * r];
+        for k in 0..r {
+            for i in 0..din {
+                at_rows[i * r + k] = a[k * din + i];
+            }
+        }
+        let mut delta_t = vec![0f32; din * dout];
+        d.b.forward(&at_rows, &mut delta_t);
+        let w = self.weight.to_f32_vec();
+        let scale = d.scale;
+        self.weight = Tensor::bf16_with(vec![dout, din], |out| {
+            use rayon::prelude::*;
+            out.par_chunks_mut(din).enumerate().for_each(|(o, row)| {
+                for (i, v) in row.iter_mut().enumerate() {
+                    *v = half::bf16::from_f32(w[o * din + i] + scale * delta_t[i * dout + o]);
+                }
+            });
+        });
+        Ok(true)
+    }
+
     pub fn bias(&self) -> Option<&[f32]> {
         self.bias.as_deref()
     }

@@ -89,6 +89,19 @@ impl Phi4MMForCausalLM {
         quant: Option<Recipe>,
         progress: &mut dyn FnMut(u64),
     ) -> Result<Phi4MMForCausalLM> {
+        Self::load_dir_merged(dir, config, quant, None, progress)
+    }
+
+    /// [`Phi4MMForCausalLM::load_dir`] with adapter `merge` folded into the decoder's weights
+    /// before any quantization: that mode then runs at the base model's speed, and the model
+    /// serves that mode only.
+    pub fn load_dir_merged(
+        dir: &Path,
+        config: Phi4MMConfig,
+        quant: Option<Recipe>,
+        merge: Option<AdapterId>,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<Phi4MMForCausalLM> {
         let mut ckpt = Checkpoint::open_dir(dir)?;
         if quant.is_none() {
             ckpt.prefault(progress)
@@ -189,6 +202,9 @@ impl Phi4MMForCausalLM {
                 attach_adapter(&mut lm, id, &spec, map)
                     .with_context(|| format!("loading the {} adapter", ADAPTERS[id]))?;
             }
+        }
+        if let Some(id) = merge {
+            merge_adapter(&mut lm, id)?;
         }
         if let Some(recipe) = quant {
             lm.quantize(recipe)
@@ -325,6 +341,26 @@ pub fn write_native(model: &Phi4MMForCausalLM, out: &Path) -> Result<()> {
                 "target_modules": crate::config::multimodal::LORA_TARGETS,
             }))?,
         )?;
+    }
+    Ok(())
+}
+
+/// Folds adapter `id` into every decoder projection that carries it.
+pub fn merge_adapter(lm: &mut Phi3ForCausalLM, id: AdapterId) -> Result<()> {
+    let name = ADAPTERS.get(id).copied().unwrap_or("the");
+    let mut merged = 0;
+    for (l, layer) in lm.model.layers.iter_mut().enumerate() {
+        for (m, lin) in layer.linears_mut() {
+            if lin
+                .merge_lora(id)
+                .with_context(|| format!("merging the {name} adapter into model.layers.{l}.{m}"))?
+            {
+                merged += 1;
+            }
+        }
+    }
+    if merged == 0 {
+        bail!("the model has no {name} adapter to merge");
     }
     Ok(())
 }
