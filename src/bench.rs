@@ -525,6 +525,7 @@ pub fn audio_macs(
 /// encoded and prefilled in turn, then all decoded together; the times are for all of them and
 /// the real-time factor is over their total length. `adapter`: the speech adapter's id, or
 /// `None` when it is merged into the weights.
+#[allow(clippy::too_many_arguments)]
 pub fn run_audio(
     lm: &Phi3ForCausalLM,
     audio_embed: &crate::model::phi4mm::audio_embed::AudioEmbedding,
