@@ -1087,3 +1087,41 @@ fn resampled_audio_is_the_same_signal_in_time_not_just_in_spectrum() {
         assert!(best >= 90.0, "{rate} Hz: {best:.1} dB");
     }
 }
+
+#[test]
+fn a_chat_resending_its_media_runs_each_encoder_once() {
+    let r = reference();
+    let e = phi4::Engine::load(&common::tiny_mm_dir()).unwrap();
+    let mm = e.mm.as_ref().unwrap();
+    let wav = std::sync::Arc::new(common::clip_wav(&r, "main"));
+    let audio = || phi4::text::AudioSource::Bytes(wav.clone());
+    let turn1 = vec![phi4::Message::with_media(
+        "user",
+        "Transcribe.",
+        vec![],
+        vec![audio()],
+    )];
+    let (ids1, m1) = e.encode_chat(&turn1, None).unwrap();
+    assert_eq!(mm.cache.hits(), 0);
+    // The next turn resends the audio: its rows come from the cache, the same ones.
+    let mut turn2 = turn1.clone();
+    turn2.push(phi4::Message::new("assistant", "ok"));
+    turn2.push(phi4::Message::new("user", "And again?"));
+    let (ids2, m2) = e.encode_chat(&turn2, None).unwrap();
+    assert_eq!(mm.cache.hits(), 1);
+    assert_eq!(&ids2[..ids1.len() - 1], &ids1[..ids1.len() - 1]);
+    let (m1, m2) = (m1.unwrap(), m2.unwrap());
+    assert_eq!(m1.embeds.positions(), m2.embeds.positions());
+    for &p in m1.embeds.positions() {
+        assert_eq!(m1.embeds.row(p), m2.embeds.row(p));
+    }
+    // With an image the audio goes through the other projection: a different entry.
+    let img = common::mode_images(&r, "image");
+    let w = common::mode_audios(&r, "audio");
+    e.encode_with_media("<|image_1|><|audio_1|>x", &img, &w)
+        .unwrap();
+    assert_eq!(mm.cache.hits(), 1);
+    e.encode_with_media("<|image_1|><|audio_1|>y", &img, &w)
+        .unwrap();
+    assert_eq!(mm.cache.hits(), 3, "image and audio both found");
+}

@@ -23,6 +23,77 @@ use crate::model::phi4mm::{InputMode, Phi4MMForCausalLM};
 use crate::model::{AdapterId, InputEmbeds, Phi3ForCausalLM};
 use crate::text::{AudioSource, ImageSource, Message};
 
+/// Encoder outputs of recent media, so that a chat resending its earlier images and audios each
+/// turn (the CLI chat, OpenAI clients) runs the encoders once per medium rather than once per
+/// turn. Keyed by a 64-bit hash of what the encoder reads (processed pixels or 16 kHz samples,
+/// and the projection); least recently used entries go first beyond `max_bytes`.
+pub struct EncoderCache {
+    entries: std::sync::Mutex<std::collections::VecDeque<(u64, Arc<Vec<f32>>)>>,
+    pub max_bytes: usize,
+    hits: std::sync::atomic::AtomicUsize,
+}
+
+impl EncoderCache {
+    pub fn new(max_bytes: usize) -> EncoderCache {
+        EncoderCache {
+            entries: Default::default(),
+            max_bytes,
+            hits: Default::default(),
+        }
+    }
+
+    /// How many lookups found their rows.
+    pub fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn get_or_compute(
+        &self,
+        key: u64,
+        compute: impl FnOnce() -> Result<Vec<f32>>,
+    ) -> Result<Arc<Vec<f32>>> {
+        {
+            let mut e = self.entries.lock().expect("cache lock");
+            if let Some(i) = e.iter().position(|(k, _)| *k == key) {
+                let hit = e.remove(i).expect("found");
+                let rows = hit.1.clone();
+                e.push_back(hit);
+                self.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Ok(rows);
+            }
+        }
+        // Computed unlocked: an encoder pass takes seconds, other requests go on meanwhile.
+        let rows = Arc::new(compute()?);
+        let size = rows.len() * 4;
+        if size <= self.max_bytes {
+            let mut e = self.entries.lock().expect("cache lock");
+            e.retain(|(k, _)| *k != key);
+            e.push_back((key, rows.clone()));
+            let mut total: usize = e.iter().map(|(_, r)| r.len() * 4).sum();
+            while total > self.max_bytes {
+                let (_, old) = e.pop_front().expect("non-empty while over");
+                total -= old.len() * 4;
+            }
+        }
+        Ok(rows)
+    }
+}
+
+fn hash_floats(tag: &str, values: &[f32], extra: &[usize]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    tag.hash(&mut h);
+    extra.hash(&mut h);
+    values.len().hash(&mut h);
+    for v in values {
+        v.to_bits().hash(&mut h);
+    }
+    h.finish()
+}
+
+/// Encoder rows kept for reuse: a 10-minute recording's 7500 rows of 3072 floats are 92 MB.
+pub const DEFAULT_ENCODER_CACHE_BYTES: usize = 512 << 20;
+
 /// The parts of Phi-4-multimodal beyond its decoder.
 pub struct Multimodal {
     pub config: Phi4MMConfig,
@@ -33,6 +104,7 @@ pub struct Multimodal {
     /// An adapter folded into the decoder's weights ([`Engine::load_merged`]): only its mode
     /// is served.
     pub merged: Option<AdapterId>,
+    pub cache: EncoderCache,
 }
 
 impl Multimodal {
@@ -47,6 +119,7 @@ impl Multimodal {
                 log_mel: LogMel::new(),
                 limits: MediaLimits::default(),
                 merged: None,
+                cache: EncoderCache::new(DEFAULT_ENCODER_CACHE_BYTES),
             },
         )
     }
@@ -79,6 +152,29 @@ impl Multimodal {
         let enc = self.audio_embed()?;
         let features = self.log_mel.features(&wave.samples);
         Ok(enc.forward(&features, projection))
+    }
+
+    /// [`Multimodal::embed_audio`] through the [`EncoderCache`].
+    pub fn embed_audio_cached(
+        &self,
+        wave: &Waveform,
+        projection: Projection,
+    ) -> Result<Arc<Vec<f32>>> {
+        let key = hash_floats("audio", &wave.samples, &[projection as usize]);
+        self.cache
+            .get_or_compute(key, || self.embed_audio(wave, projection))
+    }
+
+    /// The image embedding's rows for one processed image, through the [`EncoderCache`].
+    pub fn embed_image_cached(&self, img: &ProcessedImage) -> Result<Arc<Vec<f32>>> {
+        let l = &img.layout;
+        let key = hash_floats(
+            "image",
+            &img.pixels,
+            &[l.grid_w, l.grid_h, l.resized_w, l.resized_h],
+        );
+        self.cache
+            .get_or_compute(key, || self.image_embed.forward(img))
     }
 }
 
@@ -336,13 +432,13 @@ impl Engine {
             Projection::VisionSpeech
         };
         let h = self.model.config.hidden_size;
-        let per_image: Vec<Vec<f32>> = processed
+        let per_image: Vec<Arc<Vec<f32>>> = processed
             .iter()
-            .map(|p| mm.image_embed.forward(p))
+            .map(|p| mm.embed_image_cached(p))
             .collect::<Result<_>>()?;
-        let per_audio: Vec<Vec<f32>> = audios
+        let per_audio: Vec<Arc<Vec<f32>>> = audios
             .iter()
-            .map(|a| mm.embed_audio(a, projection))
+            .map(|a| mm.embed_audio_cached(a, projection))
             .collect::<Result<_>>()?;
         let mut positions = Vec::new();
         let mut rows = Vec::new();
