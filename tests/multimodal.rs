@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{max_abs_diff, mode_images, pattern_image, Reference};
+use common::{load_mm, max_abs_diff, mode_images, pattern_image, rel, Reference};
 use phi4::media::dynamic_hd::{self, CropLayout, DEFAULT_MAX_CROPS, MASK};
 use sha2::{Digest, Sha256};
 
@@ -80,20 +80,8 @@ use phi4::config::multimodal::Phi4MMConfig;
 use phi4::model::phi4mm::{InputMode, Phi4MMForCausalLM, VISION};
 use phi4::model::{BatchItem, InputEmbeds, Logits};
 
-fn load_mm(dir: &std::path::Path) -> Phi4MMForCausalLM {
-    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
-    let cfg = Phi4MMConfig::from_json(&text).unwrap();
-    Phi4MMForCausalLM::load_dir(dir, cfg, None, &mut |_| {}).unwrap()
-}
-
 fn main_image() -> phi4::media::ProcessedImage {
     dynamic_hd::preprocess(&pattern_image(500, 300), DEFAULT_MAX_CROPS).unwrap()
-}
-
-/// `max |a − b| / max |b|`, the scale-free error the tolerances below are written in.
-fn rel(a: &[f32], b: &[f32]) -> f32 {
-    let m = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-    max_abs_diff(a, b) / m
 }
 
 #[test]

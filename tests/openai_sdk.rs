@@ -103,22 +103,38 @@ fn make_sdk_python() -> PathBuf {
     python
 }
 
-#[test]
-fn openai_python_sdk_against_phi4_serve() {
+/// Runs `tests/openai_sdk/{script}` with the SDK against a server for `model` (the text
+/// fixture by default), with `env` added to the usual base URL, key and model name; asserts it
+/// printed its "0 failed" summary.
+fn run_sdk_script(script: &str, model: Option<&Path>, env: &[(&str, String)]) {
     let python = sdk_python();
-    let server = start_server();
-    let out = Command::new(python)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_sdk/client_test.py"))
-        .env("PHI4_BASE_URL", format!("http://{}/v1", server.addr))
-        .env("PHI4_API_KEY", KEY)
-        .env("PHI4_MODEL", MODEL)
-        .output()
-        .unwrap();
+    let server = match model {
+        Some(m) => start_server_for(m),
+        None => start_server(),
+    };
+    let mut cmd = Command::new(python);
+    cmd.arg(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/openai_sdk")
+            .join(script),
+    )
+    .env("PHI4_BASE_URL", format!("http://{}/v1", server.addr))
+    .env("PHI4_API_KEY", KEY)
+    .env("PHI4_MODEL", MODEL);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("{stdout}");
     eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "SDK checks failed:\n{stdout}");
+    assert!(out.status.success(), "{script} failed:\n{stdout}");
     assert!(stdout.contains(" 0 failed"));
+}
+
+#[test]
+fn openai_python_sdk_against_phi4_serve() {
+    run_sdk_script("client_test.py", None, &[]);
 }
 
 #[test]
@@ -137,23 +153,15 @@ fn openai_python_sdk_sends_images() {
         .decode(&r.ids_at(&["modes", "image", "greedy_ids"]), true)
         .unwrap();
     let prompt_tokens = r.ids_at(&["modes", "image", "prompt_ids"]).len();
-    let python = sdk_python();
-    let server = start_server_for(&common::tiny_mm_dir());
-    let out = Command::new(python)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_sdk/image_test.py"))
-        .env("PHI4_BASE_URL", format!("http://{}/v1", server.addr))
-        .env("PHI4_API_KEY", KEY)
-        .env("PHI4_MODEL", MODEL)
-        .env("PHI4_IMAGE", &png)
-        .env("PHI4_EXPECT", expect)
-        .env("PHI4_PROMPT_TOKENS", prompt_tokens.to_string())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}");
-    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "SDK image checks failed:\n{stdout}");
-    assert!(stdout.contains(" 0 failed"));
+    run_sdk_script(
+        "image_test.py",
+        Some(&common::tiny_mm_dir()),
+        &[
+            ("PHI4_IMAGE", png.display().to_string()),
+            ("PHI4_EXPECT", expect),
+            ("PHI4_PROMPT_TOKENS", prompt_tokens.to_string()),
+        ],
+    );
 }
 
 #[test]
@@ -166,27 +174,19 @@ fn openai_python_sdk_transcribes_and_sends_audio() {
     let e = phi4::Engine::load(&common::tiny_mm_dir()).unwrap();
     let expect = e.tokenizer.decode(&ids, true).unwrap();
     let prompt_tokens = r.ids_at(&["modes", "audio", "prompt_ids"]).len();
-    let python = sdk_python();
-    let server = start_server_for(&common::tiny_mm_dir());
-    let out = Command::new(python)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_sdk/audio_test.py"))
-        .env("PHI4_BASE_URL", format!("http://{}/v1", server.addr))
-        .env("PHI4_API_KEY", KEY)
-        .env("PHI4_MODEL", MODEL)
-        .env("PHI4_AUDIO", &wav)
-        .env("PHI4_EXPECT", expect)
-        .env(
-            "PHI4_EXPECT_IDS",
-            ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
-        )
-        .env("PHI4_PROMPT_TOKENS", prompt_tokens.to_string())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}");
-    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "SDK audio checks failed:\n{stdout}");
-    assert!(stdout.contains(" 0 failed"));
+    run_sdk_script(
+        "audio_test.py",
+        Some(&common::tiny_mm_dir()),
+        &[
+            ("PHI4_AUDIO", wav.display().to_string()),
+            ("PHI4_EXPECT", expect),
+            (
+                "PHI4_EXPECT_IDS",
+                ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
+            ),
+            ("PHI4_PROMPT_TOKENS", prompt_tokens.to_string()),
+        ],
+    );
 }
 
 fn http(addr: &str, method: &str, path: &str, body: &str) -> TcpStream {

@@ -4,20 +4,12 @@
 
 mod common;
 
-use common::{max_abs_diff, synth_wave, Reference};
-use phi4::config::multimodal::Phi4MMConfig;
+use common::{load_mm, max_abs_diff, rel, synth_wave, Reference};
 use phi4::media::log_mel::{self, LogMel};
 use phi4::model::phi4mm::audio_embed::Projection;
-use phi4::model::phi4mm::Phi4MMForCausalLM;
 
 fn reference() -> Reference {
     Reference::load_named("tiny-phi4mm")
-}
-
-fn load_mm(dir: &std::path::Path) -> Phi4MMForCausalLM {
-    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
-    let cfg = Phi4MMConfig::from_json(&text).unwrap();
-    Phi4MMForCausalLM::load_dir(dir, cfg, None, &mut |_| {}).unwrap()
 }
 
 fn clip(r: &Reference, name: &str) -> Vec<f32> {
@@ -26,12 +18,6 @@ fn clip(r: &Reference, name: &str) -> Vec<f32> {
         c["samples"].as_u64().unwrap() as usize,
         c["seed"].as_u64().unwrap() as u32,
     )
-}
-
-/// `max |a − b| / max |b|`.
-fn rel(a: &[f32], b: &[f32]) -> f32 {
-    let m = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-    max_abs_diff(a, b) / m
 }
 
 #[test]

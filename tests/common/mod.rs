@@ -106,6 +106,19 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// `max |a − b| / max |b|`, the scale-free error the multimodal tolerances are written in.
+pub fn rel(a: &[f32], b: &[f32]) -> f32 {
+    let m = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    max_abs_diff(a, b) / m
+}
+
+/// A Phi-4-multimodal directory loaded as a model (no engine around it).
+pub fn load_mm(dir: &std::path::Path) -> phi4::model::phi4mm::Phi4MMForCausalLM {
+    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let cfg = phi4::config::multimodal::Phi4MMConfig::from_json(&text).unwrap();
+    phi4::model::phi4mm::Phi4MMForCausalLM::load_dir(dir, cfg, None, &mut |_| {}).unwrap()
+}
+
 /// The pictures of a reference mode of tiny-phi4mm (sizes in its metadata).
 pub fn mode_images(r: &Reference, mode: &str) -> Vec<phi4::media::RgbImage> {
     r.meta["modes"][mode]["images"]

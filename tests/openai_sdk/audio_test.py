@@ -9,7 +9,6 @@ token ids, comma-separated) and PHI4_PROMPT_TOKENS set. The last line printed is
 
 import base64
 import os
-import sys
 
 import openai
 from openai import OpenAI
@@ -68,14 +67,6 @@ def test_bad_audio_is_400():
 
 
 if __name__ == "__main__":
-    tests = [(n, f) for n, f in sorted(globals().items()) if n.startswith("test_") and callable(f)]
-    failed = 0
-    for name, fn in tests:
-        try:
-            fn()
-            print(f"ok   {name}")
-        except Exception as e:
-            failed += 1
-            print(f"FAIL {name}: {type(e).__name__}: {e}")
-    print(f"sdk audio: {len(tests) - failed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    import runner
+
+    runner.run(globals(), "sdk audio")

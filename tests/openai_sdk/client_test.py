@@ -7,7 +7,6 @@ raises on failure; the last line printed is the plain 'N passed, 0 failed' summa
 import asyncio
 import json
 import os
-import sys
 
 import openai
 from openai import AsyncOpenAI, OpenAI
@@ -285,14 +284,6 @@ def test_32_concurrent_streams_equal_sequential_results():
 
 
 if __name__ == "__main__":
-    tests = [(n, f) for n, f in sorted(globals().items()) if n.startswith("test_") and callable(f)]
-    failed = 0
-    for name, fn in tests:
-        try:
-            fn()
-            print(f"ok   {name}")
-        except Exception as e:  # report every failure, then exit non-zero
-            failed += 1
-            print(f"FAIL {name}: {type(e).__name__}: {e}")
-    print(f"sdk: {len(tests) - failed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    import runner
+
+    runner.run(globals(), "sdk")

@@ -7,7 +7,6 @@ the plain 'N passed, 0 failed' summary.
 
 import base64
 import os
-import sys
 
 import openai
 from openai import OpenAI
@@ -49,14 +48,6 @@ def test_bad_images_are_400():
 
 
 if __name__ == "__main__":
-    tests = [(n, f) for n, f in sorted(globals().items()) if n.startswith("test_") and callable(f)]
-    failed = 0
-    for name, fn in tests:
-        try:
-            fn()
-            print(f"ok   {name}")
-        except Exception as e:
-            failed += 1
-            print(f"FAIL {name}: {type(e).__name__}: {e}")
-    print(f"sdk images: {len(tests) - failed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    import runner
+
+    runner.run(globals(), "sdk images")
