@@ -46,6 +46,13 @@ fn json_ids(v: &Value, key: &str) -> Vec<u32> {
         .collect()
 }
 
+/// Runs `phi4 args`, which must fail with `needle` in its error output.
+fn fails_with(args: &[&str], needle: &str) {
+    let o = phi4(args, None);
+    assert!(!o.status.success(), "{args:?} succeeded");
+    assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -384,11 +391,7 @@ fn run_with_an_image_reproduces_the_reference_in_json() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 1);
     // Wrong inputs: a missing file, a file that is no image, an image for a text model.
-    let bad = |args: &[&str], needle: &str| {
-        let o = phi4(args, None);
-        assert!(!o.status.success(), "{args:?} succeeded");
-        assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
-    };
+    let bad = fails_with;
     bad(
         &[
             "run",
@@ -538,11 +541,7 @@ fn transcribe_and_run_with_audio_reproduce_the_reference() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 1);
     // Wrong inputs.
-    let bad = |args: &[&str], needle: &str| {
-        let o = phi4(args, None);
-        assert!(!o.status.success(), "{args:?} succeeded");
-        assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
-    };
+    let bad = fails_with;
     bad(
         &["transcribe", "/nonexistent.wav", "--model", &mm],
         "/nonexistent.wav",

@@ -142,13 +142,7 @@ impl TryFrom<RawMessage> for Message {
                             last_text = true;
                         }
                         Some("image_url") => {
-                            let url = p
-                                .get("image_url")
-                                .and_then(|u| u.get("url").or(Some(u)))
-                                .and_then(Value::as_str)
-                                .ok_or(
-                                    "an image_url content part needs \"image_url\": {\"url\": ...}",
-                                )?;
+                            let url = part_url(&p, "image_url")?;
                             m.images.push(ImageSource::Url(url.to_owned()));
                             out.push_str(&format!("<|image_{}|>", m.images.len()));
                             last_text = false;
@@ -175,13 +169,7 @@ impl TryFrom<RawMessage> for Message {
                             last_text = false;
                         }
                         Some("audio_url") => {
-                            let url = p
-                                .get("audio_url")
-                                .and_then(|u| u.get("url").or(Some(u)))
-                                .and_then(Value::as_str)
-                                .ok_or(
-                                    "an audio_url content part needs \"audio_url\": {\"url\": ...}",
-                                )?;
+                            let url = part_url(&p, "audio_url")?;
                             m.audios.push(AudioSource::Url(url.to_owned()));
                             out.push_str(&format!("<|audio_{}|>", m.audios.len()));
                             last_text = false;
@@ -202,6 +190,14 @@ impl TryFrom<RawMessage> for Message {
         }
         Ok(m)
     }
+}
+
+/// The URL of an `image_url` / `audio_url` part: `{"<kind>": {"url": ...}}` or the string itself.
+fn part_url<'a>(part: &'a Value, kind: &str) -> Result<&'a str, String> {
+    part.get(kind)
+        .and_then(|u| u.get("url").or(Some(u)))
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("an {kind} content part needs \"{kind}\": {{\"url\": ...}}"))
 }
 
 pub struct ChatTemplate {
