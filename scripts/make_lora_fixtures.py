@@ -223,7 +223,7 @@ with torch.no_grad():
     base = load_base()(input_ids=ids).logits[0]
 print(f"[merge] max |merged - unmerged| {(merged - unmerged).abs().max().item():.2e}, "
       f"max |adapter effect| {(unmerged - base).abs().max().item():.2e}")
-save_file({"input_ids": ids[0].clone(), "unmerged": unmerged.contiguous(), "merged": merged.contiguous(),
+save_file({"input_ids": ids[0].float(), "unmerged": unmerged.contiguous(), "merged": merged.contiguous(),
            "base": base.contiguous()}, os.path.join(OUT, "merged_logits.safetensors"))
 
 json.dump({"versions": {"torch": torch.__version__, "transformers": transformers.__version__,

@@ -97,7 +97,18 @@ impl WeightView<'_> {
                 .par_chunks_mut(cols)
                 .zip(w[span].par_chunks(cols))
                 .for_each(|(o, i)| half::slice::HalfFloatSliceExt::convert_to_f32_slice(i, o)),
-            WeightView::Quant { .. } => unreachable!("quantized rows take quantized_matmul"),
+            WeightView::Quant { t, qs, d } => {
+                let (rb, nb) = (t.row_bytes(cols), quant::row_blocks(cols));
+                out.par_chunks_mut(cols).enumerate().for_each(|(i, o)| {
+                    let r = r0 + i;
+                    quant::dequantize_row(
+                        *t,
+                        &qs[r * rb..(r + 1) * rb],
+                        &d[r * nb..(r + 1) * nb],
+                        o,
+                    )
+                });
+            }
         }
     }
 }
@@ -423,6 +434,60 @@ fn gemm_widened(w: WeightView, rows: usize, cols: usize, x: &[f32], y: &mut [f32
                 cols as isize,
                 1,
                 0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            );
+        }
+        r0 = r1;
+    }
+}
+
+/// `dx = dy · W` (or `dx += dy · W` with `accumulate`) for `W [rows, cols]`: the input gradient
+/// of `y = x · Wᵀ`, which training needs for every frozen projection. `dy` is `[n, rows]`, `dx`
+/// `[n, cols]`. W is widened to f32 (quantized rows dequantized: the gradient flows through the
+/// weights the forward pass used) a block of rows at a time and multiplied with `gemm`, so the
+/// stored weight is read once per call and never copied whole.
+pub fn matmul_transposed(
+    w: WeightView,
+    rows: usize,
+    cols: usize,
+    dy: &[f32],
+    dx: &mut [f32],
+    accumulate: bool,
+) {
+    let n = dy.len() / rows;
+    assert_eq!(dy.len(), n * rows);
+    assert_eq!(dx.len(), n * cols);
+    if !accumulate {
+        dx.fill(0.0);
+    }
+    let mut scratch = vec![0f32; GEMM_BLOCK_ROWS.min(rows) * cols];
+    let mut r0 = 0;
+    while r0 < rows {
+        let r1 = (r0 + GEMM_BLOCK_ROWS).min(rows);
+        let block = &mut scratch[..(r1 - r0) * cols];
+        w.rows_to_f32(r0, r1, cols, block);
+        // SAFETY: dst is dx [n, cols]; lhs is dy[:, r0..r1] (row stride `rows`); rhs is the
+        // widened block [r1-r0, cols]; every index stays inside the slices asserted above.
+        unsafe {
+            gemm::gemm(
+                n,
+                cols,
+                r1 - r0,
+                dx.as_mut_ptr(),
+                1,
+                cols as isize,
+                true,
+                dy.as_ptr().add(r0),
+                1,
+                rows as isize,
+                block.as_ptr(),
+                1,
+                cols as isize,
+                1.0,
                 1.0,
                 false,
                 false,

@@ -15,7 +15,7 @@ pub mod ops;
 mod qpanel;
 pub mod quant;
 
-pub use matmul::{matmul, matvec, WeightView};
+pub use matmul::{matmul, matmul_transposed, matvec, WeightView};
 
 use std::sync::OnceLock;
 

@@ -1,0 +1,208 @@
+//! LoRA fine-tuning against PyTorch + PEFT (tests/fixtures/lora, scripts/make_lora_fixtures.py):
+//! data encoding, one window's gradients, a whole run's losses / norms / learning rates and
+//! its final adapter.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{fixtures, tiny_dir};
+use phi4::config::Phi3Config;
+use phi4::model::Phi3ForCausalLM;
+use phi4::train::{
+    DataOptions, Encoder, LoraParams, Sample, Schedule, TrainConfig, Trainer, Truncation,
+};
+use phi4::weights::{open_safetensors, Checkpoint};
+use serde_json::Value;
+
+fn lora_dir() -> std::path::PathBuf {
+    fixtures().join("lora")
+}
+
+fn tiny_model() -> Phi3ForCausalLM {
+    let dir = tiny_dir();
+    let cfg = Phi3Config::from_file(&dir.join("config.json")).unwrap();
+    Phi3ForCausalLM::load(cfg, &Checkpoint::open_dir(&dir).unwrap()).unwrap()
+}
+
+fn reference_samples() -> Vec<Sample> {
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(lora_dir().join("samples.json")).unwrap())
+            .unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| Sample {
+            input_ids: serde_json::from_value(s["input_ids"].clone()).unwrap(),
+            labels: serde_json::from_value(s["labels"].clone()).unwrap(),
+            origin: String::new(),
+        })
+        .collect()
+}
+
+fn trajectory() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(lora_dir().join("trajectory.json")).unwrap())
+        .unwrap()
+}
+
+/// The fixture run's settings (trajectory.json "args").
+fn fixture_config() -> TrainConfig {
+    let a = &trajectory()["args"];
+    TrainConfig {
+        learning_rate: a["lr"].as_f64().unwrap(),
+        num_train_epochs: a["epochs"].as_f64().unwrap(),
+        max_steps: None,
+        per_device_train_batch_size: a["bs"].as_u64().unwrap() as usize,
+        gradient_accumulation_steps: a["ga"].as_u64().unwrap() as usize,
+        weight_decay: a["wd"].as_f64().unwrap(),
+        adam_beta1: 0.9,
+        adam_beta2: a["beta2"].as_f64().unwrap(),
+        adam_epsilon: 1e-8,
+        lr_scheduler_type: Schedule::Cosine,
+        warmup_ratio: a["warmup_ratio"].as_f64().unwrap(),
+        warmup_steps: None,
+        max_grad_norm: a["max_grad_norm"].as_f64().unwrap(),
+        seed: 42,
+        shuffle: false,
+        gradient_checkpointing: true,
+    }
+}
+
+fn tensors(path: &std::path::Path) -> HashMap<String, Vec<f32>> {
+    open_safetensors(path)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.to_f32_vec()))
+        .collect()
+}
+
+/// Worst `|a − b| / max|b|` over every tensor of the adapter.
+fn compare(p: &LoraParams, values: &[f32], want: &HashMap<String, Vec<f32>>) -> f32 {
+    let named = p.named();
+    assert_eq!(named.len(), want.len(), "tensor count");
+    let mut worst = 0f32;
+    for (k, _, r) in named {
+        let w = want
+            .get(&k)
+            .unwrap_or_else(|| panic!("{k} missing in the reference"));
+        worst = worst.max(common::rel(&values[r], w));
+    }
+    worst
+}
+
+#[test]
+fn encoding_matches_ms_swift() {
+    let dir = tiny_dir();
+    let tok = phi4::text::Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let tmpl = phi4::text::ChatTemplate::from_model_dir(&dir).unwrap();
+    let enc = Encoder {
+        tokenizer: &tok,
+        template: &tmpl,
+        eos_token: "<|endoftext|>".into(),
+    };
+    let opts = DataOptions {
+        max_length: 512,
+        truncation: Truncation::Delete,
+        strict: true,
+    };
+    let data = lora_dir().join("data.jsonl");
+    let (ours, skipped) = enc.load(&[data.display().to_string()], &opts, 0).unwrap();
+    assert!(skipped.is_empty());
+    let want = reference_samples();
+    assert_eq!(ours.len(), want.len());
+    for (i, (a, b)) in ours.iter().zip(&want).enumerate() {
+        assert_eq!(a.input_ids, b.input_ids, "sample {i} ids");
+        assert_eq!(a.labels, b.labels, "sample {i} labels");
+    }
+}
+
+#[test]
+fn one_window_gradients_match_peft() {
+    let model = tiny_model();
+    let params = LoraParams::load_peft(&model, &lora_dir().join("init_randB")).unwrap();
+    let samples = reference_samples();
+    let want = tensors(&lora_dir().join("grads_randB.safetensors"));
+    let fixture = &trajectory()["grads_randB"];
+    for checkpointing in [true, false] {
+        let mut cfg = fixture_config();
+        cfg.gradient_checkpointing = checkpointing;
+        let t = Trainer::new(&model, cfg, params.clone(), samples.len()).unwrap();
+        let window = t.window(0);
+        let (loss, n, _, grads) = t.gradients(&samples, &window, 0).unwrap();
+        assert_eq!(n as u64, fixture["n_tokens"].as_u64().unwrap());
+        let want_loss = fixture["loss"].as_f64().unwrap();
+        assert!(
+            ((loss - want_loss) / want_loss).abs() < 1e-5,
+            "loss {loss} vs {want_loss}"
+        );
+        // The base forward pass alone differs from PyTorch's by 2e-6 of the logits' range (f32
+        // sums in another order, logits up to ±43 on these random weights); the probabilities'
+        // gradient inherits it, so the tolerance is 2e-5 of each tensor's largest value.
+        let err = compare(&t.params, &grads, &want);
+        assert!(
+            err < 2e-5,
+            "gradients differ by {err} (relative, worst tensor)"
+        );
+        let norm = grads
+            .iter()
+            .map(|&g| (g as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let want_norm = fixture["grad_norm"].as_f64().unwrap();
+        assert!(((norm - want_norm) / want_norm).abs() < 1e-5);
+    }
+}
+
+#[test]
+fn training_run_matches_peft() {
+    let model = tiny_model();
+    let params = LoraParams::load_peft(&model, &lora_dir().join("init")).unwrap();
+    let samples = reference_samples();
+    let traj = trajectory();
+    let steps = traj["trajectory"].as_array().unwrap();
+    let mut t = Trainer::new(&model, fixture_config(), params, samples.len()).unwrap();
+    assert_eq!(t.plan.total_steps, traj["total_steps"].as_u64().unwrap());
+    assert_eq!(t.plan.warmup_steps, traj["warmup_steps"].as_u64().unwrap());
+    for want in steps {
+        let log = t.step(&samples).unwrap();
+        let close = |a: f64, key: &str| {
+            let b = want[key].as_f64().unwrap();
+            let err = (a - b).abs() / b.abs().max(1e-12);
+            assert!(err < 1e-5, "step {}: {key} {a} vs {b}", log.step);
+        };
+        close(log.loss, "loss");
+        close(log.grad_norm, "grad_norm");
+        assert!((log.learning_rate - want["lr"].as_f64().unwrap()).abs() < 1e-12);
+        assert_eq!(log.n_tokens as u64, want["n_tokens"].as_u64().unwrap());
+    }
+    // Adam divides each gradient element by its own running RMS, so elements whose gradient
+    // is near zero (every A before B has moved) turn f32 noise into whole steps: the matrices
+    // agree to 1e-3 of their largest value (a few % of one update), and what the adapter
+    // does, the logits, agrees as closely as the base model's do.
+    let want = tensors(&lora_dir().join("final/adapter_model.safetensors"));
+    let err = compare(&t.params, &t.params.values, &want);
+    assert!(err < 1e-3, "final adapter differs by {err}");
+    let logits = tensors(&lora_dir().join("merged_logits.safetensors"));
+    let ids: Vec<u32> = logits["input_ids"].iter().map(|&v| v as u32).collect();
+    let mut model = tiny_model();
+    t.params.attach(&mut model, 0).unwrap();
+    let ours = adapter_logits(&model, &ids, Some(0));
+    let err = common::rel(&ours, &logits["unmerged"]);
+    assert!(
+        err < 1e-5,
+        "logits with the trained adapter differ by {err}"
+    );
+}
+
+/// Logits of every position of `ids`, with adapter `adapter` on every row.
+fn adapter_logits(model: &Phi3ForCausalLM, ids: &[u32], adapter: Option<usize>) -> Vec<f32> {
+    let mut cache = model.new_cache();
+    let mut item =
+        phi4::model::BatchItem::new(ids, &mut cache, model.rope.table_for_len(ids.len()));
+    item.adapter = adapter;
+    let mut out = Vec::new();
+    model
+        .forward_item(item, phi4::model::Logits::All, None, &mut out)
+        .unwrap();
+    out
+}
