@@ -1,5 +1,5 @@
 //! The `phi4` command: arguments shared by the commands, and a file per command (run, chat,
-//! transcribe, serve, tokenize, bench, quantize).
+//! transcribe, serve, tokenize, bench, quantize, sft).
 
 use std::io::{BufRead, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -25,6 +25,7 @@ mod chat;
 mod quantize;
 mod run;
 mod serve;
+mod sft;
 mod tokenize;
 mod transcribe;
 
@@ -33,6 +34,7 @@ use self::chat::{chat, ChatArgs};
 use self::quantize::{quantize_cmd, QuantizeArgs};
 use self::run::{run, RunArgs};
 use self::serve::{serve, ServeArgs};
+use self::sft::{sft, SftArgs};
 use self::tokenize::{tokenize, TokenizeArgs};
 use self::transcribe::{transcribe, TranscribeArgs};
 
@@ -66,6 +68,8 @@ enum Command {
     Bench(BenchArgs),
     /// Write a block-quantized copy of a model (safetensors, memory-mapped at load).
     Quantize(QuantizeArgs),
+    /// Fine-tune a LoRA adapter on ms-swift JSONL (supervised; PEFT-format checkpoints).
+    Sft(SftArgs),
 }
 
 #[derive(Args)]
@@ -219,6 +223,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Tokenize(a) => tokenize(a),
         Command::Bench(a) => bench_cmd(a),
         Command::Quantize(a) => quantize_cmd(a),
+        Command::Sft(a) => sft(a),
     }
 }
 

@@ -281,6 +281,11 @@ impl ChatTemplate {
         ChatTemplate::new(&source, &token("bos_token"), &token("eos_token"))
     }
 
+    /// The end-of-text string the template appends to a finished conversation.
+    pub fn eos_token(&self) -> &str {
+        &self.eos_token
+    }
+
     /// True if the template takes tool declarations from the system message (the official form).
     fn reads_message_tools(&self) -> bool {
         self.source.contains("message['tools']") || self.source.contains("message.tools")

@@ -7,6 +7,7 @@ pub mod backward;
 pub mod data;
 pub mod lora;
 pub mod optim;
+pub mod output;
 pub mod trainer;
 
 pub use data::{DataOptions, Encoder, Sample, Truncation};
