@@ -206,3 +206,203 @@ fn adapter_logits(model: &Phi3ForCausalLM, ids: &[u32], adapter: Option<usize>) 
         .unwrap();
     out
 }
+
+fn phi4_bin() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_phi4"))
+}
+
+/// `phi4 sft` with the fixture run's settings into `out` (no version folder).
+fn sft_fixture_run(out: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let mut cmd = phi4_bin();
+    cmd.args(["sft", "--model"])
+        .arg(tiny_dir())
+        .arg("--dataset")
+        .arg(lora_dir().join("data.jsonl"))
+        .args(["--adapters"])
+        .arg(lora_dir().join("init"))
+        .args([
+            "--per-device-train-batch-size",
+            "2",
+            "--gradient-accumulation-steps",
+            "2",
+            "--num-train-epochs",
+            "3",
+            "--learning-rate",
+            "1e-3",
+            "--warmup-ratio",
+            "0.1",
+            "--lora-dropout",
+            "0",
+            "--train-dataloader-shuffle",
+            "false",
+            "--save-steps",
+            "4",
+            "--logging-steps",
+            "1",
+            "--add-version",
+            "false",
+            "--output-dir",
+        ])
+        .arg(out)
+        .args(extra);
+    cmd.output().unwrap()
+}
+
+#[test]
+fn sft_command_trains_saves_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let full = tmp.path().join("full");
+    let o = sft_fixture_run(&full, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The loss per step is the reference run's.
+    let log = std::fs::read_to_string(full.join("logging.jsonl")).unwrap();
+    let losses: Vec<f64> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok()?.get("loss")?.as_f64())
+        .collect();
+    let traj = trajectory();
+    let want: Vec<f64> = traj["trajectory"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["loss"].as_f64().unwrap())
+        .collect();
+    assert_eq!(losses.len(), want.len());
+    for (a, b) in losses.iter().zip(&want) {
+        assert!((a - b).abs() / b < 1e-5, "loss {a} vs {b}");
+    }
+    let names: Vec<String> = std::fs::read_dir(&full)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    for n in [
+        "args.json",
+        "logging.jsonl",
+        "checkpoint-4",
+        "checkpoint-8",
+        "checkpoint-9",
+    ] {
+        assert!(names.iter().any(|x| x == n), "{n} missing in {names:?}");
+    }
+    let ck = full.join("checkpoint-9");
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ] {
+        assert!(ck.join(f).is_file(), "{f}");
+    }
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 8);
+    assert_eq!(cfg["lora_alpha"], 32.0);
+    assert_eq!(cfg["modules_to_save"], Value::Null);
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["down_proj", "gate_up_proj", "o_proj", "qkv_proj"])
+    );
+    let want = tensors(&lora_dir().join("final/adapter_model.safetensors"));
+    let ours = tensors(&ck.join("adapter_model.safetensors"));
+    assert_eq!(ours.len(), want.len());
+    for (k, v) in &want {
+        assert_eq!(ours[k].len(), v.len(), "{k}");
+        assert!(common::rel(&ours[k], v) < 1e-3, "{k}");
+    }
+
+    // A run killed after checkpoint-4 and resumed ends with the same adapter, bit for bit.
+    let killed = tmp.path().join("killed");
+    std::fs::create_dir_all(killed.join("checkpoint-4")).unwrap();
+    for e in std::fs::read_dir(full.join("checkpoint-4")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, killed.join("checkpoint-4").join(p.file_name().unwrap())).unwrap();
+    }
+    let resume = killed.join("checkpoint-4").display().to_string();
+    let o = sft_fixture_run(&killed, &["--resume-from-checkpoint", &resume]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let a = std::fs::read(ck.join("adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(killed.join("checkpoint-9/adapter_model.safetensors")).unwrap();
+    assert!(a == b, "resumed run ended with a different adapter");
+
+    // Resuming with other data is refused.
+    let o = sft_fixture_run(
+        &killed,
+        &["--resume-from-checkpoint", &resume, "--max-steps", "12"],
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("same data and settings"));
+}
+
+#[test]
+fn sft_reports_bad_data_with_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("bad.jsonl");
+    let good = r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}"#;
+    let long = format!(
+        r#"{{"messages": [{{"role": "user", "content": "{}"}}, {{"role": "assistant", "content": "ok"}}]}}"#,
+        "word ".repeat(80)
+    );
+    let lines = [
+        good,
+        "{not json",
+        r#"{"messages": [{"role": "narrator", "content": "x"}]}"#,
+        r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}"#,
+        &long,
+        r#"{"messages": [{"role": "user", "content": "Only a question"}]}"#,
+        good,
+    ];
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let run = |extra: &[&str]| {
+        phi4_bin()
+            .args(["sft", "--model"])
+            .arg(tiny_dir())
+            .arg("--dataset")
+            .arg(&data)
+            .args(["--max-length", "64", "--max-steps", "1", "--output-dir"])
+            .arg(tmp.path().join("out"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = run(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let f = data.display().to_string();
+    assert!(err.contains("skipped 5 samples"), "{err}");
+    for (line, why) in [
+        (2, "not valid JSON"),
+        (3, "role \"narrator\""),
+        (4, "empty assistant turn"),
+        (5, "over --max-length 64"),
+        (6, "nothing to learn"),
+    ] {
+        assert!(
+            err.contains(&format!("{f}:{line}: ")) && err.contains(why),
+            "line {line} ({why}) not reported:\n{err}"
+        );
+    }
+    let o = run(&["--strict"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("{f}:2:")) && err.contains("not valid JSON"),
+        "{err}"
+    );
+
+    for (flag, value, why) in [
+        ("--tuner-type", "full", "not supported"),
+        ("--target-modules", "q_proj", "not a projection"),
+        ("--lora-rank", "0", "--lora-rank"),
+        ("--lr-scheduler-type", "wavy", "--lr-scheduler-type"),
+    ] {
+        let o = run(&[flag, value]);
+        assert!(!o.status.success(), "{flag} {value} accepted");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(why),
+            "{flag}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}

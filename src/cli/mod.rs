@@ -69,7 +69,7 @@ enum Command {
     /// Write a block-quantized copy of a model (safetensors, memory-mapped at load).
     Quantize(QuantizeArgs),
     /// Fine-tune a LoRA adapter on ms-swift JSONL (supervised; PEFT-format checkpoints).
-    Sft(SftArgs),
+    Sft(Box<SftArgs>),
 }
 
 #[derive(Args)]
@@ -223,7 +223,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Tokenize(a) => tokenize(a),
         Command::Bench(a) => bench_cmd(a),
         Command::Quantize(a) => quantize_cmd(a),
-        Command::Sft(a) => sft(a),
+        Command::Sft(a) => sft(*a),
     }
 }
 
