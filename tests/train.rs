@@ -406,3 +406,153 @@ fn sft_reports_bad_data_with_file_and_line() {
         );
     }
 }
+
+/// The PEFT reference adapter, loaded unmerged, gives PEFT's logits (and the base rows stay
+/// the base model's).
+#[test]
+fn adapters_apply_unmerged_as_peft() {
+    let mut e = phi4::Engine::load(&tiny_dir()).unwrap();
+    let id = e.add_adapter("tuned", &lora_dir().join("final")).unwrap();
+    let logits = tensors(&lora_dir().join("merged_logits.safetensors"));
+    let ids: Vec<u32> = logits["input_ids"].iter().map(|&v| v as u32).collect();
+    let ours = adapter_logits(&e.model, &ids, Some(id));
+    assert!(common::rel(&ours, &logits["unmerged"]) < 1e-5);
+    let base = adapter_logits(&e.model, &ids, None);
+    assert!(common::rel(&base, &logits["base"]) < 1e-5);
+    // Two sequences, one on the adapter and one not, in one batched step.
+    let (mut a, _) = e.start_adapter(&ids[..10], None, Some(id)).unwrap();
+    let (mut b, _) = e.start_adapter(&ids[..10], None, None).unwrap();
+    a.tokens.push(ids[10]);
+    b.tokens.push(ids[10]);
+    let out = e.forward_pending(&mut [&mut a, &mut b]).unwrap();
+    let v = 512;
+    assert!(common::rel(&out[0], &logits["unmerged"][10 * v..11 * v]) < 1e-5);
+    assert!(common::rel(&out[1], &logits["base"][10 * v..11 * v]) < 1e-5);
+    // Errors name the problem.
+    let err = e
+        .add_adapter("tuned", &lora_dir().join("init"))
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("two adapters"));
+    let err = e.add_adapter("x", &lora_dir()).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("not an adapter directory"),
+        "{err:#}"
+    );
+}
+
+mod server {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::{Request as HttpRequest, StatusCode};
+    use http_body_util::BodyExt;
+    use phi4::engine::BatcherConfig;
+    use phi4::server::{engine_router, ServerOptions};
+    use serde_json::json;
+    use tower::ServiceExt;
+
+    fn app() -> axum::Router {
+        let mut e = phi4::Engine::load(&tiny_dir()).unwrap();
+        e.add_adapter("tuned", &lora_dir().join("final")).unwrap();
+        engine_router(
+            std::sync::Arc::new(e),
+            BatcherConfig::default(),
+            ServerOptions {
+                model_id: "tiny".into(),
+                lora_modules: vec!["tuned".into()],
+                ..Default::default()
+            },
+        )
+    }
+
+    async fn call(
+        app: &axum::Router,
+        method: &str,
+        uri: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let req = HttpRequest::builder()
+            .method(method)
+            .uri(uri)
+            .header("content-type", "application/json")
+            .body(body.map_or(Body::empty(), |b| Body::from(b.to_string())))
+            .unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lora_modules_are_listed_and_chosen_by_model_name() {
+        let app = app();
+        let (s, v) = call(&app, "GET", "/v1/models", None).await;
+        assert_eq!(s, StatusCode::OK);
+        let ids: Vec<&str> = v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["tiny", "tuned"]);
+        assert_eq!(v["data"][1]["parent"], "tiny");
+        let ask = |model: &str| json!({"model": model, "prompt": "Capital of France?", "max_tokens": 8, "temperature": 0});
+        // Both requests at once: they decode in one batch on different adapters.
+        let (base, tuned) = tokio::join!(
+            call(&app, "POST", "/v1/completions", Some(ask("tiny"))),
+            call(&app, "POST", "/v1/completions", Some(ask("tuned")))
+        );
+        assert_eq!(base.0, StatusCode::OK, "{}", base.1);
+        assert_eq!(tuned.0, StatusCode::OK, "{}", tuned.1);
+        assert_eq!(tuned.1["model"], "tuned");
+        // The same greedy continuation as the engine gives with the adapter.
+        let mut e = phi4::Engine::load(&tiny_dir()).unwrap();
+        let id = e.add_adapter("tuned", &lora_dir().join("final")).unwrap();
+        let prompt = e.tokenizer.encode("Capital of France?").unwrap();
+        let params = phi4::SamplingParams {
+            max_tokens: 8,
+            temperature: 0.0,
+            ..Default::default()
+        };
+        let want = |adapter| {
+            let (mut g, mut logits) = e
+                .begin(phi4::engine::Request {
+                    prompt: prompt.clone(),
+                    params: params.clone(),
+                    adapter,
+                    ..Default::default()
+                })
+                .unwrap();
+            let mut text = String::new();
+            loop {
+                let step = e.sample_next(&mut g, &mut logits).unwrap();
+                text.push_str(&step.text);
+                if step.finish.is_some() {
+                    break text;
+                }
+                logits = e.extend_generation(&mut g).unwrap();
+            }
+        };
+        assert_eq!(tuned.1["choices"][0]["text"], want(Some(id)));
+        assert_eq!(base.1["choices"][0]["text"], want(None));
+        assert_ne!(
+            want(Some(id)),
+            want(None),
+            "the adapter changes nothing on this prompt"
+        );
+        let (s, v) = call(
+            &app,
+            "POST",
+            "/v1/chat/completions",
+            Some(json!({"model": "other", "messages": [{"role": "user", "content": "hi"}]})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("`tuned`"),
+            "{v}"
+        );
+    }
+}

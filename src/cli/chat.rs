@@ -13,7 +13,7 @@ pub(super) struct ChatArgs {
 
 pub(super) fn chat(a: ChatArgs) -> Result<()> {
     let params = a.sampling.params()?;
-    let mut engine = load_engine(&a.model.model, a.model.quant, &a.model.opts)?;
+    let (mut engine, _) = a.model.load(true)?;
     engine.rope_policy = a.sampling.policy();
     let interactive = std::io::stdin().is_terminal();
     let mut history: Vec<Message> = Vec::new();

@@ -82,8 +82,49 @@ struct ModelArg {
     /// embeddings / LM head at 8 bits). A checkpoint from `phi4 quantize` needs no flag.
     #[arg(long, value_parser = parse_recipe)]
     quant: Option<Recipe>,
+    /// A LoRA adapter directory (`phi4 sft` checkpoint, PEFT or ms-swift), applied unmerged on
+    /// top of the (possibly quantized) base. `serve` takes several, as NAME=DIR
+    /// (`--lora-modules` is vLLM's name for the same): a request whose `model` is NAME uses it.
+    #[arg(long = "adapters", alias = "lora-modules", num_args = 1.., value_name = "[NAME=]DIR")]
+    adapters: Vec<String>,
     #[command(flatten)]
     opts: ModelOptions,
+}
+
+impl ModelArg {
+    /// Loads the model and its adapters; with `default_adapter` (run, chat) the one adapter
+    /// applies to every request. Returns the adapters' names.
+    fn load(&self, default_adapter: bool) -> Result<(Engine, Vec<String>)> {
+        let mut engine = load_engine(&self.model, self.quant, &self.opts)?;
+        if default_adapter && self.adapters.len() > 1 {
+            bail!("run and chat take one --adapters directory; serve several with --lora-modules NAME=DIR");
+        }
+        let mut names = Vec::new();
+        for spec in &self.adapters {
+            let (name, dir) = match spec.split_once('=') {
+                Some((n, d)) if !n.is_empty() && !Path::new(spec).exists() => {
+                    (n.to_string(), PathBuf::from(d))
+                }
+                _ => {
+                    let dir = PathBuf::from(spec);
+                    let name = dir
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| "adapter".into());
+                    (name, dir)
+                }
+            };
+            if name == self.model {
+                bail!("adapter name {name:?} is the base model's name");
+            }
+            let id = engine.add_adapter(&name, &dir)?;
+            if default_adapter {
+                engine.default_adapter = Some(id);
+            }
+            names.push(name);
+        }
+        Ok((engine, names))
+    }
 }
 
 /// How a loaded model runs, whatever its weights: `run`, `chat`, `serve` and `bench` take these.

@@ -79,7 +79,7 @@ pub(super) fn run(a: RunArgs) -> Result<()> {
         .iter()
         .map(|p| audio_source(p))
         .collect::<Result<_>>()?;
-    let mut engine = load_engine(&a.model.model, a.model.quant, &a.model.opts)?;
+    let (mut engine, _) = a.model.load(true)?;
     engine.rope_policy = a.sampling.policy();
     let (ids, media) = if a.raw {
         let mut m = Message::with_media("user", &prompt, sources, audio_sources);

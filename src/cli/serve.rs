@@ -109,7 +109,7 @@ pub(super) fn serve(a: ServeArgs) -> Result<()> {
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(&addr))
         .with_context(|| format!("cannot listen on {addr}"))?;
-    let mut engine = load_engine(&a.model.model, a.model.quant, &a.model.opts)?;
+    let (mut engine, lora_modules) = a.model.load(false)?;
     engine.rope_policy = a.rope_policy.into();
     if let Some(n) = a.max_model_len {
         let ctx = engine.model.config.max_position_embeddings;
@@ -141,11 +141,17 @@ pub(super) fn serve(a: ServeArgs) -> Result<()> {
             model_id: model_id.clone(),
             api_keys: keys.clone(),
             max_body_bytes,
+            lora_modules: lora_modules.clone(),
         },
     );
     let local = listener.local_addr()?;
     eprintln!(
-        "phi4 serve: listening on http://{local} (model {model_id:?}, {})",
+        "phi4 serve: listening on http://{local} (model {model_id:?}{}, {})",
+        if lora_modules.is_empty() {
+            String::new()
+        } else {
+            format!(", LoRA adapters {lora_modules:?}")
+        },
         if keys.is_empty() {
             "no API key".to_string()
         } else {

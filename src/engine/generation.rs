@@ -25,6 +25,8 @@ pub struct Request {
     pub logprobs: Option<usize>,
     /// The prompt's images, ready for the decoder ([`Engine::encode_with_images`]).
     pub media: Option<std::sync::Arc<super::MediaInput>>,
+    /// A fine-tuned adapter ([`Engine::add_adapter`]); `None`: the base weights.
+    pub adapter: Option<crate::model::AdapterId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -134,6 +136,14 @@ impl Engine {
         } else if req.media.is_some() {
             self.multimodal()?;
         }
+        if let Some(a) = req.adapter {
+            if a >= self.adapters.len() {
+                bail!(
+                    "adapter {a} is not loaded ({} adapters)",
+                    self.adapters.len()
+                );
+            }
+        }
         if req.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
             bail!("top_logprobs must be at most {MAX_TOP_LOGPROBS}");
         }
@@ -148,7 +158,11 @@ impl Engine {
             Some(g) => Some(self.constraint_factory()?.constraint(g)?),
             None => None,
         };
-        let (seq, logits) = self.start_with(&req.prompt, req.media.clone())?;
+        let (seq, logits) = self.start_adapter(
+            &req.prompt,
+            req.media.clone(),
+            req.adapter.or(self.default_adapter),
+        )?;
         let g = Generation {
             seq,
             sampler: Sampler::new(&req.params, &req.prompt),

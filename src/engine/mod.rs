@@ -93,6 +93,11 @@ pub struct Engine {
     constraints: OnceLock<std::result::Result<ConstraintFactory, String>>,
     /// Phi-4-multimodal's vision and speech parts; `None` for a text model.
     pub mm: Option<Multimodal>,
+    /// Names of the fine-tuned LoRA adapters riding unmerged on the decoder (index =
+    /// [`AdapterId`]); a request picks one with [`Request::adapter`].
+    pub adapters: Vec<String>,
+    /// The adapter of requests that name none (`phi4 run|chat --adapters DIR`).
+    pub default_adapter: Option<AdapterId>,
 }
 
 /// One sequence being generated: its tokens, its cache, and its prompt's media (kept for a
@@ -101,6 +106,8 @@ pub struct Sequence {
     pub tokens: Vec<u32>,
     cache: KvCache,
     media: Option<std::sync::Arc<MediaInput>>,
+    /// The LoRA adapter of every row (a media prompt's mode decides it otherwise).
+    adapter: Option<AdapterId>,
 }
 
 impl Sequence {
@@ -271,7 +278,27 @@ impl Engine {
             max_model_len,
             constraints: OnceLock::new(),
             mm: None,
+            adapters: Vec::new(),
+            default_adapter: None,
         }
+    }
+
+    /// Loads a PEFT LoRA adapter (ours, PEFT's or an ms-swift checkpoint directory) onto the
+    /// decoder, unmerged, under `name`; requests asking for it get its deltas on their rows,
+    /// and requests with different adapters still decode in one batch. Returns its id.
+    pub fn add_adapter(&mut self, name: &str, dir: &Path) -> Result<AdapterId> {
+        if self.mm.is_some() {
+            bail!("fine-tuned adapters on Phi-4-multimodal are not supported yet (its vision and speech adapters are built in)");
+        }
+        if self.adapters.iter().any(|n| n == name) {
+            bail!("two adapters are named {name:?}");
+        }
+        let params = crate::train::LoraParams::load_peft(&self.model, dir)
+            .with_context(|| format!("loading adapter {}", dir.display()))?;
+        let id = self.adapters.len();
+        params.attach(&mut self.model, id)?;
+        self.adapters.push(name.to_string());
+        Ok(id)
     }
 
     /// Renders a chat to prompt text with the generation prompt appended.
@@ -346,15 +373,27 @@ impl Engine {
         prompt: &[u32],
         media: Option<std::sync::Arc<MediaInput>>,
     ) -> Result<(Sequence, Vec<f32>)> {
+        self.start_adapter(prompt, media, None)
+    }
+
+    /// [`Engine::start_with`] on fine-tuned adapter `adapter` ([`Engine::add_adapter`]).
+    pub fn start_adapter(
+        &self,
+        prompt: &[u32],
+        media: Option<std::sync::Arc<MediaInput>>,
+        adapter: Option<AdapterId>,
+    ) -> Result<(Sequence, Vec<f32>)> {
+        let adapter = media.as_ref().and_then(|m| m.adapter).or(adapter);
         let mut seq = Sequence {
             tokens: prompt.to_vec(),
             cache: self.model.new_cache(),
             media,
+            adapter,
         };
         let table = self.table_for(prompt.len());
         let mut logits = Vec::new();
         let item = BatchItem {
-            adapter: seq.media.as_ref().and_then(|m| m.adapter),
+            adapter: seq.adapter,
             embeds: seq.media.as_ref().map(|m| &m.embeds),
             ..BatchItem::new(prompt, &mut seq.cache, table)
         };
@@ -382,6 +421,7 @@ impl Engine {
                 tokens,
                 cache,
                 media,
+                adapter,
             } = &mut **seq;
             let new = if cache.table.is_some_and(|t| t != table) {
                 // Keys rotated with the short table cannot be reused.
@@ -391,7 +431,7 @@ impl Engine {
                 &tokens[tokens.len() - 1..]
             };
             items.push(BatchItem {
-                adapter: media.as_ref().and_then(|m| m.adapter),
+                adapter: *adapter,
                 embeds: media.as_ref().map(|m| &m.embeds),
                 ..BatchItem::new(new, cache, table)
             });

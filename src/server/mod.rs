@@ -194,6 +194,9 @@ pub struct ServerOptions {
     pub api_keys: Vec<String>,
     /// Largest request body accepted (413 beyond).
     pub max_body_bytes: usize,
+    /// Names of the LoRA adapters the backend carries (`--lora-modules NAME=DIR`), by adapter
+    /// id: a request whose `model` is one of them runs with that adapter.
+    pub lora_modules: Vec<String>,
 }
 
 impl Default for ServerOptions {
@@ -202,6 +205,7 @@ impl Default for ServerOptions {
             model_id: "phi4".into(),
             api_keys: Vec::new(),
             max_body_bytes: 4 << 20,
+            lora_modules: Vec::new(),
         }
     }
 }

@@ -20,6 +20,7 @@ use super::error::ApiError;
 use super::openai::{parse, ChatRequest, CompletionRequest, Prompt, SamplingFields, ToolChoice};
 use super::AppState;
 use crate::engine::{Event, FinishReason, Request, SubmitError, TokenLogprob};
+use crate::model::AdapterId;
 use crate::text::tool_calls::{ToolCall, ToolCallParser, ToolEvent};
 
 /// The JSON object of a request body; a body over the size limit is a 413.
@@ -41,14 +42,28 @@ fn json_object(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
     Ok(v)
 }
 
-fn check_model(st: &AppState, model: &Option<String>) -> Result<(), ApiError> {
+/// The adapter a request's `model` names (`None`: the base model, also when absent), and the
+/// name to answer with.
+fn check_model(
+    st: &AppState,
+    model: &Option<String>,
+) -> Result<(Option<AdapterId>, String), ApiError> {
+    let base = st.opts.model_id.clone();
     match model {
-        Some(m) if m != &st.opts.model_id => Err(ApiError::not_found(format!(
-            "The model `{m}` does not exist; this server serves `{}`.",
-            st.opts.model_id
-        ))
-        .code("model_not_found")),
-        _ => Ok(()),
+        None => Ok((None, base)),
+        Some(m) if m == &base => Ok((None, base)),
+        Some(m) => match st.opts.lora_modules.iter().position(|n| n == m) {
+            Some(i) => Ok((Some(i), m.clone())),
+            None => {
+                let mut names = vec![format!("`{base}`")];
+                names.extend(st.opts.lora_modules.iter().map(|n| format!("`{n}`")));
+                Err(ApiError::not_found(format!(
+                    "The model `{m}` does not exist; this server serves {}.",
+                    names.join(", ")
+                ))
+                .code("model_not_found"))
+            }
+        },
     }
 }
 
@@ -264,7 +279,7 @@ pub async fn chat_completions(
     let v = json_object(body)?;
     let req: ChatRequest = parse(&v)?;
     let sf: SamplingFields = parse(&v)?;
-    check_model(&st, &req.model)?;
+    let (adapter, model) = check_model(&st, &req.model)?;
     req.check_messages()?;
     let choice = req.tool_choice()?;
     let tools = match choice {
@@ -288,12 +303,12 @@ pub async fn chat_completions(
         grammar: req.grammar(&choice)?,
         logprobs: req.logprobs()?,
         media,
+        adapter,
     };
     let parse_tools = !tools.is_empty();
     let prompt_tokens = base.prompt.len();
     let rxs = submit(&st, &base, sf.n()).await?;
     let id = new_id("chatcmpl-");
-    let model = st.opts.model_id.clone();
     let created = super::unix_now();
     if sf.stream() {
         let mut s = ChatStream {
@@ -500,7 +515,7 @@ pub async fn completions(
     let v = json_object(body)?;
     let req: CompletionRequest = parse(&v)?;
     let sf: SamplingFields = parse(&v)?;
-    check_model(&st, &req.model)?;
+    let (adapter, model) = check_model(&st, &req.model)?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::param("suffix", "suffix is not supported"));
     }
@@ -546,6 +561,7 @@ pub async fn completions(
             grammar: None,
             logprobs: req.logprobs,
             media: None,
+            adapter,
         };
         for rx in submit(&st, &base, n).await? {
             rxs.push(rx);
@@ -553,7 +569,6 @@ pub async fn completions(
         }
     }
     let id = new_id("cmpl-");
-    let model = st.opts.model_id.clone();
     let created = super::unix_now();
     let chunk = move |i: usize, text: &str, lp: Option<Value>, finish: Option<&str>| {
         json!({"id": id, "object": "text_completion", "created": created, "model": model,
@@ -632,15 +647,23 @@ fn tokenize(st: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
 }
 
 pub async fn models(State(st): State<AppState>) -> Response {
-    Json(json!({
-        "object": "list",
-        "data": [{
-            "id": st.opts.model_id,
+    let card = |id: &str, parent: Option<&str>| {
+        json!({
+            "id": id,
             "object": "model",
             "created": st.created,
             "owned_by": "phi4",
+            "root": parent.unwrap_or(id),
+            "parent": parent,
             "max_model_len": st.backend.max_model_len(),
-        }]
-    }))
-    .into_response()
+        })
+    };
+    let mut data = vec![card(&st.opts.model_id, None)];
+    data.extend(
+        st.opts
+            .lora_modules
+            .iter()
+            .map(|n| card(n, Some(&st.opts.model_id))),
+    );
+    Json(json!({ "object": "list", "data": data })).into_response()
 }
