@@ -16,8 +16,8 @@ Written (all small, tiny-phi4 has 3 layers of width 96):
                           from init_randB (PEFT key names)
   trajectory.json         args, loss / grad_norm / lr / labelled tokens per step of the run below
   final/                  the adapter after that run (PEFT format)
-  merged_logits.safetensors  input_ids and the logits of one prompt: base + final adapter unmerged (PeftModel) and
-                          merged (merge_and_unload), for the export and --adapters tests
+  merged_logits.safetensors  input_ids and the logits of one prompt: base + final adapter unmerged (PeftModel),
+                          merged (merge_and_unload) in f32 and rounded to bf16, for the export and --adapters tests
 
 The run follows transformers 5.25's Trainer exactly (checked below by running the Trainer on the
 same data): sequential order, right padding, per_device batch 2, gradient accumulation 2 with a
@@ -219,11 +219,18 @@ ids = torch.tensor([prompt])
 with torch.no_grad():
     pm = PeftModel.from_pretrained(load_base(), os.path.join(OUT, "final"))
     unmerged = pm(input_ids=ids).logits[0]
-    merged = pm.merge_and_unload()(input_ids=ids).logits[0]
+    mm = pm.merge_and_unload()
+    merged = mm(input_ids=ids).logits[0]
+    # What a bf16 merged checkpoint computes (swift export / save_pretrained in bf16): the
+    # parameters rounded (not the rotary buffers, which a checkpoint does not hold).
+    for p in mm.parameters():
+        p.data = p.data.to(torch.bfloat16).to(torch.float32)
+    merged_bf16 = mm(input_ids=ids).logits[0]
     base = load_base()(input_ids=ids).logits[0]
 print(f"[merge] max |merged - unmerged| {(merged - unmerged).abs().max().item():.2e}, "
       f"max |adapter effect| {(unmerged - base).abs().max().item():.2e}")
 save_file({"input_ids": ids[0].float(), "unmerged": unmerged.contiguous(), "merged": merged.contiguous(),
+           "merged_bf16": merged_bf16.contiguous(),
            "base": base.contiguous()}, os.path.join(OUT, "merged_logits.safetensors"))
 
 json.dump({"versions": {"torch": torch.__version__, "transformers": transformers.__version__,

@@ -1,5 +1,5 @@
 //! The `phi4` command: arguments shared by the commands, and a file per command (run, chat,
-//! transcribe, serve, tokenize, bench, quantize, sft).
+//! transcribe, serve, tokenize, bench, quantize, sft, export).
 
 use std::io::{BufRead, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -22,6 +22,7 @@ use phi4::{Engine, Message, SamplingParams};
 
 mod bench;
 mod chat;
+mod export;
 mod quantize;
 mod run;
 mod serve;
@@ -31,6 +32,7 @@ mod transcribe;
 
 use self::bench::{bench_cmd, BenchArgs};
 use self::chat::{chat, ChatArgs};
+use self::export::{export, ExportArgs};
 use self::quantize::{quantize_cmd, QuantizeArgs};
 use self::run::{run, RunArgs};
 use self::serve::{serve, ServeArgs};
@@ -70,6 +72,8 @@ enum Command {
     Quantize(QuantizeArgs),
     /// Fine-tune a LoRA adapter on ms-swift JSONL (supervised; PEFT-format checkpoints).
     Sft(Box<SftArgs>),
+    /// Merge a LoRA adapter into its base model and write the checkpoint.
+    Export(ExportArgs),
 }
 
 #[derive(Args)]
@@ -265,6 +269,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench_cmd(a),
         Command::Quantize(a) => quantize_cmd(a),
         Command::Sft(a) => sft(*a),
+        Command::Export(a) => export(a),
     }
 }
 
