@@ -40,3 +40,33 @@ fn scalar_kernels_match_transformers_on_images_and_audio() {
         common::check_mode_greedy(&e, &r, mode);
     }
 }
+
+/// LoRA training with the scalar kernels: a window's gradients and a short run match PEFT as
+/// closely as with SIMD.
+#[test]
+fn scalar_kernels_match_peft_training() {
+    use common::lora::*;
+    use phi4::train::{LoraParams, Trainer};
+    std::env::set_var("PHI4_ISA", "scalar");
+    assert_eq!(cpu(), Isa::Scalar);
+    let model = tiny_model();
+    let samples = reference_samples();
+    let params = LoraParams::load_peft(&model, &lora_dir().join("init_randB")).unwrap();
+    let t = Trainer::new(&model, fixture_config(), params, samples.len()).unwrap();
+    let (_, _, _, grads) = t.gradients(&samples, &t.window(0), 0).unwrap();
+    let want = tensors(&lora_dir().join("grads_randB.safetensors"));
+    assert!(compare(&t.params, &grads, &want) < 2e-5);
+    let params = LoraParams::load_peft(&model, &lora_dir().join("init")).unwrap();
+    let mut t = Trainer::new(&model, fixture_config(), params, samples.len()).unwrap();
+    let traj = trajectory();
+    for want in traj["trajectory"].as_array().unwrap() {
+        let log = t.step(&samples).unwrap();
+        let b = want["loss"].as_f64().unwrap();
+        assert!(
+            (log.loss - b).abs() / b < 1e-5,
+            "step {}: {} vs {b}",
+            log.step,
+            log.loss
+        );
+    }
+}

@@ -385,19 +385,7 @@ impl Pass<'_> {
         let mut d_act = vec![0f32; n * i];
         self.proj_backward(&self.proj(l, 3), &a.act, dx, &mut d_act, grads);
         let mut dgu = vec![0f32; n * 2 * i];
-        for ((dg, g), da) in dgu
-            .chunks_mut(2 * i)
-            .zip(a.gu.chunks(2 * i))
-            .zip(d_act.chunks(i))
-        {
-            let (dgate, dup) = dg.split_at_mut(i);
-            for k in 0..i {
-                let (gv, uv) = (g[k], g[i + k]);
-                let sig = 1.0 / (1.0 + (-gv).exp());
-                dgate[k] = da[k] * uv * sig * (1.0 + gv * (1.0 - sig));
-                dup[k] = da[k] * gv * sig;
-            }
-        }
+        silu_mul_backward(&a.gu, &d_act, &mut dgu, i);
         let mut dn = vec![0f32; n * h];
         self.proj_backward(&self.proj(l, 2), &a.n2, &dgu, &mut dn, grads);
         norm_backward(&a.x1, &layer.post_attention_layernorm, &a.inv2, &dn, dx);
@@ -719,6 +707,23 @@ impl Pass<'_> {
     }
 }
 
+/// The gradient at gate | up (`gu`, rows of `2i`) of `silu(gate)·up`, given `d_act` (rows of `i`).
+fn silu_mul_backward(gu: &[f32], d_act: &[f32], dgu: &mut [f32], i: usize) {
+    for ((dg, g), da) in dgu
+        .chunks_mut(2 * i)
+        .zip(gu.chunks(2 * i))
+        .zip(d_act.chunks(i))
+    {
+        let (dgate, dup) = dg.split_at_mut(i);
+        for k in 0..i {
+            let (gv, uv) = (g[k], g[i + k]);
+            let sig = 1.0 / (1.0 + (-gv).exp());
+            dgate[k] = da[k] * uv * sig * (1.0 + gv * (1.0 - sig));
+            dup[k] = da[k] * gv * sig;
+        }
+    }
+}
+
 /// RMSNorm of every row, and each row's `1/sqrt(mean(x²) + eps)`.
 fn norm_rows(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let h = w.len();
@@ -742,5 +747,316 @@ fn norm_backward(x: &[f32], w: &[f32], inv: &[f32], dy: &[f32], dx: &mut [f32]) 
         for (((o, xv), dv), wv) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
             *o += iv * wv * dv - xv * k;
         }
+    }
+}
+
+/// Every backward op against central finite differences of an f64 re-implementation of its
+/// forward op (small shapes; the analytic gradients are f32, hence the 1e-4 tolerances).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Phi3Config;
+    use crate::train::lora::{LoraSettings, TargetModules};
+    use crate::weights::Checkpoint;
+    use rand::{RngExt, SeedableRng};
+
+    fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| r.random_range(-scale..scale)).collect()
+    }
+
+    /// `max |a − b| / max |b|`.
+    fn rel(a: &[f64], b: &[f64]) -> f64 {
+        let m = b.iter().fold(0f64, |m, v| m.max(v.abs()));
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
+            / m
+    }
+
+    /// Central differences of `f` at `x` for the coordinates `at`.
+    fn fd(x: &[f64], at: &[usize], f: &dyn Fn(&[f64]) -> f64) -> Vec<f64> {
+        let h = 1e-6;
+        at.iter()
+            .map(|&i| {
+                let (mut p, mut m) = (x.to_vec(), x.to_vec());
+                p[i] += h;
+                m[i] -= h;
+                (f(&p) - f(&m)) / (2.0 * h)
+            })
+            .collect()
+    }
+
+    fn wide(v: &[f32]) -> Vec<f64> {
+        v.iter().map(|&x| x as f64).collect()
+    }
+
+    fn rms64(x: &[f64], w: &[f32], eps: f64) -> Vec<f64> {
+        let h = w.len();
+        let mut out = Vec::with_capacity(x.len());
+        for r in x.chunks(h) {
+            let inv = 1.0 / (r.iter().map(|v| v * v).sum::<f64>() / h as f64 + eps).sqrt();
+            out.extend(r.iter().zip(w).map(|(v, &g)| v * inv * g as f64));
+        }
+        out
+    }
+
+    fn dot(a: &[f64], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(x, &y)| x * y as f64).sum()
+    }
+
+    fn tiny() -> Phi3ForCausalLM {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-phi4");
+        let cfg = Phi3Config::from_file(&dir.join("config.json")).unwrap();
+        Phi3ForCausalLM::load(cfg, &Checkpoint::open_dir(&dir).unwrap()).unwrap()
+    }
+
+    fn all_targets(model: &Phi3ForCausalLM) -> LoraParams {
+        let mut p = LoraParams::zeros(
+            model,
+            LoraSettings {
+                r: 4,
+                alpha: 8.0,
+                dropout: 0.0,
+                use_rslora: false,
+                targets: TargetModules::Names(vec!["down_proj".into(), "qkv_proj".into()]),
+            },
+        )
+        .unwrap();
+        p.values = rand_vec(p.len(), 5, 0.2);
+        p
+    }
+
+    #[test]
+    fn rms_norm_backward() {
+        let (h, n) = (8, 3);
+        let (x, w, dy) = (
+            rand_vec(n * h, 1, 2.0),
+            rand_vec(h, 2, 1.5),
+            rand_vec(n * h, 3, 1.0),
+        );
+        let (_, inv) = norm_rows(&x, &w, 1e-5);
+        let mut dx = vec![0f32; n * h];
+        norm_backward(&x, &w, &inv, &dy, &mut dx);
+        let at: Vec<usize> = (0..n * h).collect();
+        let want = fd(&wide(&x), &at, &|x| dot(&rms64(x, &w, 1e-5), &dy));
+        assert!(rel(&wide(&dx), &want) < 1e-4, "{}", rel(&wide(&dx), &want));
+    }
+
+    #[test]
+    fn silu_mul_backward_matches() {
+        let (i, n) = (6, 2);
+        let (gu, da) = (rand_vec(n * 2 * i, 4, 3.0), rand_vec(n * i, 5, 1.0));
+        let mut dgu = vec![0f32; n * 2 * i];
+        silu_mul_backward(&gu, &da, &mut dgu, i);
+        let f = |gu: &[f64]| -> f64 {
+            let mut s = 0.0;
+            for (r, d) in gu.chunks(2 * i).zip(da.chunks(i)) {
+                for k in 0..i {
+                    let g = r[k];
+                    s += g / (1.0 + (-g).exp()) * r[i + k] * d[k] as f64;
+                }
+            }
+            s
+        };
+        let at: Vec<usize> = (0..gu.len()).collect();
+        let want = fd(&wide(&gu), &at, &f);
+        assert!(rel(&wide(&dgu), &want) < 1e-4);
+    }
+
+    /// The gradient pass's rotation is the adjoint of the forward's: <R·x, y> = <x, Rᵀ·y>.
+    #[test]
+    fn rotary_transpose_is_the_adjoint() {
+        let model = tiny();
+        let lora = all_targets(&model);
+        for table in [RopeTable::Short, RopeTable::Long] {
+            let pass = Pass {
+                model: &model,
+                lora: &lora,
+                table,
+                dropout: None,
+            };
+            let n = 9;
+            let rot = pass.rotary(n);
+            let w = model.config.qkv_dim();
+            let (x, y) = (rand_vec(n * w, 6, 1.0), rand_vec(n * w, 7, 1.0));
+            let (mut rx, mut ty) = (x.clone(), y.clone());
+            pass.rotate(&mut rx, &rot, false);
+            pass.rotate(&mut ty, &rot, true);
+            let a: f64 = rx.iter().zip(&y).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let b: f64 = x.iter().zip(&ty).map(|(a, b)| *a as f64 * *b as f64).sum();
+            assert!(
+                (a - b).abs() < 1e-4 * a.abs().max(1.0),
+                "{table:?}: {a} vs {b}"
+            );
+            assert!(rx != x, "the rotation did something");
+        }
+    }
+
+    /// Causal GQA attention over 70 rows (two query blocks).
+    #[test]
+    fn attention_backward() {
+        let model = tiny();
+        let lora = all_targets(&model);
+        let pass = Pass {
+            model: &model,
+            lora: &lora,
+            table: RopeTable::Short,
+            dropout: None,
+        };
+        let cfg = &model.config;
+        let (nh, nkv, hd, w) = (
+            cfg.num_attention_heads,
+            cfg.num_kv_heads(),
+            cfg.head_dim(),
+            cfg.qkv_dim(),
+        );
+        let n = 70;
+        let qkv = rand_vec(n * w, 8, 1.5);
+        let o = pass.attention(&qkv, n);
+        let d_o = rand_vec(o.len(), 9, 1.0);
+        let got = pass.attention_backward(&qkv, &o, &d_o, n);
+        let attn64 = |qkv: &[f64]| -> f64 {
+            let mut s = 0.0;
+            for h in 0..nh {
+                let g = h / (nh / nkv);
+                for t in 0..n {
+                    let q = &qkv[t * w + h * hd..][..hd];
+                    let sc: Vec<f64> = (0..=t)
+                        .map(|u| {
+                            let k = &qkv[u * w + (nh + g) * hd..][..hd];
+                            q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt()
+                        })
+                        .collect();
+                    let m = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = sc.iter().map(|v| (v - m).exp()).sum();
+                    for c in 0..hd {
+                        let ov: f64 = (0..=t)
+                            .map(|u| (sc[u] - m).exp() / z * qkv[u * w + (nh + nkv + g) * hd + c])
+                            .sum();
+                        s += ov * d_o[t * nh * hd + h * hd + c] as f64;
+                    }
+                }
+            }
+            s
+        };
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(10);
+        let at: Vec<usize> = (0..200).map(|_| r.random_range(0..n * w)).collect();
+        let want = fd(&wide(&qkv), &at, &attn64);
+        let got: Vec<f64> = at.iter().map(|&i| got[i] as f64).collect();
+        assert!(rel(&got, &want) < 1e-4, "{}", rel(&got, &want));
+    }
+
+    /// A LoRA projection with dropout: gradients at x, A and B.
+    #[test]
+    fn lora_projection_backward() {
+        let model = tiny();
+        let lora = all_targets(&model);
+        let drop = Dropout { p: 0.3, seed: 77 };
+        let pass = Pass {
+            model: &model,
+            lora: &lora,
+            table: RopeTable::Short,
+            dropout: Some(drop),
+        };
+        let p = pass.proj(1, 3);
+        let (idx, m) = p.module.unwrap();
+        let n = 3;
+        let x = rand_vec(n * m.din, 11, 1.0);
+        let dy = rand_vec(n * m.dout, 12, 1.0);
+        let mut dx = vec![0f32; x.len()];
+        let mut grads = vec![0f32; lora.len()];
+        pass.proj_backward(&p, &x, &dy, &mut dx, &mut grads);
+        let w = p.lin.weight().to_f32_vec();
+        let (r, s) = (lora.settings.r, lora.settings.scale() as f64);
+        let keep: Vec<f64> = (0..x.len())
+            .map(|i| if drop.keep(idx, i) { 1.0 / 0.7 } else { 0.0 })
+            .collect();
+        // y = W·x + s·B·(A·drop(x)); the loss is <dy, y>.
+        let f = |x: &[f64], a: &[f64], b: &[f64]| -> f64 {
+            let mut loss = 0.0;
+            for t in 0..n {
+                let xr = &x[t * m.din..(t + 1) * m.din];
+                let xd: Vec<f64> = xr
+                    .iter()
+                    .zip(&keep[t * m.din..])
+                    .map(|(v, k)| v * k)
+                    .collect();
+                let ax: Vec<f64> = (0..r)
+                    .map(|k| (0..m.din).map(|c| a[k * m.din + c] * xd[c]).sum())
+                    .collect();
+                for o in 0..m.dout {
+                    let base: f64 = (0..m.din).map(|c| w[o * m.din + c] as f64 * xr[c]).sum();
+                    let delta: f64 = (0..r).map(|k| b[o * r + k] * ax[k]).sum();
+                    loss += (base + s * delta) * dy[t * m.dout + o] as f64;
+                }
+            }
+            loss
+        };
+        let (x64, a64, b64) = (
+            wide(&x),
+            wide(&lora.values[m.a.clone()]),
+            wide(&lora.values[m.b.clone()]),
+        );
+        let all = |len: usize| (0..len).step_by(7).collect::<Vec<_>>();
+        let want = fd(&x64, &all(x.len()), &|v| f(v, &a64, &b64));
+        let got: Vec<f64> = all(x.len()).iter().map(|&i| dx[i] as f64).collect();
+        assert!(rel(&got, &want) < 1e-4, "dx {}", rel(&got, &want));
+        let want = fd(&a64, &all(a64.len()), &|v| f(&x64, v, &b64));
+        let got: Vec<f64> = all(a64.len())
+            .iter()
+            .map(|&i| grads[m.a.start + i] as f64)
+            .collect();
+        assert!(rel(&got, &want) < 1e-4, "dA {}", rel(&got, &want));
+        let want = fd(&b64, &all(b64.len()), &|v| f(&x64, &a64, v));
+        let got: Vec<f64> = all(b64.len())
+            .iter()
+            .map(|&i| grads[m.b.start + i] as f64)
+            .collect();
+        assert!(rel(&got, &want) < 1e-4, "dB {}", rel(&got, &want));
+    }
+
+    /// Final norm, tied LM head and cross-entropy over the labelled positions.
+    #[test]
+    fn head_backward() {
+        let model = tiny();
+        let lora = all_targets(&model);
+        let pass = Pass {
+            model: &model,
+            lora: &lora,
+            table: RopeTable::Short,
+            dropout: None,
+        };
+        let (h, v) = (model.config.hidden_size, model.config.vocab_size);
+        let n = 6;
+        let x = rand_vec(n * h, 13, 1.0);
+        let labels = [IGNORE, 5, IGNORE, 300, 7, 499];
+        let mut dx = vec![0f32; x.len()];
+        let (loss, count) = pass.head(&x, &labels, 3.0, &mut dx).unwrap();
+        assert_eq!(count, 4);
+        let e = model.model.embed_tokens.to_f32_vec();
+        let f = |x: &[f64]| -> f64 {
+            let normed = rms64(x, &model.model.norm, model.config.rms_norm_eps);
+            let mut s = 0.0;
+            for t in 0..n - 1 {
+                if labels[t + 1] == IGNORE {
+                    continue;
+                }
+                let row = &normed[t * h..(t + 1) * h];
+                let logits: Vec<f64> = (0..v).map(|k| dot(row, &e[k * h..(k + 1) * h])).collect();
+                let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let lse = m + logits.iter().map(|l| (l - m).exp()).sum::<f64>().ln();
+                s += lse - logits[labels[t + 1] as usize];
+            }
+            s / 3.0
+        };
+        assert!((loss - f(&wide(&x))).abs() < 1e-5 * loss.abs());
+        let at: Vec<usize> = (0..n * h).step_by(3).collect();
+        let want = fd(&wide(&x), &at, &f);
+        let got: Vec<f64> = at.iter().map(|&i| dx[i] as f64).collect();
+        assert!(rel(&got, &want) < 1e-4, "{}", rel(&got, &want));
+        // The last row has no next token: no gradient.
+        assert!(dx[(n - 1) * h..].iter().all(|&g| g == 0.0));
     }
 }
