@@ -658,3 +658,83 @@ pub fn run_audio(
     }
     Ok(out)
 }
+
+/// One LoRA training step's speed and memory (`phi4 bench --train`).
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainBench {
+    pub seq: usize,
+    pub layers: usize,
+    pub threads: usize,
+    pub gradient_checkpointing: bool,
+    /// Median over the timed steps.
+    pub step_s: f64,
+    pub tokens_per_s: f64,
+    pub peak_rss_mb: Option<f64>,
+}
+
+/// Times optimizer steps of a LoRA (r 8, alpha 32, every projection, no dropout) on one
+/// sample of `seq` random tokens, every position labelled (as `bench_train_peft.py` does):
+/// one warm-up step, then `runs` timed ones.
+pub fn run_train(
+    model: &Phi3ForCausalLM,
+    seq: usize,
+    runs: usize,
+    gradient_checkpointing: bool,
+) -> Result<TrainBench> {
+    use crate::train::{
+        LoraParams, LoraSettings, Sample, Schedule, TargetModules, TrainConfig, Trainer,
+    };
+    let settings = LoraSettings {
+        r: 8,
+        alpha: 32.0,
+        dropout: 0.0,
+        use_rslora: false,
+        targets: TargetModules::parse(&["all-linear".to_string()])?,
+    };
+    let params = LoraParams::init(model, settings, 0)?;
+    let ids = random_prompt(7, seq, model.config.vocab_size);
+    let sample = Sample {
+        labels: ids.iter().map(|&t| t as i32).collect(),
+        input_ids: ids,
+        origin: "bench".into(),
+    };
+    let cfg = TrainConfig {
+        learning_rate: 1e-4,
+        num_train_epochs: 1.0,
+        max_steps: Some(runs as u64 + 1),
+        per_device_train_batch_size: 1,
+        gradient_accumulation_steps: 1,
+        weight_decay: 0.1,
+        adam_beta1: 0.9,
+        adam_beta2: 0.95,
+        adam_epsilon: 1e-8,
+        lr_scheduler_type: Schedule::Cosine,
+        warmup_ratio: 0.0,
+        warmup_steps: None,
+        max_grad_norm: 1.0,
+        seed: 0,
+        shuffle: false,
+        gradient_checkpointing,
+    };
+    let samples = [sample];
+    let mut t = Trainer::new(model, cfg, params, 1)?;
+    reset_peak_rss();
+    t.step(&samples)?;
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t0 = Instant::now();
+        t.step(&samples)?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let step_s = times[times.len() / 2];
+    Ok(TrainBench {
+        seq,
+        layers: model.config.num_hidden_layers,
+        threads: rayon::current_num_threads(),
+        gradient_checkpointing,
+        step_s,
+        tokens_per_s: seq as f64 / step_s,
+        peak_rss_mb: peak_rss_mb(),
+    })
+}

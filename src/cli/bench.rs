@@ -50,6 +50,16 @@ pub(super) struct BenchArgs {
     /// With --synthetic --save: Phi-4-multimodal weights (transformers' layout, bf16) instead.
     #[arg(long)]
     multimodal: bool,
+    /// One LoRA training step instead (r 8, every projection, --prompt-tokens labelled tokens
+    /// per step): trained tokens/s and peak memory.
+    #[arg(long)]
+    train: bool,
+    /// With --train: keep every layer's activations instead of recomputing them.
+    #[arg(long, requires = "train")]
+    no_checkpointing: bool,
+    /// With --synthetic: only this many decoder layers (per-layer figures in less time).
+    #[arg(long, requires = "synthetic")]
+    layers: Option<usize>,
 }
 
 pub(super) fn parse_size(s: &str) -> Result<(usize, usize)> {
@@ -94,7 +104,17 @@ pub(super) fn bench_cmd(a: BenchArgs) -> Result<()> {
         }
         (None, true) => {
             eprintln!("building synthetic Phi-4-mini weights (bf16, random)...");
-            let mut m = Phi3ForCausalLM::synthetic(Phi3Config::phi4_mini(), 1);
+            let mut config = Phi3Config::phi4_mini();
+            if let Some(l) = a.layers {
+                if l == 0 || l > config.num_hidden_layers {
+                    bail!(
+                        "--layers must be between 1 and {}",
+                        config.num_hidden_layers
+                    );
+                }
+                config.num_hidden_layers = l;
+            }
+            let mut m = Phi3ForCausalLM::synthetic(config, 1);
             let format = match a.quant {
                 Some(r) => {
                     eprintln!("quantizing ({})...", r.name());
@@ -123,6 +143,25 @@ pub(super) fn bench_cmd(a: BenchArgs) -> Result<()> {
     }
     if !a.concurrency.is_empty() {
         return bench_batched(a, engine_for_batching(engine, synthetic)?);
+    }
+    if a.train {
+        let r = phi4::bench::run_train(model, a.prompt_tokens, a.runs, !a.no_checkpointing)?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        } else {
+            println!(
+                "model: {label} ({} layers), threads: {}, LoRA r 8 all-linear, checkpointing {}",
+                r.layers, r.threads, r.gradient_checkpointing
+            );
+            println!(
+                "train step ({} tokens): {:.2} s = {:.2} tok/s   peak RSS {:.0} MB",
+                r.seq,
+                r.step_s,
+                r.tokens_per_s,
+                r.peak_rss_mb.unwrap_or(f64::NAN)
+            );
+        }
+        return Ok(());
     }
     let report = phi4::bench::run(
         model,

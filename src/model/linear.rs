@@ -207,6 +207,49 @@ impl Linear {
         }
     }
 
+    /// `dx = dy · W`: the gradient at the input of [`Linear::forward`] (no adapter; training
+    /// adds its own LoRA terms). With bf16 weights and bf16 activations on AVX-512 BF16 the
+    /// weight is transposed (a copy of this one matrix) and the product runs on the bf16
+    /// kernels, as PyTorch's bf16 training does; otherwise W is widened (quantized rows
+    /// dequantized) block by block with f32 products.
+    pub fn backward_input(&self, dy: &[f32], dx: &mut [f32]) {
+        let (rows, cols) = (self.out_features, self.in_features);
+        if self.weight.dtype == DType::BF16
+            && self.bf16_acts == Bf16Acts::Bf16
+            && crate::kernels::bf16::available()
+        {
+            thread_local! {
+                static TRANSPOSED: std::cell::RefCell<Vec<half::bf16>> = const { std::cell::RefCell::new(Vec::new()) };
+            }
+            return TRANSPOSED.with(|t| {
+                let mut wt = t.borrow_mut();
+                crate::kernels::bf16::transpose_into(self.weight.as_bf16(), rows, cols, &mut wt);
+                matmul_bf16(&wt, cols, rows, dy, dx, Bf16Acts::Bf16)
+            });
+        }
+        crate::kernels::matmul_transposed(self.view(), rows, cols, dy, dx, false);
+    }
+
+    /// This layer's weight transposed (`[in, out]`, bf16 weights with bf16 activations on
+    /// AVX-512 BF16 only): for repeated [`Linear::backward_input`]-style products with one
+    /// matrix (the tied LM head), transposed once.
+    pub fn transposed_bf16(&self) -> Option<Linear> {
+        if self.weight.dtype != DType::BF16
+            || self.bf16_acts != Bf16Acts::Bf16
+            || !crate::kernels::bf16::available()
+        {
+            return None;
+        }
+        let (rows, cols) = (self.out_features, self.in_features);
+        let wt = crate::kernels::bf16::transpose(self.weight.as_bf16(), rows, cols);
+        let mut l = Linear::new(Tensor::bf16_with(vec![cols, rows], |o| {
+            o.copy_from_slice(&wt)
+        }))
+        .ok()?;
+        l.bf16_acts = Bf16Acts::Bf16;
+        Some(l)
+    }
+
     /// [`Linear::forward`] with row `i` adding the delta of adapter `adapters[i]` (none for
     /// `None`; an empty slice means no adapter anywhere). Rows of the same adapter go through
     /// its two small products together.

@@ -17,14 +17,13 @@ use anyhow::{bail, Result};
 use rayon::prelude::*;
 
 use super::lora::{LoraModule, LoraParams};
-use crate::kernels::matmul::matmul_transposed;
 use crate::kernels::ops::{rms_norm, rope_neox, silu_mul, softmax};
 use crate::model::{Linear, Phi3ForCausalLM, RopeTable};
 
 /// Query rows per attention block (the scores of a block are `QUERY_BLOCK × tokens` floats).
 const QUERY_BLOCK: usize = 64;
 /// Labelled positions whose logits exist at once (`LOGIT_ROWS × vocab` floats).
-pub const LOGIT_ROWS: usize = 32;
+pub const LOGIT_ROWS: usize = 256;
 /// Label value of a position that carries no loss (PyTorch's `ignore_index`).
 pub const IGNORE: i32 = -100;
 
@@ -145,6 +144,9 @@ pub struct Pass<'a> {
     pub table: RopeTable,
     /// `None` when training without dropout (or evaluating).
     pub dropout: Option<Dropout>,
+    /// The LM head transposed once for the whole run ([`Linear::transposed_bf16`]), if the
+    /// bf16 kernels compute its input gradient.
+    pub head_t: Option<&'a Linear>,
 }
 
 /// One projection with its LoRA delta.
@@ -210,8 +212,7 @@ impl Pass<'_> {
 
     /// Given `dy`, writes `dx` and adds the LoRA gradients to `grads` (laid out as the values).
     fn proj_backward(&self, p: &Proj, x: &[f32], dy: &[f32], dx: &mut [f32], grads: &mut [f32]) {
-        let lin = p.lin;
-        matmul_transposed(lin.view(), lin.out_features, lin.in_features, dy, dx, false);
+        p.lin.backward_input(dy, dx);
         let Some((idx, m)) = p.module else { return };
         let (r, n) = (self.lora.settings.r, x.len() / m.din);
         let s = self.lora.settings.scale();
@@ -608,6 +609,7 @@ impl Pass<'_> {
             .collect::<Result<_>>()?;
         let mut loss = 0f64;
         let norm = &self.model.model.norm;
+        let mut logits = Vec::new();
         for chunk in rows.chunks(LOGIT_ROWS) {
             let c = chunk.len();
             let xs: Vec<f32> = chunk
@@ -616,34 +618,36 @@ impl Pass<'_> {
                 .copied()
                 .collect();
             let (normed, inv) = norm_rows(&xs, norm, eps);
-            let mut logits = vec![0f32; c * vocab];
+            logits.resize(c * vocab, 0.0);
             self.model.lm_head.forward(&normed, &mut logits);
+            // Cross-entropy and its gradient `(softmax − onehot) / denom` in place, with the
+            // SIMD softmax: the row's largest probability is `1 / Σ exp(v − max)`, which gives
+            // the log-sum-exp without a second pass.
             let per_row: Vec<f64> = logits
                 .par_chunks_mut(vocab)
                 .zip(chunk)
                 .map(|(row, &(_, y))| {
-                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
-                    let lse = max as f64 + sum.ln();
-                    let ce = lse - row[y] as f64;
+                    let (imax, max) = row.iter().copied().enumerate().fold(
+                        (0, f32::NEG_INFINITY),
+                        |a, (i, v)| if v > a.1 { (i, v) } else { a },
+                    );
+                    let target = row[y];
+                    softmax(row);
+                    let lse = max as f64 - (row[imax] as f64).ln();
+                    let inv = 1.0 / denom;
                     for v in row.iter_mut() {
-                        *v = (((*v as f64) - lse).exp() as f32) / denom;
+                        *v *= inv;
                     }
-                    row[y] -= 1.0 / denom;
-                    ce
+                    row[y] -= inv;
+                    lse - target as f64
                 })
                 .collect();
             loss += per_row.iter().sum::<f64>() / denom as f64;
             let mut dn = vec![0f32; c * h];
-            let head = &self.model.lm_head;
-            matmul_transposed(
-                head.view(),
-                head.out_features,
-                head.in_features,
-                &logits,
-                &mut dn,
-                false,
-            );
+            match self.head_t {
+                Some(t) => t.forward(&logits, &mut dn),
+                None => self.model.lm_head.backward_input(&logits, &mut dn),
+            }
             let mut dxs = vec![0f32; c * h];
             norm_backward(&xs, norm, &inv, &dn, &mut dxs);
             for (k, &(t, _)) in chunk.iter().enumerate() {
@@ -876,6 +880,7 @@ mod tests {
                 lora: &lora,
                 table,
                 dropout: None,
+                head_t: None,
             };
             let n = 9;
             let rot = pass.rotary(n);
@@ -904,6 +909,7 @@ mod tests {
             lora: &lora,
             table: RopeTable::Short,
             dropout: None,
+            head_t: None,
         };
         let cfg = &model.config;
         let (nh, nkv, hd, w) = (
@@ -959,6 +965,7 @@ mod tests {
             lora: &lora,
             table: RopeTable::Short,
             dropout: Some(drop),
+            head_t: None,
         };
         let p = pass.proj(1, 3);
         let (idx, m) = p.module.unwrap();
@@ -1027,6 +1034,7 @@ mod tests {
             lora: &lora,
             table: RopeTable::Short,
             dropout: None,
+            head_t: None,
         };
         let (h, v) = (model.config.hidden_size, model.config.vocab_size);
         let n = 6;

@@ -72,6 +72,8 @@ pub struct StepLog {
 
 pub struct Trainer<'m> {
     pub model: &'m Phi3ForCausalLM,
+    /// The tied LM head transposed once, when bf16 kernels take its input gradient.
+    head_t: Option<crate::model::Linear>,
     pub cfg: TrainConfig,
     pub params: LoraParams,
     pub opt: AdamW,
@@ -123,6 +125,7 @@ impl<'m> Trainer<'m> {
             cfg.weight_decay,
         );
         Ok(Trainer {
+            head_t: model.lm_head.transposed_bf16(),
             model,
             cfg,
             params,
@@ -186,6 +189,7 @@ impl<'m> Trainer<'m> {
                         p,
                         seed: dropout_seed ^ ((b as u64) << 20) ^ ((j as u64) << 32),
                     }),
+                    head_t: self.head_t.as_ref(),
                 };
                 let s = &samples[i];
                 let (l, _) = pass.sample(
@@ -246,6 +250,7 @@ impl<'m> Trainer<'m> {
                 lora: &self.params,
                 table: self.model.rope.table_for_len(s.input_ids.len()),
                 dropout: None,
+                head_t: self.head_t.as_ref(),
             };
             let (l, n) = pass.loss(&s.input_ids, &s.labels, 1.0)?;
             sum += l;
