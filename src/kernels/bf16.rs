@@ -826,6 +826,38 @@ pub(super) mod x86 {
     }
 }
 
+/// `Wᵀ` of a row-major `[rows, cols]` bf16 matrix, in 64×64 tiles across threads: training's
+/// input gradients `dY·W` then run as products with the transposed weights on the bf16 kernels.
+pub fn transpose(w: &[bf16], rows: usize, cols: usize) -> Vec<bf16> {
+    let mut out = Vec::new();
+    transpose_into(w, rows, cols, &mut out);
+    out
+}
+
+/// [`transpose`] into `out` (resized; a buffer kept across calls saves the page faults of a
+/// fresh 100 MB allocation per projection).
+pub fn transpose_into(w: &[bf16], rows: usize, cols: usize, out: &mut Vec<bf16>) {
+    assert_eq!(w.len(), rows * cols);
+    const T: usize = 64;
+    out.resize(rows * cols, bf16::ZERO);
+    out.par_chunks_mut(T * rows)
+        .enumerate()
+        .for_each(|(cb, block)| {
+            // `block` holds output rows (= input columns) cb*T .. cb*T + block.len()/rows.
+            let c0 = cb * T;
+            let nc = block.len() / rows;
+            for r0 in (0..rows).step_by(T) {
+                let r1 = (r0 + T).min(rows);
+                for c in 0..nc {
+                    let dst = &mut block[c * rows + r0..c * rows + r1];
+                    for (k, d) in dst.iter_mut().enumerate() {
+                        *d = w[(r0 + k) * cols + c0 + c];
+                    }
+                }
+            }
+        });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -978,36 +1010,16 @@ mod tests {
             assert!(errs[1] > 10.0 * errs[0], "{rows}x{cols} n={n}: {errs:?}");
         }
     }
-}
 
-/// `Wᵀ` of a row-major `[rows, cols]` bf16 matrix, in 64×64 tiles across threads: training's
-/// input gradients `dY·W` then run as products with the transposed weights on the bf16 kernels.
-pub fn transpose(w: &[bf16], rows: usize, cols: usize) -> Vec<bf16> {
-    let mut out = Vec::new();
-    transpose_into(w, rows, cols, &mut out);
-    out
-}
-
-/// [`transpose`] into `out` (resized; a buffer kept across calls saves the page faults of a
-/// fresh 100 MB allocation per projection).
-pub fn transpose_into(w: &[bf16], rows: usize, cols: usize, out: &mut Vec<bf16>) {
-    assert_eq!(w.len(), rows * cols);
-    const T: usize = 64;
-    out.resize(rows * cols, bf16::ZERO);
-    out.par_chunks_mut(T * rows)
-        .enumerate()
-        .for_each(|(cb, block)| {
-            // `block` holds output rows (= input columns) cb*T .. cb*T + block.len()/rows.
-            let c0 = cb * T;
-            let nc = block.len() / rows;
-            for r0 in (0..rows).step_by(T) {
-                let r1 = (r0 + T).min(rows);
-                for c in 0..nc {
-                    let dst = &mut block[c * rows + r0..c * rows + r1];
-                    for (k, d) in dst.iter_mut().enumerate() {
-                        *d = w[(r0 + k) * cols + c0 + c];
-                    }
-                }
+    #[test]
+    fn transpose_swaps_rows_and_columns() {
+        let (rows, cols) = (130, 67);
+        let w: Vec<bf16> = (0..rows * cols).map(|i| bf16::from_f32(i as f32)).collect();
+        let t = transpose(&w, rows, cols);
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(t[c * rows + r], w[r * cols + c]);
             }
-        });
+        }
+    }
 }
