@@ -396,6 +396,9 @@ pub(super) fn sft(a: SftArgs) -> Result<()> {
     });
     log.write(&summary)?;
     eprintln!("{summary}");
+    for p in phi4::train::plot::write_run_curves(&run_dir, &history)? {
+        eprintln!("wrote {}", p.display());
+    }
     if let Some(d) = last_saved {
         println!("{}", d.display());
     }

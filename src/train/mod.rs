@@ -8,6 +8,7 @@ pub mod data;
 pub mod lora;
 pub mod optim;
 pub mod output;
+pub mod plot;
 pub mod trainer;
 
 pub use data::{DataOptions, Encoder, Sample, Truncation};
