@@ -792,6 +792,22 @@ mod tests {
             .collect()
     }
 
+    /// The f32 gradient pass the finite-difference tests check (no bf16 head copy).
+    fn exact_pass<'a>(
+        model: &'a Phi3ForCausalLM,
+        lora: &'a LoraParams,
+        table: RopeTable,
+        dropout: Option<Dropout>,
+    ) -> Pass<'a> {
+        Pass {
+            model,
+            lora,
+            table,
+            dropout,
+            head_t: None,
+        }
+    }
+
     fn wide(v: &[f32]) -> Vec<f64> {
         v.iter().map(|&x| x as f64).collect()
     }
@@ -875,13 +891,7 @@ mod tests {
         let model = tiny();
         let lora = all_targets(&model);
         for table in [RopeTable::Short, RopeTable::Long] {
-            let pass = Pass {
-                model: &model,
-                lora: &lora,
-                table,
-                dropout: None,
-                head_t: None,
-            };
+            let pass = exact_pass(&model, &lora, table, None);
             let n = 9;
             let rot = pass.rotary(n);
             let w = model.config.qkv_dim();
@@ -904,13 +914,7 @@ mod tests {
     fn attention_backward() {
         let model = tiny();
         let lora = all_targets(&model);
-        let pass = Pass {
-            model: &model,
-            lora: &lora,
-            table: RopeTable::Short,
-            dropout: None,
-            head_t: None,
-        };
+        let pass = exact_pass(&model, &lora, RopeTable::Short, None);
         let cfg = &model.config;
         let (nh, nkv, hd, w) = (
             cfg.num_attention_heads,
@@ -960,13 +964,7 @@ mod tests {
         let model = tiny();
         let lora = all_targets(&model);
         let drop = Dropout { p: 0.3, seed: 77 };
-        let pass = Pass {
-            model: &model,
-            lora: &lora,
-            table: RopeTable::Short,
-            dropout: Some(drop),
-            head_t: None,
-        };
+        let pass = exact_pass(&model, &lora, RopeTable::Short, Some(drop));
         let p = pass.proj(1, 3);
         let (idx, m) = p.module.unwrap();
         let n = 3;
@@ -1029,13 +1027,7 @@ mod tests {
     fn head_backward() {
         let model = tiny();
         let lora = all_targets(&model);
-        let pass = Pass {
-            model: &model,
-            lora: &lora,
-            table: RopeTable::Short,
-            dropout: None,
-            head_t: None,
-        };
+        let pass = exact_pass(&model, &lora, RopeTable::Short, None);
         let (h, v) = (model.config.hidden_size, model.config.vocab_size);
         let n = 6;
         let x = rand_vec(n * h, 13, 1.0);
