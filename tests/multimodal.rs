@@ -355,13 +355,10 @@ fn a_batch_mixing_text_image_and_audio_requests_equals_each_run_alone() {
 
 mod server {
     use super::*;
-    use axum::body::Body;
-    use axum::http::{Request as HttpRequest, StatusCode};
-    use http_body_util::BodyExt;
+    use axum::http::StatusCode;
     use phi4::engine::{LocalMedia, MediaLimits};
     use phi4::server::{engine_router, ServerOptions};
     use serde_json::{json, Value};
-    use tower::ServiceExt;
 
     fn app(limits: MediaLimits) -> axum::Router {
         let mut e = Engine::load(&common::tiny_mm_dir()).unwrap();
@@ -377,19 +374,7 @@ mod server {
     }
 
     async fn post(app: &axum::Router, body: Value) -> (StatusCode, Value) {
-        let req = HttpRequest::builder()
-            .method("POST")
-            .uri("/v1/chat/completions")
-            .header("content-type", "application/json")
-            .body(Body::from(body.to_string()))
-            .unwrap();
-        let resp = app.clone().oneshot(req).await.unwrap();
-        let status = resp.status();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
+        common::http::call(app, "POST", "/v1/chat/completions", Some(body)).await
     }
 
     fn data_url(bytes: &[u8], mime: &str) -> String {

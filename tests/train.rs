@@ -364,13 +364,10 @@ fn adapters_apply_unmerged_as_peft() {
 
 mod server {
     use super::*;
-    use axum::body::Body;
-    use axum::http::{Request as HttpRequest, StatusCode};
-    use http_body_util::BodyExt;
+    use axum::http::StatusCode;
     use phi4::engine::BatcherConfig;
     use phi4::server::{engine_router, ServerOptions};
     use serde_json::json;
-    use tower::ServiceExt;
 
     fn app() -> axum::Router {
         let mut e = phi4::Engine::load(&tiny_dir()).unwrap();
@@ -386,26 +383,7 @@ mod server {
         )
     }
 
-    async fn call(
-        app: &axum::Router,
-        method: &str,
-        uri: &str,
-        body: Option<Value>,
-    ) -> (StatusCode, Value) {
-        let req = HttpRequest::builder()
-            .method(method)
-            .uri(uri)
-            .header("content-type", "application/json")
-            .body(body.map_or(Body::empty(), |b| Body::from(b.to_string())))
-            .unwrap();
-        let resp = app.clone().oneshot(req).await.unwrap();
-        let status = resp.status();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
-    }
+    use common::http::call;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn lora_modules_are_listed_and_chosen_by_model_name() {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use phi4::weights::open_safetensors;
 
+pub mod http;
 pub mod lora;
 pub mod o200k;
 
