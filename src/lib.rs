@@ -14,6 +14,7 @@ pub mod model;
 pub mod paging;
 pub mod server;
 pub mod text;
+pub mod time;
 pub mod train;
 pub mod weights;
 

@@ -237,6 +237,53 @@ fn bad_input_exits_non_zero_with_a_reason() {
         ),
         (vec!["bench".into()], "--synthetic"),
     ];
+    // serve's operational flags: checked before anything listens or loads.
+    let serve = |flag: &str, value: &str| -> Vec<String> {
+        [
+            "serve",
+            "--model",
+            &tiny(),
+            "--port",
+            "0",
+            &format!("{flag}={value}"),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let cases = cases.into_iter().chain([
+        (
+            serve("--header-timeout", "0"),
+            "--header-timeout must be a positive",
+        ),
+        (
+            serve("--body-timeout", "nan"),
+            "--body-timeout must be a positive",
+        ),
+        (
+            serve("--keep-alive-timeout", "-3"),
+            "--keep-alive-timeout must be a positive",
+        ),
+        (
+            serve("--shutdown-timeout", "inf"),
+            "--shutdown-timeout must be a positive",
+        ),
+        (serve("--request-timeout", "-1"), "or 0 for no limit"),
+        (
+            serve("--max-connections", "0"),
+            "--max-connections must be at least 1",
+        ),
+        (serve("--log-format", "xml"), "invalid value 'xml'"),
+        (
+            vec![
+                "serve".into(),
+                "--model".into(),
+                "/no/such/dir".into(),
+                "--port".into(),
+                "0".into(),
+            ],
+            "no such directory",
+        ),
+    ]);
     for (args, needle) in cases {
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         let o = phi4(&a, None);

@@ -8,6 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::tiny_dir;
@@ -32,6 +33,12 @@ fn start_server() -> Server {
 }
 
 fn start_server_for(model: &Path) -> Server {
+    start_server_with(model, &[]).0
+}
+
+/// `phi4 serve` on `model` with `extra` flags, once it says it is ready; its stderr lines as
+/// they come.
+fn start_server_with(model: &Path, extra: &[&str]) -> (Server, Arc<Mutex<Vec<String>>>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_phi4"))
         .args(["serve", "--model"])
         .arg(model)
@@ -43,23 +50,31 @@ fn start_server_for(model: &Path) -> Server {
             "--api-key",
             KEY,
         ])
+        .args(extra)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
         .expect("starting phi4 serve");
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let log = Arc::new(Mutex::new(Vec::new()));
     let addr = loop {
         let line = lines
             .next()
-            .expect("phi4 serve exited before listening")
+            .expect("phi4 serve exited before it was ready")
             .unwrap();
-        if let Some(rest) = line.split("listening on http://").nth(1) {
+        log.lock().unwrap().push(line.clone());
+        if let Some(rest) = line.split("ready on http://").nth(1) {
             break rest.split_whitespace().next().unwrap().to_string();
         }
     };
     // Keep draining stderr so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Server { child, addr }
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    (Server { child, addr }, log)
 }
 
 /// A Python with the pinned openai SDK, made on first use.
@@ -71,36 +86,7 @@ fn sdk_python() -> PathBuf {
 }
 
 fn make_sdk_python() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let venv = root.join("target/openai-sdk-venv");
-    let python = venv.join("bin/python");
-    let stamp = venv.join("requirements.installed");
-    let reqs = root.join("tests/openai_sdk/requirements.txt");
-    let wanted = std::fs::read_to_string(&reqs).unwrap();
-    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
-        return python;
-    }
-    let ok = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .status()
-        .expect("python3 is needed for the openai SDK test (apt-get install python3-venv)");
-    assert!(ok.success(), "python3 -m venv failed");
-    let ok = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "-r",
-        ])
-        .arg(&reqs)
-        .status()
-        .unwrap();
-    assert!(ok.success(), "installing the openai SDK failed");
-    std::fs::write(&stamp, wanted).unwrap();
-    python
+    common::venv::pinned_python("openai-sdk-venv", "tests/openai_sdk/requirements.txt")
 }
 
 /// Runs `tests/openai_sdk/{script}` with the SDK against a server for `model` (the text
@@ -246,4 +232,89 @@ fn a_client_that_disconnects_mid_stream_frees_its_sequence() {
         generated
     );
     assert!(generated < 450.0, "ran to the end: {generated} tokens");
+}
+
+/// What systemd, Docker and Kubernetes send: with four streams open, SIGTERM drains (each
+/// stream gets a final chunk with a finish reason and `[DONE]`), exits 0, and the request log
+/// has a JSON line per request without the prompt's text.
+#[test]
+fn sigterm_ends_open_streams_cleanly_and_exits_zero() {
+    let (mut server, log) = start_server_with(
+        &tiny_dir(),
+        &["--shutdown-timeout", "0.2", "--log-format", "json"],
+    );
+    let body = serde_json::json!({
+        "model": MODEL, "stream": true, "max_tokens": 400, "ignore_eos": true,
+        "messages": [{"role": "user", "content": "zebra-secret"}],
+    })
+    .to_string();
+    let mut streams: Vec<(TcpStream, Vec<u8>)> = (0..4)
+        .map(|_| {
+            let mut s = http(&server.addr, "POST", "/v1/chat/completions", &body);
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&got).contains("data: ") {
+                let n = s.read(&mut buf).unwrap();
+                assert!(n > 0, "closed before the first event");
+                got.extend_from_slice(&buf[..n]);
+            }
+            (s, got)
+        })
+        .collect();
+    let t0 = Instant::now();
+    let ok = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    for (s, got) in streams.iter_mut() {
+        s.read_to_end(got).unwrap();
+        let text = String::from_utf8_lossy(got);
+        let events: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .collect();
+        assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+        let last: serde_json::Value = serde_json::from_str(events[events.len() - 2]).unwrap();
+        let reason = last["choices"][0]["finish_reason"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(reason == "length" || reason == "stop", "{last}");
+    }
+    let status = loop {
+        if let Some(st) = server.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "still running after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
+    std::thread::sleep(Duration::from_millis(100));
+    let log = log.lock().unwrap().clone();
+    assert!(
+        log.iter().any(|l| l.contains("phi4 serve: stopped")),
+        "{log:#?}"
+    );
+    let requests: Vec<serde_json::Value> = log
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "request")
+        .collect();
+    assert_eq!(requests.len(), 4, "{log:#?}");
+    for r in &requests {
+        assert_eq!(r["status"], 200);
+        assert_eq!(r["path"], "/v1/chat/completions");
+        assert_eq!(r["model"], MODEL);
+        assert!(r["id"].as_str().unwrap().starts_with("req-"));
+        assert!(r["prompt_tokens"].as_u64().unwrap() > 0);
+        assert!(r["completion_tokens"].as_u64().unwrap() >= 1);
+        assert!(r["ttft_s"].as_f64().is_some() && r["duration_s"].as_f64().is_some());
+    }
+    assert!(
+        !log.iter().any(|l| l.contains("zebra-secret")),
+        "prompt text in the log"
+    );
 }

@@ -99,7 +99,16 @@ impl ModelArg {
     /// Loads the model and its adapters; with `default_adapter` (run, chat) the one adapter
     /// applies to every request. Returns the adapters' names.
     fn load(&self, default_adapter: bool) -> Result<(Engine, Vec<String>)> {
-        let mut engine = load_engine(&self.model, self.quant, &self.opts)?;
+        self.load_reporting(default_adapter, &|_, _| {})
+    }
+
+    /// [`ModelArg::load`], telling `progress` the weight bytes read of the total as it goes.
+    fn load_reporting(
+        &self,
+        default_adapter: bool,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<(Engine, Vec<String>)> {
+        let mut engine = load_engine_reporting(&self.model, self.quant, &self.opts, progress)?;
         if default_adapter && self.adapters.len() > 1 {
             bail!("run and chat take one --adapters directory; serve several with --lora-modules NAME=DIR");
         }
@@ -278,10 +287,19 @@ fn is_gguf(spec: &str) -> bool {
 }
 
 fn load_engine(spec: &str, quant: Option<Recipe>, opts: &ModelOptions) -> Result<Engine> {
+    load_engine_reporting(spec, quant, opts, &|_, _| {})
+}
+
+fn load_engine_reporting(
+    spec: &str,
+    quant: Option<Recipe>,
+    opts: &ModelOptions,
+    progress: &dyn Fn(u64, u64),
+) -> Result<Engine> {
     let mut engine = if is_gguf(spec) {
         Engine::load_gguf(Path::new(spec), quant)?
     } else {
-        load_dir(&resolve_model(spec)?, quant)?
+        load_dir(&resolve_model(spec)?, quant, progress)?
     };
     opts.apply_engine(&mut engine);
     Ok(engine)
@@ -295,7 +313,7 @@ fn load_model(dir: &Path, quant: Option<Recipe>) -> Result<Phi3ForCausalLM> {
     Phi3ForCausalLM::load_ready(config, &mut ckpt, quant, dir, true, &mut |_| {})
 }
 
-fn load_dir(dir: &Path, quant: Option<Recipe>) -> Result<Engine> {
+fn load_dir(dir: &Path, quant: Option<Recipe>, progress: &dyn Fn(u64, u64)) -> Result<Engine> {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("loading {msg} [{bar:30}] {bytes}/{total_bytes}")
@@ -305,6 +323,7 @@ fn load_dir(dir: &Path, quant: Option<Recipe>) -> Result<Engine> {
     bar.set_message(dir.display().to_string());
     let mut shown = false;
     let engine = Engine::load_with_progress(dir, quant, &mut |done, total| {
+        progress(done, total);
         // Small checkpoints load instantly; a bar would only flicker.
         if total >= 256 << 20 {
             if !shown {

@@ -1,5 +1,13 @@
 use super::*;
 
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::Router;
+use phi4::server::connection::ConnectionLimits;
+use phi4::server::lifecycle::Shutdown;
+use phi4::server::{ListenConfig, LogFormat, LogOptions, ServerStatus};
+
 #[derive(Args)]
 pub(super) struct ServeArgs {
     #[command(flatten)]
@@ -53,6 +61,49 @@ pub(super) struct ServeArgs {
     /// Most audios in one chat request (400 beyond).
     #[arg(long, default_value_t = 16)]
     max_audios_per_request: usize,
+    /// Seconds a client has from a request's first byte to the end of its headers; a slower
+    /// one is disconnected.
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    header_timeout: f64,
+    /// Seconds a request body (a large media upload included) may take to arrive; beyond, 408
+    /// and the connection is closed.
+    #[arg(long, default_value_t = 120.0, value_name = "SECS")]
+    body_timeout: f64,
+    /// Seconds an open connection may wait for its next request (longer than a load
+    /// balancer's idle timeout, so the balancer closes first).
+    #[arg(long, default_value_t = 75.0, value_name = "SECS")]
+    keep_alive_timeout: f64,
+    /// Connections served at once; a new one beyond gets 503 with Retry-After and is closed.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Seconds a request may run in all (queue, prompt, generation); then it ends as if
+    /// max_tokens were reached: finish_reason "length", the text so far. 0: no limit.
+    #[arg(long, default_value_t = 1800.0, value_name = "SECS")]
+    request_timeout: f64,
+    /// On SIGTERM or SIGINT: seconds running requests get to finish before they are ended
+    /// (streams get a final chunk and [DONE]); a second signal exits at once.
+    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    shutdown_timeout: f64,
+    /// One line per API request on stderr: `text` (key=value) or `json`.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormatArg,
+    /// Put the request's messages or prompt in its log line (off: no user text in logs).
+    #[arg(long)]
+    log_prompts: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(super) enum LogFormatArg {
+    Text,
+    Json,
+}
+
+/// A positive number of seconds from a flag.
+fn seconds(flag: &str, v: f64) -> Result<Duration> {
+    if !(v > 0.0 && v.is_finite() && v < 1e9) {
+        bail!("--{flag} must be a positive number of seconds");
+    }
+    Ok(Duration::from_secs_f64(v))
 }
 
 pub(super) fn api_keys(a: &ServeArgs) -> Result<Vec<String>> {
@@ -99,17 +150,99 @@ pub(super) fn serve(a: ServeArgs) -> Result<()> {
     if !(a.max_audio_seconds > 0.0 && a.max_audio_seconds.is_finite()) {
         bail!("--max-audio-seconds must be a positive number of seconds");
     }
+    if a.max_connections == 0 {
+        bail!("--max-connections must be at least 1");
+    }
+    // 0 turns the limit off; anything else must be a valid duration (NaN is neither).
+    let request_timeout = match a.request_timeout {
+        0.0 => None,
+        v => Some(seconds("request-timeout", v).context("or 0 for no limit")?),
+    };
+    let listen = ListenConfig {
+        limits: ConnectionLimits {
+            header_timeout: seconds("header-timeout", a.header_timeout)?,
+            keep_alive_timeout: seconds("keep-alive-timeout", a.keep_alive_timeout)?,
+        },
+        max_connections: a.max_connections,
+        shutdown_timeout: seconds("shutdown-timeout", a.shutdown_timeout)?,
+    };
+    let mut opts = ServerOptions {
+        model_id: a.served_model_name.clone().unwrap_or(a.model.model.clone()),
+        api_keys: keys,
+        max_queue: a.max_queue,
+        request_timeout,
+        body_timeout: seconds("body-timeout", a.body_timeout)?,
+        log: LogOptions {
+            format: match a.log_format {
+                LogFormatArg::Text => LogFormat::Text,
+                LogFormatArg::Json => LogFormat::Json,
+            },
+            prompts: a.log_prompts,
+        },
+        status: Arc::new(ServerStatus::loading()),
+        ..Default::default()
+    };
     let addr = format!("{}:{}", a.host, a.port);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    // Bind before loading so a taken port fails fast.
+    // Listen before loading: a taken port fails fast, and /health answers during the load.
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(&addr))
         .with_context(|| format!("cannot listen on {addr}"))?;
-    let (mut engine, lora_modules) = a.model.load(false)?;
+    let local = listener.local_addr()?;
+    eprintln!(
+        "phi4 serve: listening on http://{local} (loading {:?}; /health answers now, /ready once \
+         the model is loaded)",
+        a.model.model
+    );
+    let status = opts.status.clone();
+    let (model_id, key_count) = (opts.model_id.clone(), opts.api_keys.len());
+    let adapters: Arc<OnceLock<Vec<String>>> = Arc::default();
+    let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel();
+    let loader_adapters = adapters.clone();
+    std::thread::Builder::new()
+        .name("phi4-loader".into())
+        .spawn(move || {
+            let app = load_app(&a, &mut opts, local_media).inspect(|_| {
+                let _ = loader_adapters.set(opts.lora_modules.clone());
+            });
+            let _ = loaded_tx.send(app);
+        })
+        .context("starting the loader thread")?;
+    let on_ready = move || {
+        let adapters = adapters.get().cloned().unwrap_or_default();
+        eprintln!(
+            "phi4 serve: ready on http://{local} (model {model_id:?}{}, {})",
+            if adapters.is_empty() {
+                String::new()
+            } else {
+                format!(", LoRA adapters {adapters:?}")
+            },
+            if key_count == 0 {
+                "no API key".to_string()
+            } else {
+                format!("{key_count} API key(s)")
+            }
+        );
+    };
+    runtime
+        .block_on(async {
+            let signals = Shutdown::on_signals().context("handling SIGTERM and SIGINT")?;
+            phi4::server::lifecycle::run(listener, listen, status, loaded_rx, on_ready, signals)
+                .await
+        })
+        .context("serving")
+}
+
+/// Loads the model (reporting progress to `/health`) and builds the application around it.
+fn load_app(a: &ServeArgs, opts: &mut ServerOptions, local_media: LocalMedia) -> Result<Router> {
+    let status = opts.status.clone();
+    let (mut engine, lora_modules) = a
+        .model
+        .load_reporting(false, &|done, total| status.set_load_progress(done, total))?;
     engine.rope_policy = a.rope_policy.into();
     if let Some(n) = a.max_model_len {
         let ctx = engine.model.config.max_position_embeddings;
@@ -127,38 +260,16 @@ pub(super) fn serve(a: ServeArgs) -> Result<()> {
         mm.limits.max_audio_seconds = a.max_audio_seconds;
         mm.limits.max_audios = a.max_audios_per_request;
     }
-    let max_body_bytes = a
+    opts.max_body_bytes = a
         .max_body_bytes
         .unwrap_or(if multimodal { 32 << 20 } else { 4 << 20 });
-    let model_id = a.served_model_name.clone().unwrap_or(a.model.model.clone());
-    let app = phi4::server::engine_router(
-        std::sync::Arc::new(engine),
+    opts.lora_modules = lora_modules;
+    Ok(phi4::server::engine_router(
+        Arc::new(engine),
         BatcherConfig {
             max_batch: a.max_batch,
             max_queue: a.max_queue,
         },
-        ServerOptions {
-            model_id: model_id.clone(),
-            api_keys: keys.clone(),
-            max_body_bytes,
-            lora_modules: lora_modules.clone(),
-        },
-    );
-    let local = listener.local_addr()?;
-    eprintln!(
-        "phi4 serve: listening on http://{local} (model {model_id:?}{}, {})",
-        if lora_modules.is_empty() {
-            String::new()
-        } else {
-            format!(", LoRA adapters {lora_modules:?}")
-        },
-        if keys.is_empty() {
-            "no API key".to_string()
-        } else {
-            format!("{} API key(s)", keys.len())
-        }
-    );
-    runtime
-        .block_on(phi4::server::serve(listener, app))
-        .context("serving")
+        opts.clone(),
+    ))
 }

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub generation_tokens: Counter<u64, AtomicU64>,
     pub queue_depth: Gauge<i64, AtomicI64>,
     pub running: Gauge<i64, AtomicI64>,
+    pub open_connections: Gauge<i64, AtomicI64>,
+    pub ready: Gauge<i64, AtomicI64>,
     pub time_to_first_token: Histogram,
     pub latency: Histogram,
 }
@@ -64,6 +66,18 @@ impl Default for Metrics {
             "Sequences in the decode batch",
             running.clone(),
         );
+        let open_connections = Gauge::default();
+        registry.register(
+            "open_connections",
+            "Client connections being served",
+            open_connections.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 when the server takes traffic (loaded, not draining)",
+            ready.clone(),
+        );
         let time_to_first_token = Histogram::new(buckets());
         registry.register(
             "time_to_first_token_seconds",
@@ -83,6 +97,8 @@ impl Default for Metrics {
             generation_tokens,
             queue_depth,
             running,
+            open_connections,
+            ready,
             time_to_first_token,
             latency,
         }

@@ -2,17 +2,22 @@
 //! the engine is seen only through [`Backend`], so HTTP behaviour is testable with a scripted
 //! backend and no model.
 
+mod body;
+pub mod connection;
 pub mod error;
+pub mod lifecycle;
+pub mod log;
 pub mod metrics;
 pub mod openai;
 mod routes;
 mod speech;
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request as HttpRequest, State};
-use axum::http::header;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -27,6 +32,8 @@ use crate::engine::{
 };
 use crate::text::{AudioSource, Message};
 pub use error::ApiError;
+pub use lifecycle::{ListenConfig, ServerStatus};
+pub use log::{LogFormat, LogOptions};
 use metrics::Metrics;
 
 /// What the server needs from an engine.
@@ -197,6 +204,16 @@ pub struct ServerOptions {
     /// Names of the LoRA adapters the backend carries (`--lora-modules NAME=DIR`), by adapter
     /// id: a request whose `model` is one of them runs with that adapter.
     pub lora_modules: Vec<String>,
+    /// The batcher's queue limit: at it, `/ready` says the server is overloaded.
+    pub max_queue: usize,
+    /// Longest a request may run (prompt, queue and generation); at it the request ends as if
+    /// `max_tokens` were reached (`finish_reason: "length"`, the text so far). None: no limit.
+    pub request_timeout: Option<Duration>,
+    /// Longest a request body may take to arrive (408 and the connection closed beyond).
+    pub body_timeout: Duration,
+    pub log: LogOptions,
+    /// Loading, draining and the listener's figures, shared with [`lifecycle::run`].
+    pub status: Arc<ServerStatus>,
 }
 
 impl Default for ServerOptions {
@@ -206,6 +223,11 @@ impl Default for ServerOptions {
             api_keys: Vec::new(),
             max_body_bytes: 4 << 20,
             lora_modules: Vec::new(),
+            max_queue: 256,
+            request_timeout: None,
+            body_timeout: Duration::from_secs(120),
+            log: LogOptions::default(),
+            status: Arc::new(ServerStatus::default()),
         }
     }
 }
@@ -218,7 +240,8 @@ pub struct AppState {
     pub created: u64,
 }
 
-/// The application: `/v1/*` (behind the API keys, if any), `/health`, `/metrics`.
+/// The application: `/v1/*` (behind the API keys, if any), `/health` (liveness), `/ready`
+/// (readiness), `/metrics`.
 pub fn router(backend: Arc<dyn Backend>, opts: ServerOptions) -> Router {
     let state = AppState {
         backend,
@@ -235,10 +258,8 @@ pub fn router(backend: Arc<dyn Backend>, opts: ServerOptions) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .merge(v1)
-        .route(
-            "/health",
-            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
-        )
+        .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
         .fallback(|req: HttpRequest| async move {
             ApiError::not_found(format!(
@@ -255,10 +276,8 @@ pub fn router(backend: Arc<dyn Backend>, opts: ServerOptions) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(state.opts.max_body_bytes))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            count_requests,
-        ))
+        .layer(middleware::from_fn_with_state(state.clone(), read_body))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }
 
@@ -286,9 +305,22 @@ async fn authenticate(State(st): State<AppState>, req: HttpRequest, next: Next) 
     }
 }
 
-async fn count_requests(State(st): State<AppState>, req: HttpRequest, next: Next) -> Response {
+/// Counts the request, gives it an id (the client's `X-Request-Id` if sane, echoed back), and
+/// writes its log line once its response is done.
+async fn observe(State(st): State<AppState>, mut req: HttpRequest, next: Next) -> Response {
+    let start = Instant::now();
     let path = req.uri().path().to_string();
-    let r = next.run(req).await;
+    let method = req.method().to_string();
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| routes::new_id("req-"));
+    let fields = log::RequestLog::default();
+    req.extensions_mut().insert(fields.clone());
+    let mut r = next.run(req).await;
     let endpoint = match path.as_str() {
         "/v1/chat/completions"
         | "/v1/completions"
@@ -296,17 +328,118 @@ async fn count_requests(State(st): State<AppState>, req: HttpRequest, next: Next
         | "/v1/audio/transcriptions"
         | "/v1/audio/translations"
         | "/health"
+        | "/ready"
         | "/metrics" => path.as_str(),
         _ => "other",
     };
     st.metrics.count_request(endpoint, r.status().as_u16());
-    r
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        r.headers_mut().insert("x-request-id", v);
+    }
+    // Probes and scrapes come every few seconds; a line each would bury the requests.
+    if st.opts.log.format == LogFormat::Off || !path.starts_with("/v1/") {
+        return r;
+    }
+    let line = log::Line {
+        format: st.opts.log.format,
+        id,
+        method,
+        path,
+        status: r.status().as_u16(),
+        error: r
+            .extensions()
+            .get::<log::LoggedError>()
+            .map(|e| e.0.clone()),
+        start,
+        fields,
+    };
+    r.map(|b| body::OnDrop::wrap(b, line))
+}
+
+/// Reads the whole request body within the body timeout (408 beyond, and the connection is
+/// closed) and the size limit (413), before any handler runs: a slow upload holds no handler.
+async fn read_body(State(st): State<AppState>, req: HttpRequest, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let limit = st.opts.max_body_bytes;
+    let read = tokio::time::timeout(st.opts.body_timeout, axum::body::to_bytes(body, limit));
+    match read.await {
+        Ok(Ok(bytes)) => {
+            next.run(HttpRequest::from_parts(parts, Body::from(bytes)))
+                .await
+        }
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid_request_error",
+                    "request body is larger than the server accepts",
+                )
+                .into_response()
+            } else {
+                ApiError::invalid(format!("reading the request body failed: {e}")).into_response()
+            }
+        }
+        Err(_) => {
+            let mut r = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                format!(
+                    "the request body did not arrive within {} s",
+                    st.opts.body_timeout.as_secs_f64()
+                ),
+            )
+            .into_response();
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        }
+    }
+}
+
+/// Liveness: the process answers (also while it drains, so it is not killed mid-drain).
+async fn health(State(st): State<AppState>) -> Response {
+    let s = &st.opts.status;
+    axum::Json(serde_json::json!({
+        "status": "ok",
+        "ready": s.is_loaded() && !s.is_draining(),
+        "draining": s.is_draining(),
+    }))
+    .into_response()
+}
+
+/// Readiness: loaded, not draining, and the queue below its limit; 503 otherwise.
+async fn ready(State(st): State<AppState>) -> Response {
+    let s = &st.opts.status;
+    let (waiting, running) = st.backend.load();
+    let state = if !s.is_loaded() {
+        "loading"
+    } else if s.is_draining() {
+        "draining"
+    } else if waiting >= st.opts.max_queue {
+        "overloaded"
+    } else {
+        "ready"
+    };
+    let status = if state == "ready" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({"status": state, "waiting": waiting, "running": running});
+    (status, axum::Json(body)).into_response()
 }
 
 async fn metrics_text(State(st): State<AppState>) -> Response {
     let (waiting, running) = st.backend.load();
     st.metrics.queue_depth.set(waiting as i64);
     st.metrics.running.set(running as i64);
+    let s = &st.opts.status;
+    st.metrics.open_connections.set(s.open_connections() as i64);
+    st.metrics
+        .ready
+        .set(i64::from(s.is_loaded() && !s.is_draining()));
     (
         [(
             header::CONTENT_TYPE,
@@ -322,15 +455,6 @@ pub(crate) fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-/// Runs the server until Ctrl-C.
-pub async fn serve(listener: tokio::net::TcpListener, app: Router) -> std::io::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
 }
 
 /// Wraps an engine in a batcher and the HTTP application.

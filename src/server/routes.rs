@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event as Sse, KeepAlive};
 use axum::response::{IntoResponse, Response};
@@ -15,11 +15,13 @@ use futures_util::stream::{self, BoxStream, StreamExt};
 use rand::RngExt;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::watch;
 
 use super::error::ApiError;
+use super::log::RequestLog;
 use super::openai::{parse, ChatRequest, CompletionRequest, Prompt, SamplingFields, ToolChoice};
 use super::AppState;
-use crate::engine::{Event, FinishReason, Request, SubmitError, TokenLogprob};
+use crate::engine::{Event, FinishReason, Request, Step, SubmitError, TokenLogprob};
 use crate::model::AdapterId;
 use crate::text::tool_calls::{ToolCall, ToolCallParser, ToolEvent};
 
@@ -136,6 +138,46 @@ async fn submit(
     Ok(rxs)
 }
 
+/// When a request must end though the engine has not finished it: at its time limit
+/// (`--request-timeout`) or when the shutdown drain's time is up. The choices still open then
+/// end with `finish_reason: "length"` and the text so far; dropping their receivers frees their
+/// sequences in the batcher.
+struct Cut {
+    at: Option<tokio::time::Instant>,
+    end: watch::Receiver<bool>,
+}
+
+impl Cut {
+    fn new(st: &AppState, t0: Instant) -> Cut {
+        Cut {
+            at: st
+                .opts
+                .request_timeout
+                .map(|d| tokio::time::Instant::from_std(t0) + d),
+            end: st.opts.status.requests_must_end(),
+        }
+    }
+
+    async fn reached(mut self) {
+        let at = self.at;
+        let timer = async move {
+            match at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        let ended = async {
+            if self.end.wait_for(|e| *e).await.is_err() {
+                std::future::pending::<()>().await
+            }
+        };
+        tokio::select! {
+            _ = timer => {}
+            _ = ended => {}
+        }
+    }
+}
+
 /// One finished choice.
 struct Collected {
     text: String,
@@ -150,6 +192,7 @@ async fn collect(
     st: &AppState,
     mut rx: UnboundedReceiver<Event>,
     t0: Instant,
+    cut: Cut,
 ) -> Result<Collected, ApiError> {
     let mut c = Collected {
         text: String::new(),
@@ -158,8 +201,17 @@ async fn collect(
         logprobs: Vec::new(),
         first_token_s: 0.0,
     };
+    let cut = cut.reached();
+    tokio::pin!(cut);
     loop {
-        match rx.recv().await {
+        let ev = tokio::select! {
+            ev = rx.recv() => ev,
+            _ = &mut cut => {
+                c.finish = FinishReason::Length;
+                return Ok(c);
+            }
+        };
+        match ev {
             Some(Event::Started) => {}
             Some(Event::Step(s)) => {
                 if c.tokens == 0 {
@@ -186,8 +238,12 @@ async fn collect_all(
     st: &AppState,
     rxs: Vec<UnboundedReceiver<Event>>,
     t0: Instant,
+    log: &RequestLog,
 ) -> Result<(Vec<Collected>, usize), ApiError> {
-    let all = futures_util::future::join_all(rxs.into_iter().map(|rx| collect(st, rx, t0)))
+    let all = rxs
+        .into_iter()
+        .map(|rx| collect(st, rx, t0, Cut::new(st, t0)));
+    let all = futures_util::future::join_all(all)
         .await
         .into_iter()
         .collect::<Result<Vec<_>, _>>()?;
@@ -198,6 +254,10 @@ async fn collect_all(
     st.metrics.time_to_first_token.observe(first);
     st.metrics.latency.observe(t0.elapsed().as_secs_f64());
     let tokens = all.iter().map(|c| c.tokens).sum();
+    log.update(|f| {
+        f.completion_tokens = tokens;
+        f.first_token_s = first.is_finite().then_some(first);
+    });
     Ok((all, tokens))
 }
 
@@ -209,7 +269,7 @@ fn finish_str(f: FinishReason, called: bool) -> &'static str {
     }
 }
 
-fn new_id(prefix: &str) -> String {
+pub(crate) fn new_id(prefix: &str) -> String {
     let mut rng = rand::rng();
     let s: String = (0..24)
         .map(|_| {
@@ -251,14 +311,51 @@ fn sse_json(v: &Value) -> Result<Sse, Infallible> {
     Ok(Sse::default().data(v.to_string()))
 }
 
-/// The events of all choices, each tagged with its index, as they come.
-fn merged(rxs: Vec<UnboundedReceiver<Event>>) -> BoxStream<'static, (usize, Event)> {
-    stream::select_all(rxs.into_iter().enumerate().map(|(i, rx)| {
-        stream::unfold(rx, move |mut rx| async move {
-            rx.recv().await.map(|e| ((i, e), rx))
-        })
-        .boxed()
-    }))
+/// The events of all choices, each tagged with its index, as they come; at the cut, a `None`
+/// for each choice still open, and the end.
+fn merged(
+    rxs: Vec<UnboundedReceiver<Event>>,
+    cut: Cut,
+) -> BoxStream<'static, (usize, Option<Event>)> {
+    struct State {
+        events: BoxStream<'static, (usize, Event)>,
+        cut: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+        open: Vec<bool>,
+        cutting: bool,
+    }
+    let state = State {
+        open: vec![true; rxs.len()],
+        events: stream::select_all(rxs.into_iter().enumerate().map(|(i, rx)| {
+            stream::unfold(rx, move |mut rx| async move {
+                rx.recv().await.map(|e| ((i, e), rx))
+            })
+            .boxed()
+        }))
+        .boxed(),
+        cut: Box::pin(cut.reached()),
+        cutting: false,
+    };
+    stream::unfold(state, |mut s| async move {
+        if !s.cutting {
+            tokio::select! {
+                ev = s.events.next() => {
+                    let (i, e) = ev?;
+                    if matches!(&e, Event::Error(_) | Event::Step(Step { finish: Some(_), .. })) {
+                        s.open[i] = false;
+                    }
+                    return Some(((i, Some(e)), s));
+                }
+                _ = &mut s.cut => {
+                    s.cutting = true;
+                    // Dropping the receivers cancels the sequences.
+                    s.events = stream::empty().boxed();
+                }
+            }
+        }
+        let i = s.open.iter().position(|&o| o)?;
+        s.open[i] = false;
+        Some(((i, None), s))
+    })
     .boxed()
 }
 
@@ -273,13 +370,18 @@ fn sse_response(events: impl futures_util::Stream<Item = Vec<Value>> + Send + 's
 
 pub async fn chat_completions(
     State(st): State<AppState>,
+    Extension(log): Extension<RequestLog>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let t0 = Instant::now();
     let v = json_object(body)?;
+    if st.opts.log.prompts {
+        log.update(|f| f.prompt = v.get("messages").cloned());
+    }
     let req: ChatRequest = parse(&v)?;
     let sf: SamplingFields = parse(&v)?;
     let (adapter, model) = check_model(&st, &req.model)?;
+    log.update(|f| f.model = Some(model.clone()));
     req.check_messages()?;
     let choice = req.tool_choice()?;
     let tools = match choice {
@@ -308,6 +410,7 @@ pub async fn chat_completions(
     let parse_tools = !tools.is_empty();
     let prompt_tokens = base.prompt.len();
     let rxs = submit(&st, &base, sf.n()).await?;
+    log.update(|f| f.prompt_tokens = prompt_tokens);
     let id = new_id("chatcmpl-");
     let created = super::unix_now();
     if sf.stream() {
@@ -326,10 +429,12 @@ pub async fn chat_completions(
             prompt_tokens,
             include_usage: sf.include_usage(),
             first: true,
+            log: log.clone(),
         };
-        return Ok(sse_response(merged(rxs).map(move |(i, ev)| s.on(i, ev))));
+        let events = merged(rxs, Cut::new(&st, t0));
+        return Ok(sse_response(events.map(move |(i, ev)| s.on(i, ev))));
     }
-    let (all, completion_tokens) = collect_all(&st, rxs, t0).await?;
+    let (all, completion_tokens) = collect_all(&st, rxs, t0, &log).await?;
     let mut choices = Vec::new();
     for (i, c) in all.into_iter().enumerate() {
         let (content, calls) = if parse_tools {
@@ -344,11 +449,13 @@ pub async fn chat_completions(
             }
             message["tool_calls"] = calls.iter().map(|c| tool_call_json(c, None)).collect();
         }
+        let finish = finish_str(c.finish, !calls.is_empty());
+        log.update(|f| f.finish.push(finish));
         choices.push(json!({
             "index": i,
             "message": message,
             "logprobs": base.logprobs.map(|_| chat_logprobs(&c.logprobs)),
-            "finish_reason": finish_str(c.finish, !calls.is_empty()),
+            "finish_reason": finish,
         }));
     }
     Ok(Json(json!({
@@ -382,6 +489,7 @@ struct ChatStream {
     prompt_tokens: usize,
     include_usage: bool,
     first: bool,
+    log: RequestLog,
 }
 
 impl ChatStream {
@@ -421,8 +529,23 @@ impl ChatStream {
         }
     }
 
-    fn on(&mut self, i: usize, ev: Event) -> Vec<Value> {
+    /// The choice's tool-call parser's last words and its final chunk.
+    fn finish(&mut self, i: usize, f: FinishReason, out: &mut Vec<Value>) {
+        if let Some(evs) = self.parsers[i].as_mut().map(ToolCallParser::finish) {
+            self.tool_events(i, evs, out);
+        }
+        let reason = finish_str(f, self.calls[i] > 0);
+        self.log.update(|l| l.finish.push(reason));
+        out.push(self.chunk(i, json!({}), None, Some(reason)));
+        self.close(out);
+    }
+
+    fn on(&mut self, i: usize, ev: Option<Event>) -> Vec<Value> {
         let mut out = Vec::new();
+        let Some(ev) = ev else {
+            self.finish(i, FinishReason::Length, &mut out);
+            return out;
+        };
         match ev {
             Event::Started => {
                 out.push(self.chunk(i, json!({"role": "assistant", "content": ""}), None, None))
@@ -430,12 +553,12 @@ impl ChatStream {
             Event::Step(s) => {
                 if self.first {
                     self.first = false;
-                    self.st
-                        .metrics
-                        .time_to_first_token
-                        .observe(self.t0.elapsed().as_secs_f64());
+                    let t = self.t0.elapsed().as_secs_f64();
+                    self.st.metrics.time_to_first_token.observe(t);
+                    self.log.update(|l| l.first_token_s = Some(t));
                 }
                 self.completion_tokens += 1;
+                self.log.update(|l| l.completion_tokens += 1);
                 self.st.metrics.generation_tokens.inc();
                 let lp = s
                     .logprob
@@ -455,12 +578,7 @@ impl ChatStream {
                     None => {}
                 }
                 if let Some(f) = s.finish {
-                    if let Some(evs) = self.parsers[i].as_mut().map(ToolCallParser::finish) {
-                        self.tool_events(i, evs, &mut out);
-                    }
-                    let called = self.calls[i] > 0;
-                    out.push(self.chunk(i, json!({}), None, Some(finish_str(f, called))));
-                    self.close(&mut out);
+                    self.finish(i, f, &mut out);
                 }
             }
             Event::Error(e) => {
@@ -509,13 +627,18 @@ fn legacy_logprobs(lps: &[TokenLogprob], offset0: usize) -> Value {
 
 pub async fn completions(
     State(st): State<AppState>,
+    Extension(log): Extension<RequestLog>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let t0 = Instant::now();
     let v = json_object(body)?;
+    if st.opts.log.prompts {
+        log.update(|f| f.prompt = v.get("prompt").cloned());
+    }
     let req: CompletionRequest = parse(&v)?;
     let sf: SamplingFields = parse(&v)?;
     let (adapter, model) = check_model(&st, &req.model)?;
+    log.update(|f| f.model = Some(model.clone()));
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::param("suffix", "suffix is not supported"));
     }
@@ -568,6 +691,7 @@ pub async fn completions(
             echoes.push(echo_text.clone());
         }
     }
+    log.update(|f| f.prompt_tokens = prompt_tokens);
     let id = new_id("cmpl-");
     let created = super::unix_now();
     let chunk = move |i: usize, text: &str, lp: Option<Value>, finish: Option<&str>| {
@@ -579,16 +703,29 @@ pub async fn completions(
         let mut completion_tokens = 0;
         let include_usage = sf.include_usage();
         let want_lp = req.logprobs.is_some();
-        let events = merged(rxs).map(move |(i, ev)| {
+        let cut = Cut::new(&st, t0);
+        let mut first = true;
+        let events = merged(rxs, cut).map(move |(i, ev)| {
             let mut out = Vec::new();
             let mut closed = false;
             match ev {
-                Event::Started if !echoes[i].is_empty() => {
+                Some(Event::Started) if !echoes[i].is_empty() => {
                     out.push(chunk(i, &echoes[i], None, None))
                 }
-                Event::Started => {}
-                Event::Step(s) => {
+                Some(Event::Started) => {}
+                None => {
+                    log.update(|l| l.finish.push("length"));
+                    out.push(chunk(i, "", None, Some("length")));
+                    closed = true;
+                }
+                Some(Event::Step(s)) => {
+                    if first {
+                        first = false;
+                        let t = t0.elapsed().as_secs_f64();
+                        log.update(|l| l.first_token_s = Some(t));
+                    }
                     completion_tokens += 1;
+                    log.update(|l| l.completion_tokens += 1);
                     let lp = s
                         .logprob
                         .as_ref()
@@ -598,11 +735,13 @@ pub async fn completions(
                         out.push(chunk(i, &s.text, lp, None));
                     }
                     if let Some(f) = s.finish {
-                        out.push(chunk(i, "", None, Some(finish_str(f, false))));
+                        let reason = finish_str(f, false);
+                        log.update(|l| l.finish.push(reason));
+                        out.push(chunk(i, "", None, Some(reason)));
                         closed = true;
                     }
                 }
-                Event::Error(e) => {
+                Some(Event::Error(e)) => {
                     out.push(ApiError::internal(e).body());
                     closed = true;
                 }
@@ -620,9 +759,10 @@ pub async fn completions(
         });
         return Ok(sse_response(events));
     }
-    let (all, completion_tokens) = collect_all(&st, rxs, t0).await?;
+    let (all, completion_tokens) = collect_all(&st, rxs, t0, &log).await?;
     let mut choices = Vec::new();
     for (i, c) in all.into_iter().enumerate() {
+        log.update(|l| l.finish.push(finish_str(c.finish, false)));
         let lp = req
             .logprobs
             .map(|_| legacy_logprobs(&c.logprobs, echoes[i].len()));

@@ -9,6 +9,8 @@ use phi4::weights::open_safetensors;
 pub mod http;
 pub mod lora;
 pub mod o200k;
+pub mod raw;
+pub mod venv;
 
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
