@@ -182,6 +182,7 @@ pub(super) fn serve(a: ServeArgs) -> Result<()> {
         status: Arc::new(ServerStatus::loading()),
         ..Default::default()
     };
+    raise_fd_limit(a.max_connections);
     let addr = format!("{}:{}", a.host, a.port);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -272,4 +273,42 @@ fn load_app(a: &ServeArgs, opts: &mut ServerOptions, local_media: LocalMedia) ->
         },
         opts.clone(),
     ))
+}
+
+/// Lifts the soft limit on open files toward the hard one, so `--max-connections` is reached
+/// before the process runs out of descriptors (a soft limit of 1024 is common; each connection
+/// takes one, and the model's files a few).
+fn raise_fd_limit(max_connections: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                return;
+            }
+            let want = (max_connections as libc::rlim_t)
+                .saturating_mul(2)
+                .saturating_add(256)
+                .min(lim.rlim_max);
+            if want > lim.rlim_cur {
+                lim.rlim_cur = want;
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    eprintln!("phi4 serve: could not raise the open-file limit to {want}");
+                }
+            }
+        }
+        if (lim.rlim_cur as u128) < max_connections as u128 + 64 {
+            eprintln!(
+                "phi4 serve: the open-file limit ({}) is below --max-connections ({max_connections}); \
+                 raise it (ulimit -n) or lower the flag",
+                lim.rlim_cur
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = max_connections;
 }

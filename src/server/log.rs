@@ -63,6 +63,15 @@ pub struct Line {
 
 impl Drop for Line {
     fn drop(&mut self) {
+        if let Some(line) = self.render() {
+            eprintln!("{line}");
+        }
+    }
+}
+
+impl Line {
+    /// The line (None when logging is off); takes the fields.
+    fn render(&mut self) -> Option<String> {
         let f = std::mem::take(&mut *self.fields.0.lock().unwrap_or_else(|e| e.into_inner()));
         let round = |s: f64| (s * 1e4).round() / 1e4;
         let mut m = Map::new();
@@ -93,7 +102,7 @@ impl Drop for Line {
             m.insert("prompt".into(), p);
         }
         let line = match self.format {
-            LogFormat::Off => return,
+            LogFormat::Off => return None,
             LogFormat::Json => {
                 let mut o = Map::new();
                 o.insert("event".into(), json!("request"));
@@ -101,7 +110,7 @@ impl Drop for Line {
                 Value::Object(o).to_string()
             }
             LogFormat::Text => {
-                let ts = m.remove("ts").unwrap_or_default();
+                let ts = m.shift_remove("ts").unwrap_or_default();
                 let mut s = format!("{} request", ts.as_str().unwrap_or_default());
                 for (k, v) in m {
                     match v {
@@ -119,7 +128,7 @@ impl Drop for Line {
                 s
             }
         };
-        eprintln!("{line}");
+        Some(line)
     }
 }
 
@@ -130,4 +139,64 @@ fn rfc3339_now() -> String {
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
         t.year, t.month, t.day, t.hour, t.minute, t.second
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(format: LogFormat, prompt: Option<Value>) -> Line {
+        let fields = RequestLog::default();
+        fields.update(|f| {
+            f.model = Some("phi4-mini".into());
+            f.prompt_tokens = 12;
+            f.completion_tokens = 3;
+            f.first_token_s = Some(0.123456);
+            f.finish = vec!["stop", "length"];
+            f.prompt = prompt;
+        });
+        Line {
+            format,
+            id: "req-1".into(),
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            status: 200,
+            error: Some("bad \"thing\" here".into()),
+            start: Instant::now(),
+            fields,
+        }
+    }
+
+    #[test]
+    fn text_lines_are_key_value_in_a_fixed_order_with_quoted_text() {
+        let s = line(LogFormat::Text, None).render().unwrap();
+        let (ts, rest) = s.split_once(' ').unwrap();
+        assert!(ts.len() == 20 && ts.ends_with('Z'), "{ts}");
+        let rest = rest.split(" duration_s=").collect::<Vec<_>>();
+        assert_eq!(
+            rest[0],
+            "request id=req-1 method=POST path=/v1/chat/completions status=200 model=phi4-mini \
+             prompt_tokens=12 completion_tokens=3 ttft_s=0.1235"
+        );
+        assert!(
+            rest[1].ends_with(r#" finish=stop,length error="bad \"thing\" here""#),
+            "{s}"
+        );
+        assert!(!s.contains("prompt="));
+    }
+
+    #[test]
+    fn json_lines_parse_and_carry_the_prompt_only_when_given() {
+        let v: Value =
+            serde_json::from_str(&line(LogFormat::Json, None).render().unwrap()).unwrap();
+        assert_eq!(v["event"], "request");
+        assert_eq!(v["completion_tokens"], 3);
+        assert_eq!(v["finish"], "stop,length");
+        assert!(v.get("prompt").is_none());
+        let p = json!([{"role": "user", "content": "hi"}]);
+        let with = line(LogFormat::Json, Some(p.clone())).render().unwrap();
+        let v: Value = serde_json::from_str(&with).unwrap();
+        assert_eq!(v["prompt"], p);
+        assert!(line(LogFormat::Off, None).render().is_none());
+    }
 }
