@@ -23,6 +23,7 @@ use phi4::{Engine, Message, SamplingParams};
 mod bench;
 mod chat;
 mod export;
+mod perplexity;
 mod quantize;
 mod run;
 mod serve;
@@ -33,6 +34,7 @@ mod transcribe;
 use self::bench::{bench_cmd, BenchArgs};
 use self::chat::{chat, ChatArgs};
 use self::export::{export, ExportArgs};
+use self::perplexity::{perplexity_cmd, PerplexityArgs};
 use self::quantize::{quantize_cmd, QuantizeArgs};
 use self::run::{run, RunArgs};
 use self::serve::{serve, ServeArgs};
@@ -74,6 +76,9 @@ enum Command {
     Sft(Box<SftArgs>),
     /// Merge a LoRA adapter into its base model and write the checkpoint.
     Export(ExportArgs),
+    /// Perplexity of a text, and KL divergence against a saved base run (llama-perplexity's
+    /// figures).
+    Perplexity(PerplexityArgs),
 }
 
 #[derive(Args)]
@@ -279,6 +284,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Quantize(a) => quantize_cmd(a),
         Command::Sft(a) => sft(*a),
         Command::Export(a) => export(a),
+        Command::Perplexity(a) => perplexity_cmd(a),
     }
 }
 

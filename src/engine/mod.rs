@@ -6,6 +6,7 @@ pub mod batcher;
 pub mod constraint;
 pub mod generation;
 pub mod multimodal;
+pub mod perplexity;
 pub mod sampling;
 pub mod speech;
 
