@@ -2,7 +2,7 @@
 """Quality per byte on real weights: phi4's recipes beside llama.cpp's quantization types,
 each measured as `llama-perplexity --kl-divergence` measures it, in one run on one machine.
 
-Inputs come from scripts/make_smollm2_models.py (SmolLM2-135M-Instruct as a Phi-3 checkpoint for
+Inputs come from scripts/smollm2_phi3.py --f32-gguf (SmolLM2-135M-Instruct as a Phi-3 checkpoint for
 phi4 and as an F32 GGUF for llama.cpp, the same values). Every engine scores the same token ids
 (phi4's tokenizer, fed to llama.cpp as ids): non-overlapping windows of --ctx tokens, the second
 half of each scored. Each engine's quantized runs are compared with its own float run (phi4 with
