@@ -27,6 +27,8 @@ pub struct BenchRun {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub threads: usize,
+    /// Whether the CPU's matrix units (AMX) are usable, and whether the kernels use them.
+    pub matrix_units: String,
     pub prompt_tokens: usize,
     pub gen_tokens: usize,
     pub runs: Vec<BenchRun>,
@@ -185,6 +187,7 @@ pub fn run(model: &Phi3ForCausalLM, opts: &BenchOptions) -> Result<BenchReport> 
     let decode = median(runs.iter().map(|r| r.decode_tokens_per_s).collect());
     Ok(BenchReport {
         threads: rayon::current_num_threads(),
+        matrix_units: crate::kernels::amx::status().describe(),
         prompt_tokens: opts.prompt_tokens,
         gen_tokens: opts.gen_tokens,
         prefill_tokens_per_s: median(runs.iter().map(|r| r.prefill_tokens_per_s).collect()),

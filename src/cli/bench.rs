@@ -175,6 +175,7 @@ pub(super) fn bench_cmd(a: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!("model: {label}, threads: {}", report.threads);
+        println!("{}", report.matrix_units);
         println!(
             "prefill ({} tokens): {:.2} tok/s   time to first token: {:.0} ms",
             report.prompt_tokens, report.prefill_tokens_per_s, report.time_to_first_token_ms

@@ -228,6 +228,7 @@ pub(super) fn serve(a: ServeArgs) -> Result<()> {
                 format!("{key_count} API key(s)")
             }
         );
+        eprintln!("phi4 serve: {}", phi4::kernels::amx::status().describe());
     };
     runtime
         .block_on(async {

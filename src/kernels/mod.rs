@@ -5,6 +5,7 @@
 //! picked once at run time from the CPU's features ([`cpu`]), never at compile time, so one binary
 //! runs at full speed on any x86-64.
 
+pub mod amx;
 pub mod bf16;
 pub mod dot;
 pub mod encoder;
