@@ -308,15 +308,11 @@ fn tiled<T: Copy + Default, C: Copy + Default>(
 mod tests {
     use super::*;
 
+    /// int8 codes over the whole range, from the kernels' test data in [-0.5, 0.5).
     fn codes(len: usize, seed: u64) -> Vec<i8> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (s >> 56) as u8 as i8
-            })
+        crate::kernels::test_data(len, seed)
+            .into_iter()
+            .map(|v| (v * 256.0).floor() as i8)
             .collect()
     }
 
