@@ -236,7 +236,6 @@ pub(super) fn serve(a: ServeArgs) -> Result<()> {
             phi4::server::lifecycle::run(listener, listen, status, loaded_rx, on_ready, signals)
                 .await
         })
-        .context("serving")
 }
 
 /// Loads the model (reporting progress to `/health`) and builds the application around it.
