@@ -122,6 +122,40 @@ def transformers_ppl(a, windows):
     return math.exp(sum(nll) / len(nll))
 
 
+def torch_w8_only(a, windows):
+    """q8's weight rounding alone (blocks of 32 inputs, scale max|w|/127 stored as f16, codes
+    round(w/d)) with f32 activations, in transformers: what an activation-exact 8-bit path
+    would lose. Returns (perplexity, KL figures against transformers' own f32 run)."""
+    import torch
+    from transformers import Phi3ForCausalLM
+    m = Phi3ForCausalLM.from_pretrained(a.models / "phi3", dtype=torch.float32).eval()
+    first = a.ctx // 2
+
+    def logprobs():
+        out = []
+        with torch.no_grad():
+            for w in windows:
+                out.append(torch.log_softmax(m(torch.tensor([list(w)])).logits[0, first:a.ctx - 1].double(), -1))
+        return out
+
+    base = logprobs()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() != 2:
+                continue
+            rows, cols = p.shape
+            pad = (-cols) % 32
+            w = torch.nn.functional.pad(p.data, (0, pad)).view(rows, -1, 32)
+            d = (w.abs().amax(-1, keepdim=True) / 127).half().float()
+            q = torch.where(d > 0, torch.round(w / torch.where(d > 0, d, 1)), 0) * d
+            p.data.copy_(q.view(rows, -1)[:, :cols])
+    lps = logprobs()
+    kl = np.concatenate([(b.exp() * (b - q)).sum(-1).numpy() for b, q in zip(base, lps)])
+    same = np.concatenate([(b.argmax(-1) == q.argmax(-1)).numpy() for b, q in zip(base, lps)])
+    nll = [-lp[r, w[first + r + 1]].item() for lp, w in zip(lps, windows) for r in range(lp.shape[0])]
+    return math.exp(sum(nll) / len(nll)), kl_stats(kl, same)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", type=pathlib.Path, required=True)
@@ -143,6 +177,8 @@ def main():
     t0 = time.time()
     rows = phi4_runs(a, n_params) + llama_runs(a, windows, n_params)
     ref = transformers_ppl(a, windows)
+    w8_ppl, w8_kl = torch_w8_only(a, windows)
+    rows.append(("w8 only (q8's weight rounding, f32 activations; transformers)", 8.5, w8_ppl, w8_kl))
     print(f"{n_params / 1e6:.1f} M parameters, {n} windows of {a.ctx}, "
           f"{n * (a.ctx - 1 - a.ctx // 2)} scored tokens; transformers f32 perplexity {ref:.4f}; "
           f"{time.time() - t0:.0f} s")
