@@ -548,6 +548,54 @@ mod server {
         }
     }
 
+    /// A transcription that runs into the request time limit (or the drain's end) answers with
+    /// what it has: a prefix of the uncut transcript, never a hang or an error.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cut_transcription_returns_its_text_so_far() {
+        let r = reference();
+        let wav = common::clip_wav(&r, "main");
+        let fields: &[(&str, Option<&str>, &[u8])] = &[
+            ("file", Some("clip.wav"), &wav),
+            ("model", None, b"phi4"),
+            ("response_format", None, b"text"),
+        ];
+        let (s, _, full) = audio_api(&app(), "/v1/audio/transcriptions", fields).await;
+        assert_eq!(s, StatusCode::OK);
+        let full = String::from_utf8(full).unwrap();
+        assert!(!full.trim().is_empty());
+        let make = |timeout_ms: u64| {
+            let e = phi4::Engine::load(&common::tiny_mm_dir()).unwrap();
+            let opts = ServerOptions {
+                request_timeout: Some(std::time::Duration::from_millis(timeout_ms)),
+                ..Default::default()
+            };
+            let status = opts.status.clone();
+            (
+                engine_router(Arc::new(e), BatcherConfig::default(), opts),
+                status,
+            )
+        };
+        for timeout_ms in [0, 20] {
+            let (app, _) = make(timeout_ms);
+            let (s, _, cut) = audio_api(&app, "/v1/audio/transcriptions", fields).await;
+            assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&cut));
+            let cut = String::from_utf8(cut).unwrap();
+            assert!(
+                full.trim().starts_with(cut.trim()),
+                "{cut:?} is not a prefix of {full:?}"
+            );
+            if timeout_ms == 0 {
+                assert_eq!(cut.trim(), "");
+            }
+        }
+        // The drain's end cuts the same way.
+        let (app, status) = make(60_000);
+        status.end_running_requests();
+        let (s, _, cut) = audio_api(&app, "/v1/audio/translations", fields).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(String::from_utf8(cut).unwrap().trim(), "");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn transcription_endpoints_answer_in_every_format() {
         let r = reference();

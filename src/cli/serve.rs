@@ -230,12 +230,10 @@ pub(super) fn serve(a: ServeArgs) -> Result<()> {
         );
         eprintln!("phi4 serve: {}", phi4::kernels::amx::status().describe());
     };
-    runtime
-        .block_on(async {
-            let signals = Shutdown::on_signals().context("handling SIGTERM and SIGINT")?;
-            phi4::server::lifecycle::run(listener, listen, status, loaded_rx, on_ready, signals)
-                .await
-        })
+    runtime.block_on(async {
+        let signals = Shutdown::on_signals().context("handling SIGTERM and SIGINT")?;
+        phi4::server::lifecycle::run(listener, listen, status, loaded_rx, on_ready, signals).await
+    })
 }
 
 /// Loads the model (reporting progress to `/health`) and builds the application around it.

@@ -4,6 +4,7 @@
 
 mod body;
 pub mod connection;
+pub mod cut;
 pub mod error;
 pub mod lifecycle;
 pub mod log;
@@ -69,8 +70,15 @@ pub trait Backend: Send + Sync + 'static {
     fn load(&self) -> (usize, usize);
     /// Runs a speech task over an audio file's bytes, its windows through the batcher. Blocks;
     /// call it off the async workers.
-    fn transcribe(&self, audio: Vec<u8>, opts: &SpeechOptions) -> Result<Transcript, ApiError> {
-        let _ = (audio, opts);
+    /// At `cut` (the request's time limit, or the drain's end) the windows still running end
+    /// with what they have, and windows not yet started are skipped.
+    fn transcribe(
+        &self,
+        audio: Vec<u8>,
+        opts: &SpeechOptions,
+        cut: cut::Cut,
+    ) -> Result<Transcript, ApiError> {
+        let _ = (audio, opts, cut);
         Err(ApiError::invalid(
             "this model takes text only; audio needs a Phi-4-multimodal checkpoint",
         ))
@@ -129,7 +137,12 @@ impl Backend for EngineBackend {
         )
     }
 
-    fn transcribe(&self, audio: Vec<u8>, opts: &SpeechOptions) -> Result<Transcript, ApiError> {
+    fn transcribe(
+        &self,
+        audio: Vec<u8>,
+        opts: &SpeechOptions,
+        cut: cut::Cut,
+    ) -> Result<Transcript, ApiError> {
         let engine = &self.batcher.engine;
         let wave = engine
             .load_audio(&AudioSource::Bytes(Arc::new(audio)))
@@ -138,6 +151,9 @@ impl Backend for EngineBackend {
         // batcher's are the server's state.
         let mut server_error: Option<ApiError> = None;
         let result = engine.transcribe_with(&wave, opts, &mut |requests| {
+            if cut.is_reached() {
+                return Ok(vec![WindowOutput::default(); requests.len()]);
+            }
             // All of a group's windows go in at once, so the batcher decodes them together.
             let mut rxs = Vec::with_capacity(requests.len());
             for req in requests {
@@ -157,8 +173,10 @@ impl Backend for EngineBackend {
             let mut outs = Vec::with_capacity(rxs.len());
             for mut rx in rxs {
                 let mut out = WindowOutput::default();
-                loop {
-                    match rx.blocking_recv() {
+                // At the cut the loop ends: the window keeps what it has, and dropping `rx`
+                // frees its sequence.
+                while let Some(ev) = recv_until(&mut rx, &cut) {
+                    match ev {
                         Some(Event::Started) => {}
                         Some(Event::Step(s)) => {
                             out.tokens.push(s.token);
@@ -190,6 +208,26 @@ impl Backend for EngineBackend {
             (Err(_), Some(e)) => Err(e),
             (Err(e), None) => Err(ApiError::invalid(format!("{e:#}"))),
         }
+    }
+}
+
+/// The next event of a speech window, from a blocking thread: `None` once `cut` is reached
+/// (after the events already queued).
+fn recv_until(rx: &mut UnboundedReceiver<Event>, cut: &cut::Cut) -> Option<Option<Event>> {
+    if let Ok(ev) = rx.try_recv() {
+        return Some(Some(ev));
+    }
+    if cut.is_reached() {
+        return None;
+    }
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => h.block_on(async {
+            tokio::select! {
+                ev = rx.recv() => Some(ev),
+                _ = cut.clone().reached() => None,
+            }
+        }),
+        Err(_) => Some(rx.blocking_recv()),
     }
 }
 

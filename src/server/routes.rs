@@ -15,8 +15,8 @@ use futures_util::stream::{self, BoxStream, StreamExt};
 use rand::RngExt;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
-use tokio::sync::watch;
 
+use super::cut::Cut;
 use super::error::ApiError;
 use super::log::RequestLog;
 use super::openai::{parse, ChatRequest, CompletionRequest, Prompt, SamplingFields, ToolChoice};
@@ -136,46 +136,6 @@ async fn submit(
     }
     st.metrics.prompt_tokens.inc_by(base.prompt.len() as u64);
     Ok(rxs)
-}
-
-/// When a request must end though the engine has not finished it: at its time limit
-/// (`--request-timeout`) or when the shutdown drain's time is up. The choices still open then
-/// end with `finish_reason: "length"` and the text so far; dropping their receivers frees their
-/// sequences in the batcher.
-struct Cut {
-    at: Option<tokio::time::Instant>,
-    end: watch::Receiver<bool>,
-}
-
-impl Cut {
-    fn new(st: &AppState, t0: Instant) -> Cut {
-        Cut {
-            at: st
-                .opts
-                .request_timeout
-                .map(|d| tokio::time::Instant::from_std(t0) + d),
-            end: st.opts.status.requests_must_end(),
-        }
-    }
-
-    async fn reached(mut self) {
-        let at = self.at;
-        let timer = async move {
-            match at {
-                Some(t) => tokio::time::sleep_until(t).await,
-                None => std::future::pending().await,
-            }
-        };
-        let ended = async {
-            if self.end.wait_for(|e| *e).await.is_err() {
-                std::future::pending::<()>().await
-            }
-        };
-        tokio::select! {
-            _ = timer => {}
-            _ = ended => {}
-        }
-    }
 }
 
 /// One finished choice.

@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
+use super::cut::Cut;
 use super::error::ApiError;
 use super::AppState;
 use crate::engine::{SpeechOptions, SpeechTask, Transcript};
@@ -114,6 +115,7 @@ async fn handle(
     mp: Result<Multipart, MultipartRejection>,
     translation: bool,
 ) -> Result<Response, ApiError> {
+    let t0 = std::time::Instant::now();
     let form = read_form(mp, translation).await?;
     let Some(model) = form.model else {
         return Err(ApiError::param(
@@ -160,7 +162,8 @@ async fn handle(
         ..SamplingParams::greedy(1024)
     };
     let backend = st.backend.clone();
-    let t: Transcript = tokio::task::spawn_blocking(move || backend.transcribe(file, &opts))
+    let cut = Cut::new(&st, t0);
+    let t: Transcript = tokio::task::spawn_blocking(move || backend.transcribe(file, &opts, cut))
         .await
         .map_err(|e| ApiError::internal(format!("transcription failed: {e}")))??;
     st.metrics.generation_tokens.inc_by(
