@@ -242,7 +242,9 @@ pub async fn run(
     mut signals: Shutdown,
 ) -> Result<()> {
     let app: Arc<OnceLock<Router>> = Arc::new(OnceLock::new());
-    let loading = standby_app(status.clone());
+    // Serves while the model loads and, later, the connections that arrive during the drain.
+    let standby = standby_app(status.clone());
+    let full = full_app();
     let (drain_tx, drain_rx) = watch::channel(false);
     let mut on_ready = Some(on_ready);
     let mut waiting_for_model = true;
@@ -254,12 +256,14 @@ pub async fn run(
                     let limits = cfg.limits;
                     if status.connections.fetch_add(1, Ordering::SeqCst) >= cfg.max_connections {
                         status.connections.fetch_sub(1, Ordering::SeqCst);
-                        tokio::spawn(connection::serve(stream, full_app, limits, false, drain));
+                        let full = full.clone();
+                        let app = move || full.clone();
+                        tokio::spawn(connection::serve(stream, app, limits, false, drain));
                         continue;
                     }
-                    let (app, loading, status) = (app.clone(), loading.clone(), status.clone());
+                    let (app, standby, status) = (app.clone(), standby.clone(), status.clone());
                     tokio::spawn(async move {
-                        let current = move || app.get().cloned().unwrap_or_else(|| loading.clone());
+                        let current = move || app.get().cloned().unwrap_or_else(|| standby.clone());
                         connection::serve(stream, current, limits, true, drain).await;
                         status.connections.fetch_sub(1, Ordering::SeqCst);
                     });
@@ -310,7 +314,6 @@ pub async fn run(
         }
     };
     tokio::pin!(drained);
-    let standby = standby_app(status.clone());
     // These answer one request with a 503 and close; a drain signal would close them unread.
     let (_keep, not_draining) = watch::channel(false);
     loop {
