@@ -58,9 +58,11 @@ impl Clock {
     }
 
     fn on_bytes_read(&self) {
-        let p = *self.phase.lock().unwrap_or_else(|e| e.into_inner());
-        if let Phase::Idle(_) = p {
-            self.set(|_| Phase::Head(Instant::now()));
+        let mut p = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+        if let Phase::Idle(_) = *p {
+            *p = Phase::Head(Instant::now());
+            drop(p);
+            self.changed.notify_one();
         }
     }
 
