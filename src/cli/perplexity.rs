@@ -89,7 +89,7 @@ pub(super) fn perplexity_cmd(a: PerplexityArgs) -> Result<()> {
             w.push(&lp)?;
         }
         bar.inc(1);
-        bar.set_message(format!("ppl {:.4}", tally.summary().perplexity.value));
+        bar.set_message(format!("ppl {:.4}", tally.perplexity()));
     }
     bar.finish_and_clear();
     if let Some(w) = save {

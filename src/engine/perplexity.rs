@@ -152,6 +152,11 @@ pub struct Summary {
 }
 
 impl Tally {
+    /// exp(mean NLL) so far (what a progress line needs, without the full summary's sort).
+    pub fn perplexity(&self) -> f64 {
+        (self.nll.iter().sum::<f64>() / self.nll.len().max(1) as f64).exp()
+    }
+
     pub fn summary(&self) -> Summary {
         let (m, e) = mean_stderr(&self.nll);
         let kl = (!self.kl.is_empty()).then(|| {
