@@ -59,12 +59,16 @@ def phi4_runs(a, n_params):
         subprocess.run([PHI4, "quantize", "--model", str(a.models / "phi3"), "--out", str(qdir),
                         "--recipe", r], check=True, capture_output=True)
         bpw = (qdir / "model.safetensors").stat().st_size * 8 / n_params
-        out = json.loads(subprocess.run([PHI4, *common[:2], str(qdir), *common[3:], "--kl-base", base],
-                                        check=True, capture_output=True, text=True).stdout)
-        k = out["kl"]
-        rows.append((f"phi4 {r}", bpw, out["perplexity"]["value"],
-                     {"kl_mean": k["mean"]["value"], "kl_median": k["median"], "kl_p99": k["p99"],
-                      "same_top": k["same_top"]}))
+        # i8: the activations' rounding of prefill (and of llama.cpp's products); i16: decode's
+        # with 8-bit weights (`--quant-acts auto` picks it there).
+        for acts in ("i8", "i16"):
+            out = json.loads(subprocess.run([PHI4, *common[:2], str(qdir), *common[3:], "--kl-base", base,
+                                             "--quant-acts", acts],
+                                            check=True, capture_output=True, text=True).stdout)
+            k = out["kl"]
+            rows.append((f"phi4 {r}, {acts} activations", bpw, out["perplexity"]["value"],
+                         {"kl_mean": k["mean"]["value"], "kl_median": k["median"], "kl_p99": k["p99"],
+                          "same_top": k["same_top"]}))
     return rows
 
 

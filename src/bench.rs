@@ -54,6 +54,8 @@ pub struct BenchReport {
     pub kv_cache_mb: f64,
     /// How activations met bf16 weights (`f32` or `bf16`).
     pub bf16_acts: &'static str,
+    /// How activations met block-quantized weights (`auto`, `i8` or `i16`).
+    pub quant_acts: &'static str,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -205,6 +207,7 @@ pub fn run(model: &Phi3ForCausalLM, opts: &BenchOptions) -> Result<BenchReport> 
         kv_cache: model.kv_cache.name(),
         kv_cache_mb: kv_bytes as f64 / 1e6,
         bf16_acts: model.bf16_acts().name(),
+        quant_acts: model.quant_acts().name(),
     })
 }
 

@@ -197,9 +197,22 @@ impl Tensor {
 
     /// This 2-D float tensor quantized to `t` (rows in parallel).
     pub fn quantize(&self, t: QType) -> Result<Tensor> {
+        self.quantize_weighted(t, None)
+    }
+
+    /// [`Tensor::quantize`] with each column's importance (see [`quant::quantize_row_weighted`]).
+    pub fn quantize_weighted(&self, t: QType, imp: Option<&[f32]>) -> Result<Tensor> {
         let [rows, cols] = self.shape[..] else {
             bail!("only 2-D tensors are quantized, got shape {:?}", self.shape);
         };
+        if let Some(imp) = imp {
+            if imp.len() != cols {
+                bail!(
+                    "{} column importances for a matrix of {cols} columns",
+                    imp.len()
+                );
+            }
+        }
         if !self.dtype.is_float() {
             bail!("tensor is already quantized ({:?})", self.dtype);
         }
@@ -214,7 +227,7 @@ impl Tensor {
             cols,
             |r, row, q, d| {
                 self.read_f32(r * cols, row);
-                quant::quantize_row(t, row, q, d);
+                quant::quantize_row_weighted(t, row, imp, q, d);
             },
             |done| {
                 self.bytes

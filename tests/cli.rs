@@ -617,3 +617,140 @@ fn transcribe_and_run_with_audio_reproduce_the_reference() {
         "names <|audio_2|>",
     );
 }
+
+/// `phi4 quantize --calibration`: runs the float model over the text, records what it was
+/// calibrated on in the checkpoint's metadata, changes the 4-bit scales (and not the 8-bit
+/// ones), and the result loads and runs; bad calibration input is refused by name.
+#[test]
+fn quantize_with_calibration_records_it_and_refuses_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tiny();
+    let text = common::fixtures()
+        .join("perplexity.txt")
+        .display()
+        .to_string();
+    let out = |name: &str| dir.path().join(name).display().to_string();
+    let quantize = |o: &str, extra: &[&str]| {
+        let mut args = vec!["quantize", "--model", &t, "--out", o, "--recipe", "q4-edge"];
+        args.extend_from_slice(extra);
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = phi4(&a, None);
+        assert!(r.status.success(), "{a:?}: {}", stderr(&r));
+        stderr(&r)
+    };
+    let (plain, cal) = (out("plain"), out("cal"));
+    quantize(&plain, &[]);
+    let log = quantize(
+        &cal,
+        &[
+            "--calibration",
+            &text,
+            "--calibration-ctx",
+            "64",
+            "--calibration-windows",
+            "3",
+        ],
+    );
+    assert!(
+        log.contains("calibrated on perplexity.txt: 192 tokens in windows of 64"),
+        "{log}"
+    );
+    let header = |d: &str| {
+        let bytes = std::fs::read(std::path::Path::new(d).join("model.safetensors")).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let h: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        (h, bytes)
+    };
+    let ((hp, bp), (hc, bc)) = (header(&plain), header(&cal));
+    assert_eq!(
+        hc["__metadata__"]["phi4.calibration"],
+        "perplexity.txt: 192 tokens in windows of 64"
+    );
+    assert!(hp["__metadata__"].get("phi4.calibration").is_none());
+    let span = |h: &Value, bytes: &[u8], name: &str| -> Vec<u8> {
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let o = &h[name]["data_offsets"];
+        let (a, b) = (
+            o[0].as_u64().unwrap() as usize,
+            o[1].as_u64().unwrap() as usize,
+        );
+        bytes[8 + n + a..8 + n + b].to_vec()
+    };
+    // q4-edge: qkv_proj is 4-bit (scales searched with the importances), down_proj 8-bit.
+    let q4 = "model.layers.0.self_attn.qkv_proj.weight.scales";
+    let q8 = "model.layers.0.mlp.down_proj.weight.scales";
+    assert_ne!(
+        span(&hp, &bp, q4),
+        span(&hc, &bc, q4),
+        "4-bit scales unchanged"
+    );
+    assert_eq!(
+        span(&hp, &bp, q8),
+        span(&hc, &bc, q8),
+        "8-bit scales changed"
+    );
+    let r = phi4(
+        &[
+            "run",
+            "--model",
+            &cal,
+            "--prompt",
+            "Hello",
+            "--max-tokens",
+            "4",
+        ],
+        None,
+    );
+    assert!(r.status.success(), "{}", stderr(&r));
+
+    let base = ["quantize", "--model", t.as_str(), "--recipe", "q4"];
+    let short = out("short.txt");
+    std::fs::write(&short, "A few words only.").unwrap();
+    let o4 = out("o4");
+    let with = |extra: &[&str]| -> Vec<String> {
+        base.iter()
+            .chain(["--out", o4.as_str()].iter())
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (with(&["--calibration", "/no/such/text"]), "/no/such/text"),
+        (
+            with(&["--calibration", &text, "--calibration-windows", "0"]),
+            "--calibration-windows must be at least 1",
+        ),
+        (
+            with(&["--calibration", &text, "--calibration-ctx", "100000"]),
+            "calibration windows of 100000 tokens",
+        ),
+        (
+            with(&["--calibration", &short, "--calibration-ctx", "64"]),
+            "a window of 64 needs at least that many",
+        ),
+        (with(&["--calibration-ctx", "64"]), "--calibration"),
+    ];
+    for (args, needle) in cases {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = phi4(&a, None);
+        assert!(!o.status.success(), "{a:?} should fail");
+        let e = stderr(&o);
+        assert!(e.contains(needle), "{a:?}: {e}");
+        assert!(!e.contains("panicked"), "{a:?} panicked: {e}");
+    }
+    fails_with(
+        &[
+            "run",
+            "--model",
+            &t,
+            "--quant",
+            "q8",
+            "--quant-acts",
+            "i4",
+            "--prompt",
+            "x",
+        ],
+        "unknown activation precision \"i4\" for quantized weights",
+    );
+}

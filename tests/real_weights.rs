@@ -152,8 +152,37 @@ fn real_weights_run_exactly_and_each_recipe_loses_no_more_than_its_bound() {
             llama("Q4_0", "same_top") - 0.1,
         ),
     ];
-    for (recipe, max_kl, min_top) in gates {
-        let run = perplexity(&model, &["--quant", recipe, "--kl-base", &base]);
+    let w8 = |k: &str| r["w8_only"][k].as_f64().unwrap();
+    let calibrated = make_calibrated(&model, dir.path());
+    let uncalibrated_q4 = mean_kl(&perplexity(&model, &["--quant", "q4", "--kl-base", &base]));
+    // (what runs, its mean-KL bound, its same-top-token floor).
+    let more: [(Vec<&str>, f64, f64); 2] = [
+        // Decode's path for 8-bit weights: 16-bit activations leave only the weights' rounding.
+        (
+            vec!["--quant", "q8", "--quant-acts", "i16"],
+            1.2 * w8("kl_mean"),
+            w8("same_top") - 0.02,
+        ),
+        // 4 bits with importance-weighted scales from another text: at most llama.cpp's Q4_0,
+        // and well under the uncalibrated q4 (checked below).
+        (
+            vec!["--model", calibrated.to_str().unwrap()],
+            llama("Q4_0", "kl_mean"),
+            llama("Q4_0", "same_top") - 0.03,
+        ),
+    ];
+    let gates = gates
+        .into_iter()
+        .map(|(recipe, kl, top)| (vec!["--quant", recipe], kl, top))
+        .chain(more);
+    for (args, max_kl, min_top) in gates {
+        let recipe = args.join(" ");
+        let (which, mut extra) = match args[..] {
+            ["--model", m, ..] => (PathBuf::from(m), args[2..].to_vec()),
+            _ => (model.clone(), args.clone()),
+        };
+        extra.extend(["--kl-base", base.as_str()]);
+        let run = perplexity(&which, &extra);
         let kl = run["kl"]["mean"]["value"].as_f64().unwrap();
         let top = run["kl"]["same_top"].as_f64().unwrap();
         println!(
@@ -167,5 +196,39 @@ fn real_weights_run_exactly_and_each_recipe_loses_no_more_than_its_bound() {
             top >= min_top,
             "{recipe}: same top token {top} under {min_top}"
         );
+        if args[0] == "--model" {
+            assert!(
+                kl < 0.8 * uncalibrated_q4,
+                "calibrated q4 {kl} vs uncalibrated {uncalibrated_q4}"
+            );
+        }
     }
+}
+
+fn mean_kl(run: &Value) -> f64 {
+    run["kl"]["mean"]["value"].as_f64().unwrap()
+}
+
+/// `phi4 quantize --recipe q4 --calibration` on a text other than the one scored: Debian's
+/// copy of the Apache License 2.0 (base-files, on every Debian system).
+fn make_calibrated(model: &Path, dir: &Path) -> PathBuf {
+    let text = Path::new("/usr/share/common-licenses/Apache-2.0");
+    assert!(
+        text.is_file(),
+        "{} (Debian's base-files) is missing",
+        text.display()
+    );
+    let out = dir.join("q4-calibrated");
+    let o = Command::new(env!("CARGO_BIN_EXE_phi4"))
+        .arg("quantize")
+        .arg("--model")
+        .arg(model)
+        .arg("--out")
+        .arg(&out)
+        .args(["--recipe", "q4", "--calibration"])
+        .arg(text)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out
 }

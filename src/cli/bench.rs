@@ -203,8 +203,8 @@ pub(super) fn bench_cmd(a: BenchArgs) -> Result<()> {
             println!("peak RSS: {rss:.0} MB");
         }
         println!(
-            "KV cache: {} ({:.1} MB)   activations against bf16 weights: {}",
-            report.kv_cache, report.kv_cache_mb, report.bf16_acts
+            "KV cache: {} ({:.1} MB)   activations against bf16 weights: {}, against quantized ones: {}",
+            report.kv_cache, report.kv_cache_mb, report.bf16_acts, report.quant_acts
         );
         println!(
             "runs (median reported): {:?}",

@@ -15,6 +15,7 @@ use phi4::config::Phi3Config;
 use phi4::engine::{BatcherConfig, LocalMedia, RopePolicy, StreamEvent};
 use phi4::hub::{resolve_model, DEFAULT_MODEL};
 use phi4::kernels::bf16::Bf16Acts;
+use phi4::kernels::wide_acts::QuantActs;
 use phi4::model::{KvType, Phi3ForCausalLM, Recipe};
 use phi4::server::ServerOptions;
 use phi4::text::{AudioSource, ImageSource};
@@ -158,12 +159,20 @@ struct ModelOptions {
     /// the prefill speed on AVX-512 BF16, an error of up to 2^-8 per activation.
     #[arg(long, value_parser = Bf16Acts::parse, default_value = "f32")]
     bf16_acts: Bf16Acts,
+    /// With 8- or 4-bit weights: auto rounds activations to 16 bits where that costs no speed
+    /// (8-bit weights in decode and batches of up to 4 rows, whose pace the weights' memory
+    /// traffic sets) and to 8 bits elsewhere (prefill, 4-bit weights); i8 rounds them to 8 bits
+    /// everywhere (llama.cpp's Q8_0 / Q4_0 products: q8 loses 3x more to its reference); i16
+    /// to 16 bits everywhere (a prefill rounds as decode does, more slowly).
+    #[arg(long, value_parser = QuantActs::parse, default_value = "auto")]
+    quant_acts: QuantActs,
 }
 
 impl ModelOptions {
     fn apply(&self, model: &mut Phi3ForCausalLM) {
         model.kv_cache = self.kv_cache;
         model.set_bf16_acts(self.bf16_acts);
+        model.set_quant_acts(self.quant_acts);
     }
 
     /// [`ModelOptions::apply`] to an engine, its vision and speech encoders included.

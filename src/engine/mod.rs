@@ -3,6 +3,7 @@
 //! offline API (`generate`, `chat`, and streaming forms taking a callback).
 
 pub mod batcher;
+pub mod calibrate;
 pub mod constraint;
 pub mod generation;
 pub mod multimodal;

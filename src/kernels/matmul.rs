@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 use super::dot::{WeightElem, BLOCK_ROWS, MAX_ROWS, PAIR_ROWS};
 use super::quant::{self, QActs, QType};
+use super::wide_acts::{self, QActs16, QuantActs};
 use super::SharedOut;
 
 /// A borrowed weight matrix, row-major `[rows, cols]`.
@@ -26,6 +27,8 @@ pub enum WeightView<'a> {
         t: QType,
         qs: &'a [u8],
         d: &'a [f16],
+        /// How activations are rounded to meet them.
+        acts: QuantActs,
     },
 }
 
@@ -97,7 +100,7 @@ impl WeightView<'_> {
                 .par_chunks_mut(cols)
                 .zip(w[span].par_chunks(cols))
                 .for_each(|(o, i)| half::slice::HalfFloatSliceExt::convert_to_f32_slice(i, o)),
-            WeightView::Quant { t, qs, d } => {
+            WeightView::Quant { t, qs, d, .. } => {
                 let (rb, nb) = (t.row_bytes(cols), quant::row_blocks(cols));
                 out.par_chunks_mut(cols).enumerate().for_each(|(i, o)| {
                     let r = r0 + i;
@@ -138,9 +141,12 @@ pub fn matmul(w: WeightView, rows: usize, cols: usize, x: &[f32], y: &mut [f32])
     let n = x.len() / cols;
     assert_eq!(x.len(), n * cols);
     assert_eq!(y.len(), n * rows);
-    if let WeightView::Quant { t, qs, d } = w {
+    if let WeightView::Quant { t, qs, d, acts } = w {
         assert_eq!(qs.len(), rows * t.row_bytes(cols));
         assert_eq!(d.len(), rows * quant::row_blocks(cols));
+        if acts.wide(t, n) {
+            return wide_matmul(t, qs, d, rows, cols, x, y, n);
+        }
         return quantized_matmul(t, qs, d, rows, cols, x, y, n);
     }
     assert_eq!(w.len(), rows * cols);
@@ -365,8 +371,51 @@ fn quantized_matmul(
     with_buffer(&KEPT_ACTS, n, n, |acts| run(acts, y))
 }
 
+/// Block-quantized weights against activations rounded to 16 bits ([`wide_acts`]): each chunk
+/// of weight rows is read once per group of up to four activation rows.
+#[allow(clippy::too_many_arguments)]
+fn wide_matmul(
+    t: QType,
+    qs: &[u8],
+    d: &[f16],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+    n: usize,
+) {
+    let (rb, nb) = (t.row_bytes(cols), quant::row_blocks(cols));
+    with_buffer(&KEPT_ACTS16, n, n, |acts| {
+        if n == 1 {
+            acts[0].quantize(x);
+        } else {
+            acts.par_iter_mut()
+                .zip(x.par_chunks(cols))
+                .for_each(|(a, row)| a.quantize(row));
+        }
+        let acts = &*acts;
+        by_row_chunks(rows, n, y, |r0, out| {
+            let len = out.len();
+            let (qs, d) = (&qs[r0 * rb..(r0 + len) * rb], &d[r0 * nb..(r0 + len) * nb]);
+            let mut tmp = [0f32; ROW_CHUNK * wide_acts::MAX_ROWS];
+            for (g, group) in acts.chunks(wide_acts::MAX_ROWS).enumerate() {
+                let k = group.len();
+                let mut refs = [&group[0]; wide_acts::MAX_ROWS];
+                for (slot, a) in refs.iter_mut().zip(group) {
+                    *slot = a;
+                }
+                wide_acts::dot_rows(t, qs, d, &refs[..k], &mut tmp[..len * k]);
+                for i in 0..len {
+                    out.put(i, g * wide_acts::MAX_ROWS, &tmp[i * k..(i + 1) * k]);
+                }
+            }
+        });
+    })
+}
+
 thread_local! {
     static KEPT_ACTS: RefCell<Vec<QActs>> = const { RefCell::new(Vec::new()) };
+    static KEPT_ACTS16: RefCell<Vec<QActs16>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Products of up to this many activation rows (decode steps, small batches) keep their
@@ -522,11 +571,15 @@ mod tests {
 
     /// Quantized products (single rows for n = 1, row pairs for a few, and with AVX-512 VNNI
     /// from 32 rows the packed panels: odd row counts, several panels per row, partial passes)
-    /// against the scalar kernel applied row by row. Q8 codes include -128, which ggml's
-    /// quantizer never writes but a Q8_0 file may hold.
+    /// against the scalar kernel applied row by row, with 8-bit activations and with 16-bit ones
+    /// ([`wide_acts`]: groups of four activation rows, and `auto` picking by the row count).
+    /// Q8 codes include -128, which ggml's quantizer never writes but a Q8_0 file may hold.
     #[test]
     fn quantized_matmul_matches_the_scalar_kernel_row_by_row() {
-        for t in [QType::Q4, QType::Q8] {
+        for (t, acts) in [QType::Q4, QType::Q8]
+            .into_iter()
+            .flat_map(|t| [QuantActs::I8, QuantActs::I16, QuantActs::Auto].map(|a| (t, a)))
+        {
             for (rows, cols, n) in [
                 (3, 256, 1),
                 (131, 512, 1),
@@ -553,30 +606,31 @@ mod tests {
                 }
                 let x = data(n * cols, 6);
                 let mut got = vec![0f32; n * rows];
-                matmul(
-                    WeightView::Quant { t, qs: &qs, d: &d },
-                    rows,
-                    cols,
-                    &x,
-                    &mut got,
-                );
+                let view = WeightView::Quant {
+                    t,
+                    qs: &qs,
+                    d: &d,
+                    acts,
+                };
+                matmul(view, rows, cols, &x, &mut got);
                 for tok in 0..n {
-                    let mut a = QActs::default();
-                    a.quantize(&x[tok * cols..(tok + 1) * cols]);
+                    let xt = &x[tok * cols..(tok + 1) * cols];
+                    let (mut a8, mut a16) = (QActs::default(), QActs16::default());
+                    a8.quantize(xt);
+                    a16.quantize(xt);
                     for r in 0..rows {
                         let mut want = [0f32];
-                        quant::scalar_dot_rows(
-                            t,
-                            &qs[r * rb..(r + 1) * rb],
-                            &d[r * nb..(r + 1) * nb],
-                            &[&a],
-                            &mut want,
-                        );
+                        let (q, s) = (&qs[r * rb..(r + 1) * rb], &d[r * nb..(r + 1) * nb]);
+                        if acts.wide(t, n) {
+                            wide_acts::scalar_dot_rows(t, q, s, &[&a16], &mut want);
+                        } else {
+                            quant::scalar_dot_rows(t, q, s, &[&a8], &mut want);
+                        }
                         let g = got[tok * rows + r];
                         let tol = 1e-5 * (cols as f32).sqrt() * want[0].abs().max(1.0);
                         assert!(
                             (g - want[0]).abs() <= tol,
-                            "{t:?} {rows}x{cols} n={n} token {tok} row {r}: {g} vs {}",
+                            "{t:?} {acts:?} {rows}x{cols} n={n} token {tok} row {r}: {g} vs {}",
                             want[0]
                         );
                     }
@@ -650,7 +704,12 @@ mod transposed_tests {
         ] {
             let wf = tensor.to_f32_vec();
             let view = match tensor.as_quant() {
-                Some((t, qs, d)) => WeightView::Quant { t, qs, d },
+                Some((t, qs, d)) => WeightView::Quant {
+                    t,
+                    qs,
+                    d,
+                    acts: QuantActs::Auto,
+                },
                 None if tensor.dtype == crate::weights::DType::BF16 => {
                     WeightView::BF16(tensor.as_bf16())
                 }

@@ -15,6 +15,7 @@ pub mod ops;
 #[cfg(target_arch = "x86_64")]
 mod qpanel;
 pub mod quant;
+pub mod wide_acts;
 
 pub use matmul::{matmul, matmul_transposed, matvec, WeightView};
 

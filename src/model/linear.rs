@@ -9,10 +9,13 @@
 //! that asked for it. Phi-4-multimodal's vision and speech adapters live here, and a user's
 //! fine-tuned adapter is one more entry; a quantized base keeps its adapters in 16 bits.
 
+use std::sync::{Arc, Mutex};
+
 use anyhow::{bail, Result};
 
 use crate::kernels::bf16::{matmul_bf16, Bf16Acts};
 use crate::kernels::quant::QType;
+use crate::kernels::wide_acts::QuantActs;
 use crate::kernels::{matmul, WeightView};
 use crate::weights::{DType, Tensor};
 
@@ -24,8 +27,45 @@ pub struct Linear {
     pub in_features: usize,
     /// How activations meet the weight when it is bf16 (other dtypes ignore it).
     bf16_acts: Bf16Acts,
+    /// How activations meet the weight when it is block-quantized.
+    quant_acts: QuantActs,
     bias: Option<Vec<f32>>,
     lora: Vec<LoraDelta>,
+    /// While calibrating: the inputs' running column statistics.
+    stats: Option<Arc<ColumnStats>>,
+}
+
+/// Running sums of the square of each input column over every row a layer multiplied: the
+/// importance `phi4 quantize --calibration` weighs each weight column's rounding error by.
+#[derive(Debug)]
+pub struct ColumnStats {
+    sums: Mutex<(Vec<f64>, u64)>,
+}
+
+impl ColumnStats {
+    fn new(cols: usize) -> ColumnStats {
+        ColumnStats {
+            sums: Mutex::new((vec![0.0; cols], 0)),
+        }
+    }
+
+    fn add(&self, x: &[f32], cols: usize) {
+        let mut g = self.sums.lock().unwrap_or_else(|e| e.into_inner());
+        let (sums, rows) = &mut *g;
+        for row in x.chunks_exact(cols) {
+            for (s, &v) in sums.iter_mut().zip(row) {
+                *s += (v as f64) * (v as f64);
+            }
+            *rows += 1;
+        }
+    }
+
+    /// The mean square of each column, and the rows seen.
+    pub fn mean_squares(&self) -> (Vec<f32>, u64) {
+        let g = self.sums.lock().unwrap_or_else(|e| e.into_inner());
+        let n = g.1.max(1) as f64;
+        (g.0.iter().map(|s| (s / n) as f32).collect(), g.1)
+    }
 }
 
 /// Identifies one adapter of a model (an index into its adapter names).
@@ -56,8 +96,10 @@ impl Linear {
             in_features: weight.shape[1],
             weight,
             bf16_acts: Bf16Acts::default(),
+            quant_acts: QuantActs::default(),
             bias: None,
             lora: Vec::new(),
+            stats: None,
         })
     }
 
@@ -161,16 +203,28 @@ impl Linear {
                     .weight
                     .as_quant()
                     .expect("quantized tensors carry scales");
-                WeightView::Quant { t, qs, d }
+                WeightView::Quant {
+                    t,
+                    qs,
+                    d,
+                    acts: self.quant_acts,
+                }
             }
         }
     }
 
     /// This layer with its weight quantized to `t` (bias and adapters as they were).
     pub fn quantize(&self, t: QType) -> Result<Linear> {
+        self.quantize_weighted(t, None)
+    }
+
+    /// [`Linear::quantize`] with each input column's importance (see [`ColumnStats`]).
+    pub fn quantize_weighted(&self, t: QType, imp: Option<&[f32]>) -> Result<Linear> {
         Ok(Linear {
-            weight: self.weight.quantize(t)?,
+            weight: self.weight.quantize_weighted(t, imp)?,
+            stats: None,
             bf16_acts: self.bf16_acts,
+            quant_acts: self.quant_acts,
             bias: self.bias.clone(),
             lora: self.lora.clone(),
             out_features: self.out_features,
@@ -191,8 +245,31 @@ impl Linear {
         }
     }
 
+    pub fn quant_acts(&self) -> QuantActs {
+        self.quant_acts
+    }
+
+    pub fn set_quant_acts(&mut self, acts: QuantActs) {
+        self.quant_acts = acts;
+    }
+
+    /// Starts collecting the statistics of this layer's inputs ([`ColumnStats`]), anew.
+    pub fn collect_stats(&mut self) -> Arc<ColumnStats> {
+        let s = Arc::new(ColumnStats::new(self.in_features));
+        self.stats = Some(s.clone());
+        s
+    }
+
+    /// Stops collecting; returns what was collected, if anything was.
+    pub fn take_stats(&mut self) -> Option<Arc<ColumnStats>> {
+        self.stats.take()
+    }
+
     /// `x` is `[n, in_features]`, `y` is `[n, out_features]`, both row-major. No adapter.
     pub fn forward(&self, x: &[f32], y: &mut [f32]) {
+        if let Some(s) = &self.stats {
+            s.add(x, self.in_features);
+        }
         let (rows, cols) = (self.out_features, self.in_features);
         match self.view() {
             WeightView::BF16(w) => matmul_bf16(w, rows, cols, x, y, self.bf16_acts),
@@ -287,5 +364,28 @@ impl Linear {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn column_stats_are_the_mean_square_of_every_input_row_while_collecting() {
+        let w = Tensor::from_f32(vec![2, 3], &[1.0, 0.0, 0.0, 0.0, 1.0, 0.0]);
+        let mut l = Linear::new(w).unwrap();
+        let mut y = vec![0f32; 4];
+        l.forward(&[9.0, 9.0, 9.0, 9.0, 9.0, 9.0], &mut y);
+        let s = l.collect_stats();
+        l.forward(&[1.0, -2.0, 0.0, 3.0, 0.0, 0.5], &mut y);
+        l.forward(&[-1.0, 2.0, 4.0], &mut y[..2]);
+        let taken = l.take_stats().unwrap();
+        assert!(Arc::ptr_eq(&s, &taken));
+        l.forward(&[9.0, 9.0, 9.0], &mut y[..2]);
+        let (ms, rows) = taken.mean_squares();
+        assert_eq!(rows, 3);
+        assert_eq!(ms, vec![11.0 / 3.0, 8.0 / 3.0, 16.25 / 3.0]);
+        assert!(l.take_stats().is_none());
     }
 }

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::kv_cache::{KvCache, KvType};
 use super::linear::{AdapterId, Linear};
-use super::quantize::Recipe;
+use super::quantize::{Importance, Recipe};
 use super::rope::{Rope, RopeTable};
 use crate::config::Phi3Config;
 use crate::kernels::bf16::Bf16Acts;
@@ -22,6 +22,7 @@ use crate::kernels::ops::{
     attend_block_scores, attend_block_values, attend_one, pages, rms_norm, rope_neox, silu_mul,
     softmax, AttnScratch,
 };
+use crate::kernels::wide_acts::QuantActs;
 use crate::kernels::SharedOut;
 use crate::weights::{check_registry, Checkpoint, Expected, Tensor};
 
@@ -269,29 +270,78 @@ impl Phi3ForCausalLM {
     /// weights are released as each is replaced, matrices already quantized (a quantized GGUF or
     /// checkpoint) keep their format. A tied LM head stays one tensor with the embedding.
     pub fn quantize(&mut self, recipe: Recipe) -> Result<()> {
+        self.quantize_weighted(recipe, None)
+    }
+
+    /// [`Phi3ForCausalLM::quantize`] with column importances from calibration (by weight name;
+    /// see [`Phi3ForCausalLM::collect_stats`]). Tied embeddings take the LM head's: their
+    /// rounding matters as the LM head's product, not as the lookup.
+    pub fn quantize_weighted(&mut self, recipe: Recipe, imp: Option<&Importance>) -> Result<()> {
+        let of = |name: &str| imp.and_then(|m| m.get(name)).map(Vec::as_slice);
         for (l, layer) in self.model.layers.iter_mut().enumerate() {
             let p = format!("model.layers.{l}");
             for (name, lin) in layer.linears_mut() {
                 let full = format!("{p}.{name}.weight");
                 if lin.weight().dtype.is_float() {
-                    *lin = lin.quantize(recipe.qtype(&full)).context(full)?;
+                    *lin = lin
+                        .quantize_weighted(recipe.qtype(&full), of(&full))
+                        .context(full)?;
                 }
             }
         }
         if self.model.embed_tokens.dtype.is_float() {
+            let embed_imp = if self.config.tie_word_embeddings {
+                of("lm_head.weight")
+            } else {
+                None
+            };
             let embed = self
                 .model
                 .embed_tokens
-                .quantize(recipe.qtype("model.embed_tokens.weight"))?;
+                .quantize_weighted(recipe.qtype("model.embed_tokens.weight"), embed_imp)?;
             if self.config.tie_word_embeddings {
                 self.lm_head = Linear::new(embed.clone())?;
             }
             self.model.embed_tokens = embed;
         }
         if !self.config.tie_word_embeddings && self.lm_head.weight().dtype.is_float() {
-            self.lm_head = self.lm_head.quantize(recipe.qtype("lm_head.weight"))?;
+            self.lm_head = self
+                .lm_head
+                .quantize_weighted(recipe.qtype("lm_head.weight"), of("lm_head.weight"))?;
         }
         Ok(())
+    }
+
+    /// Starts collecting the input statistics of every projection and the LM head, for
+    /// [`Phi3ForCausalLM::take_importance`] after some forward passes.
+    pub fn collect_stats(&mut self) {
+        for layer in &mut self.model.layers {
+            for (_, lin) in layer.linears_mut() {
+                lin.collect_stats();
+            }
+        }
+        self.lm_head.collect_stats();
+    }
+
+    /// Stops collecting; each matrix's column importances (the mean square of its inputs) by
+    /// weight name, and the fewest rows any matrix saw.
+    pub fn take_importance(&mut self) -> (Importance, u64) {
+        let mut out = Importance::new();
+        let mut rows = u64::MAX;
+        let mut put = |name: String, lin: &mut Linear| {
+            if let Some(s) = lin.take_stats() {
+                let (ms, n) = s.mean_squares();
+                rows = rows.min(n);
+                out.insert(name, ms);
+            }
+        };
+        for (l, layer) in self.model.layers.iter_mut().enumerate() {
+            for (name, lin) in layer.linears_mut() {
+                put(format!("model.layers.{l}.{name}.weight"), lin);
+            }
+        }
+        put("lm_head.weight".to_string(), &mut self.lm_head);
+        (out, if rows == u64::MAX { 0 } else { rows })
     }
 
     /// How activations meet bf16 weights in every projection and the LM head (see
@@ -307,6 +357,21 @@ impl Phi3ForCausalLM {
 
     pub fn bf16_acts(&self) -> Bf16Acts {
         self.lm_head.bf16_acts()
+    }
+
+    /// How activations meet block-quantized weights in every projection and the LM head (see
+    /// [`QuantActs`]); float weights are not affected.
+    pub fn set_quant_acts(&mut self, acts: QuantActs) {
+        for layer in &mut self.model.layers {
+            for (_, lin) in layer.linears_mut() {
+                lin.set_quant_acts(acts);
+            }
+        }
+        self.lm_head.set_quant_acts(acts);
+    }
+
+    pub fn quant_acts(&self) -> QuantActs {
+        self.lm_head.quant_acts()
     }
 
     pub fn new_cache(&self) -> KvCache {

@@ -12,6 +12,13 @@ use super::Phi3ForCausalLM;
 use crate::kernels::quant::QType;
 use crate::weights::{DType, QuantEntry, Tensor, LAYOUT, LAYOUT_KEY, META_KEY};
 
+/// Column importances by weight name: the mean square of the inputs each column of a matrix
+/// met on calibration text ([`super::Phi3ForCausalLM::take_importance`]).
+pub type Importance = BTreeMap<String, Vec<f32>>;
+
+/// Metadata key of the calibration a checkpoint was quantized with (text file and tokens).
+pub const CALIBRATION_KEY: &str = "phi4.calibration";
+
 /// Metadata key of the recipe a checkpoint was made with.
 pub const RECIPE_KEY: &str = "phi4.recipe";
 
@@ -62,11 +69,30 @@ impl Recipe {
 /// Writes `model` as `dir/model.safetensors`: quantized matrices as described in
 /// [`crate::weights::META_KEY`], float tensors as they are. `recipe` is recorded if given.
 pub fn write_checkpoint(model: &Phi3ForCausalLM, recipe: Option<Recipe>, dir: &Path) -> Result<()> {
-    write_tensors(&model.named_tensors(), recipe, dir)
+    write_checkpoint_with(model, recipe, &[], dir)
+}
+
+/// [`write_checkpoint`] with more metadata entries (`notes`: key, value).
+pub fn write_checkpoint_with(
+    model: &Phi3ForCausalLM,
+    recipe: Option<Recipe>,
+    notes: &[(&str, String)],
+    dir: &Path,
+) -> Result<()> {
+    write_tensors_with(&model.named_tensors(), recipe, notes, dir)
 }
 
 /// Writes named tensors as `dir/model.safetensors` (quantized ones as `N.qs` + `N.scales`).
 pub fn write_tensors(named: &[(String, Tensor)], recipe: Option<Recipe>, dir: &Path) -> Result<()> {
+    write_tensors_with(named, recipe, &[], dir)
+}
+
+fn write_tensors_with(
+    named: &[(String, Tensor)],
+    recipe: Option<Recipe>,
+    notes: &[(&str, String)],
+    dir: &Path,
+) -> Result<()> {
     let mut entries = BTreeMap::new();
     let mut pieces: Vec<(String, safetensors::Dtype, Vec<usize>, &[u8])> = Vec::new();
     for (name, t) in named {
@@ -118,6 +144,9 @@ pub fn write_tensors(named: &[(String, Tensor)], recipe: Option<Recipe>, dir: &P
     meta.insert(LAYOUT_KEY.to_string(), LAYOUT.to_string());
     if let Some(r) = recipe {
         meta.insert(RECIPE_KEY.to_string(), r.name().to_string());
+    }
+    for (k, v) in notes {
+        meta.insert(k.to_string(), v.clone());
     }
     meta.insert("format".to_string(), "pt".to_string());
     let path = dir.join("model.safetensors");
