@@ -9,7 +9,8 @@ half of each scored. Each engine's quantized runs are compared with its own floa
 `phi4 perplexity --kl-base`, llama.cpp here with numpy), and transformers' perplexity on the same
 windows is printed as the reference for both float runs.
 
-    python scripts/bench_quant_kl.py --models /tmp/smol --text /usr/share/common-licenses/GPL-3
+    python scripts/bench_quant_kl.py --models /tmp/smol --text /usr/share/common-licenses/GPL-3 \
+        --calibration /usr/share/common-licenses/Apache-2.0
 
 Never run by CI. Needs llama-cpp-python (0.3.36), transformers, tokenizers, numpy.
 """
@@ -19,6 +20,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import subprocess
 import time
 
@@ -54,10 +56,16 @@ def phi4_runs(a, n_params):
     out = json.loads(subprocess.run([PHI4, *common, "--save-logits", base],
                                     check=True, capture_output=True, text=True).stdout)
     rows.append(("phi4 f32", 32.0, out["perplexity"]["value"], None))
-    for r in PHI4_RECIPES:
-        qdir = a.work / f"phi4-{r}"
+    # Each recipe plain, and with importance-weighted 4-bit scales from --calibration's text.
+    variants = [(r, []) for r in PHI4_RECIPES]
+    if a.calibration:
+        variants += [(r, ["--calibration", str(a.calibration)]) for r in PHI4_RECIPES]
+    for r, extra in variants:
+        tag = f"{r}, calibrated" if extra else r
+        qdir = a.work / f"phi4-{r}{'-cal' if extra else ''}"
+        shutil.rmtree(qdir, ignore_errors=True)
         subprocess.run([PHI4, "quantize", "--model", str(a.models / "phi3"), "--out", str(qdir),
-                        "--recipe", r], check=True, capture_output=True)
+                        "--recipe", r, *extra], check=True, capture_output=True)
         bpw = (qdir / "model.safetensors").stat().st_size * 8 / n_params
         # i8: the activations' rounding of prefill (and of llama.cpp's products); i16: decode's
         # with 8-bit weights (`--quant-acts auto` picks it there).
@@ -66,7 +74,7 @@ def phi4_runs(a, n_params):
                                              "--quant-acts", acts],
                                             check=True, capture_output=True, text=True).stdout)
             k = out["kl"]
-            rows.append((f"phi4 {r}, {acts} activations", bpw, out["perplexity"]["value"],
+            rows.append((f"phi4 {tag}, {acts} activations", bpw, out["perplexity"]["value"],
                          {"kl_mean": k["mean"]["value"], "kl_median": k["median"], "kl_p99": k["p99"],
                           "same_top": k["same_top"]}))
     return rows
@@ -168,6 +176,9 @@ def main():
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--work", type=pathlib.Path, default=pathlib.Path("/tmp/bench-quant-kl"))
+    ap.add_argument("--calibration", type=pathlib.Path,
+                    help="also quantize each recipe with `phi4 quantize --calibration` on this text "
+                         "(choose one other than --text)")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     from safetensors import safe_open

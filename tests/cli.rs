@@ -704,6 +704,35 @@ fn quantize_with_calibration_records_it_and_refuses_bad_input() {
     );
     assert!(r.status.success(), "{}", stderr(&r));
 
+    // A mix: 4-bit but the classes named after `q4+`, recorded in the metadata.
+    let mix = out("mix");
+    let r = phi4(
+        &[
+            "quantize",
+            "--model",
+            &t,
+            "--out",
+            &mix,
+            "--recipe",
+            "q4+qkv_proj+embed",
+        ],
+        None,
+    );
+    assert!(r.status.success(), "{}", stderr(&r));
+    let (hm, _) = header(&mix);
+    assert_eq!(hm["__metadata__"]["phi4.recipe"], "q4+qkv_proj+embed");
+    let kinds: Value =
+        serde_json::from_str(hm["__metadata__"]["phi4.quant"].as_str().unwrap()).unwrap();
+    for (name, want) in [
+        ("model.layers.0.self_attn.qkv_proj.weight", "q8"),
+        ("model.layers.0.self_attn.o_proj.weight", "q4"),
+        ("model.layers.1.mlp.down_proj.weight", "q4"),
+        ("model.layers.1.mlp.gate_up_proj.weight", "q4"),
+        ("model.embed_tokens.weight", "q8"),
+    ] {
+        assert_eq!(kinds[name]["type"], want, "{name}");
+    }
+
     let base = ["quantize", "--model", t.as_str(), "--recipe", "q4"];
     let short = out("short.txt");
     std::fs::write(&short, "A few words only.").unwrap();
@@ -730,6 +759,10 @@ fn quantize_with_calibration_records_it_and_refuses_bad_input() {
             "a window of 64 needs at least that many",
         ),
         (with(&["--calibration-ctx", "64"]), "--calibration"),
+        (
+            vec!["quantize".into(), "--model".into(), t.clone(), "--out".into(), o4.clone(), "--recipe".into(), "q4+attn".into()],
+            "unknown class \"attn\" in recipe \"q4+attn\"; the classes are qkv_proj, o_proj, gate_up_proj, down_proj, embed",
+        ),
     ];
     for (args, needle) in cases {
         let a: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -61,6 +61,7 @@ fn gate(label: &str, r: Recipe) -> (f64, f64) {
         (_, Recipe::Q8) => (4e-3, 0.85),
         (_, Recipe::Q4Edge) => (0.3, 0.5),
         (_, Recipe::Q4) => (0.5, 0.45),
+        (_, Recipe::Mix(_)) => unreachable!("the gate covers Recipe::ALL"),
     }
 }
 

@@ -121,7 +121,7 @@ pub(super) fn bench_cmd(a: BenchArgs) -> Result<()> {
                     m.quantize(r)?;
                     r.name()
                 }
-                None => "bf16",
+                None => "bf16".into(),
             };
             if let Some(dir) = &a.save {
                 std::fs::create_dir_all(dir)
@@ -247,7 +247,7 @@ pub(super) fn bench_images(a: BenchArgs) -> Result<()> {
                     m.lm.quantize(r)?;
                     r.name()
                 }
-                None => "bf16",
+                None => "bf16".into(),
             };
             a.opts.apply(&mut m.lm);
             m.image_embed.set_bf16_acts(a.opts.bf16_acts);

@@ -8,7 +8,9 @@ pub(super) struct QuantizeArgs {
     /// Output directory (created; must not already hold a model.safetensors).
     #[arg(long)]
     out: PathBuf,
-    /// q8, q4, or q4-edge (4-bit with down_proj and the embeddings / LM head at 8 bits).
+    /// q8, q4, q4-edge (4-bit with down_proj and the embeddings / LM head at 8 bits), or q4
+    /// keeping the named classes at 8 bits, as q4+qkv_proj+embed (classes: qkv_proj, o_proj,
+    /// gate_up_proj, down_proj, embed; embed is the embeddings and the LM head).
     #[arg(long, value_parser = parse_recipe, default_value = "q4-edge")]
     recipe: Recipe,
     /// Calibration text (UTF-8): the float model runs over it first, and each 4-bit matrix's

@@ -32,38 +32,98 @@ pub enum Recipe {
     /// 4 bits, except `down_proj` and the embeddings / LM head at 8 bits: Phi-4-mini degrades
     /// under uniform 4-bit, most where errors are not averaged away (the MLP output, the logits).
     Q4Edge,
+    /// 4 bits, except the classes of [`CLASSES`] whose bit is set (bit `i` = `CLASSES[i]`) at
+    /// 8 bits: `q4+qkv_proj+embed` on the command line.
+    Mix(u8),
+}
+
+/// The classes of weight matrices a [`Recipe::Mix`] can keep at 8 bits: the four projections
+/// of every layer by name, and `embed` for the embeddings and the LM head (one matrix when
+/// tied). Measured on SmolLM2-135M (BENCHMARKS.md, issue 25), each alone at 8 bits inside q4:
+/// qkv_proj helps most per byte (with grouped-query attention it is the smallest), then the
+/// embeddings, down_proj, gate_up_proj; o_proj least.
+pub const CLASSES: [&str; 5] = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "embed"];
+
+/// Bit of `class` in a [`Recipe::Mix`].
+fn class_bit(class: &str) -> Option<u8> {
+    CLASSES.iter().position(|c| *c == class).map(|i| 1 << i)
+}
+
+/// Whether the weight `name` (a Hugging Face tensor name) is of `class`.
+fn is_class(name: &str, class: &str) -> bool {
+    match class {
+        "embed" => name == "model.embed_tokens.weight" || name == "lm_head.weight",
+        _ => name.ends_with(&format!("{class}.weight")),
+    }
 }
 
 impl Recipe {
     pub const ALL: [Recipe; 3] = [Recipe::Q8, Recipe::Q4, Recipe::Q4Edge];
 
-    pub fn name(self) -> &'static str {
+    pub fn name(self) -> std::borrow::Cow<'static, str> {
         match self {
-            Recipe::Q8 => "q8",
-            Recipe::Q4 => "q4",
-            Recipe::Q4Edge => "q4-edge",
+            Recipe::Q8 => "q8".into(),
+            Recipe::Q4 => "q4".into(),
+            Recipe::Q4Edge => "q4-edge".into(),
+            Recipe::Mix(mask) => {
+                let mut s = String::from("q4");
+                for (i, c) in CLASSES.iter().enumerate() {
+                    if mask & (1 << i) != 0 {
+                        s += "+";
+                        s += c;
+                    }
+                }
+                s.into()
+            }
         }
     }
 
     pub fn parse(s: &str) -> Result<Recipe> {
-        Recipe::ALL
-            .into_iter()
-            .find(|r| r.name() == s)
-            .with_context(|| format!("unknown quantization recipe {s:?}; choose q8, q4 or q4-edge"))
+        if let Some(r) = Recipe::ALL.into_iter().find(|r| r.name() == s) {
+            return Ok(r);
+        }
+        let mut parts = s.split('+');
+        if parts.next() != Some("q4") || !s.contains('+') {
+            anyhow::bail!(
+                "unknown quantization recipe {s:?}; choose q8, q4, q4-edge, or q4 with classes kept at 8 bits, as q4+qkv_proj+embed (classes: {})",
+                CLASSES.join(", ")
+            );
+        }
+        let mut mask = 0;
+        for class in parts {
+            let bit = class_bit(class).with_context(|| {
+                format!(
+                    "unknown class {class:?} in recipe {s:?}; the classes are {}",
+                    CLASSES.join(", ")
+                )
+            })?;
+            if mask & bit != 0 {
+                anyhow::bail!("class {class:?} named twice in recipe {s:?}");
+            }
+            mask |= bit;
+        }
+        Ok(Recipe::Mix(mask))
     }
 
     /// The format for the weight matrix `name` (a Hugging Face tensor name).
     pub fn qtype(self, name: &str) -> QType {
-        let eight_bit = name.ends_with("down_proj.weight")
-            || name == "model.embed_tokens.weight"
-            || name == "lm_head.weight";
+        let eight_bit = |mask: u8| {
+            CLASSES
+                .iter()
+                .enumerate()
+                .any(|(i, c)| mask & (1 << i) != 0 && is_class(name, c))
+        };
         match self {
             Recipe::Q8 => QType::Q8,
             Recipe::Q4 => QType::Q4,
-            Recipe::Q4Edge if eight_bit => QType::Q8,
-            Recipe::Q4Edge => QType::Q4,
+            Recipe::Q4Edge if eight_bit(Recipe::EDGE) => QType::Q8,
+            Recipe::Mix(mask) if eight_bit(mask) => QType::Q8,
+            Recipe::Q4Edge | Recipe::Mix(_) => QType::Q4,
         }
     }
+
+    /// The classes q4-edge keeps at 8 bits.
+    const EDGE: u8 = 1 << 3 | 1 << 4;
 }
 
 /// Writes `model` as `dir/model.safetensors`: quantized matrices as described in
@@ -143,7 +203,7 @@ fn write_tensors_with(
     meta.insert(META_KEY.to_string(), serde_json::to_string(&entries)?);
     meta.insert(LAYOUT_KEY.to_string(), LAYOUT.to_string());
     if let Some(r) = recipe {
-        meta.insert(RECIPE_KEY.to_string(), r.name().to_string());
+        meta.insert(RECIPE_KEY.to_string(), r.name().into_owned());
     }
     for (k, v) in notes {
         meta.insert(k.to_string(), v.clone());
@@ -177,4 +237,47 @@ pub fn copy_beside_weights(dir: &Path, out: &Path, folders: bool) -> Result<()> 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recipes_parse_name_and_place_each_matrix() {
+        for r in Recipe::ALL {
+            assert_eq!(Recipe::parse(&r.name()).unwrap(), r);
+        }
+        let m = Recipe::parse("q4+qkv_proj+embed").unwrap();
+        assert_eq!(m.name(), "q4+qkv_proj+embed");
+        assert_eq!(Recipe::parse("q4+embed+qkv_proj").unwrap(), m);
+        let q = |r: Recipe, n: &str| r.qtype(n);
+        let qkv = "model.layers.3.self_attn.qkv_proj.weight";
+        let down = "model.layers.3.mlp.down_proj.weight";
+        assert_eq!(q(m, qkv), QType::Q8);
+        assert_eq!(q(m, "model.layers.3.self_attn.o_proj.weight"), QType::Q4);
+        assert_eq!(q(m, down), QType::Q4);
+        assert_eq!(q(m, "lm_head.weight"), QType::Q8);
+        assert_eq!(q(m, "model.embed_tokens.weight"), QType::Q8);
+        // q4-edge is q4+down_proj+embed under its own name.
+        let edge = Recipe::parse("q4+down_proj+embed").unwrap();
+        for n in [
+            qkv,
+            down,
+            "lm_head.weight",
+            "model.layers.0.mlp.gate_up_proj.weight",
+        ] {
+            assert_eq!(q(edge, n), q(Recipe::Q4Edge, n), "{n}");
+        }
+        for (bad, needle) in [
+            ("q5", "unknown quantization recipe"),
+            ("q4+", "unknown class \"\""),
+            ("q4+mlp", "unknown class \"mlp\""),
+            ("q8+embed", "unknown quantization recipe"),
+            ("q4+embed+embed", "named twice"),
+        ] {
+            let e = Recipe::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+    }
 }
