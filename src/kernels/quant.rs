@@ -516,6 +516,8 @@ macro_rules! by_rows_and_type {
         $call
     }};
 }
+#[allow(unused_imports)] // used by the kernel modules of `wide_acts`, per architecture
+pub(super) use by_rows_and_type;
 
 /// The same kernels with Advanced SIMD: 8×8→16-bit multiplies (`smull`) summed pairwise into
 /// 32-bit lanes (`sadalp`), a group at a time, 16 values per register. Q4 nibbles are made
