@@ -704,6 +704,37 @@ fn quantize_with_calibration_records_it_and_refuses_bad_input() {
     );
     assert!(r.status.success(), "{}", stderr(&r));
 
+    // A mix chosen by measurement within a budget: q4 or a q4+… mix, recorded as such.
+    let auto = out("auto");
+    let r = phi4(
+        &[
+            "quantize",
+            "--model",
+            &t,
+            "--out",
+            &auto,
+            "--calibration",
+            &text,
+            "--calibration-ctx",
+            "64",
+            "--mix-budget",
+            "6",
+        ],
+        None,
+    );
+    let log = stderr(&r);
+    assert!(r.status.success(), "{log}");
+    for class in ["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "embed"] {
+        assert!(log.contains(&format!("q4+{class}: mean KL")), "{log}");
+    }
+    let (ha, _) = header(&auto);
+    let chosen = ha["__metadata__"]["phi4.recipe"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(chosen.starts_with("q4"), "{chosen}");
+    assert!(log.contains(&format!("chose {chosen}: mean KL")), "{log}");
+
     // A mix: 4-bit but the classes named after `q4+`, recorded in the metadata.
     let mix = out("mix");
     let r = phi4(
@@ -759,6 +790,15 @@ fn quantize_with_calibration_records_it_and_refuses_bad_input() {
             "a window of 64 needs at least that many",
         ),
         (with(&["--calibration-ctx", "64"]), "--calibration"),
+        (
+            vec!["quantize".into(), "--model".into(), t.clone(), "--out".into(), o4.clone(), "--mix-budget".into(), "6".into()],
+            "the following required arguments were not provided:\n  --calibration",
+        ),
+        (with(&["--calibration", &text, "--mix-budget", "6"]), "'--recipe <RECIPE>' cannot be used with '--mix-budget <BITS>'"),
+        (
+            vec!["quantize".into(), "--model".into(), t.clone(), "--out".into(), o4.clone(), "--calibration".into(), text.clone(), "--mix-budget".into(), "4".into()],
+            "--mix-budget must be at least 4.5 bits per weight",
+        ),
         (
             vec!["quantize".into(), "--model".into(), t.clone(), "--out".into(), o4.clone(), "--recipe".into(), "q4+attn".into()],
             "unknown class \"attn\" in recipe \"q4+attn\"; the classes are qkv_proj, o_proj, gate_up_proj, down_proj, embed",

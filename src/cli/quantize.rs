@@ -25,6 +25,17 @@ pub(super) struct QuantizeArgs {
     /// With --calibration: at most this many windows.
     #[arg(long, default_value_t = 32, requires = "calibration")]
     calibration_windows: usize,
+    /// With --calibration, instead of --recipe: q4 with the classes that save the most KL per
+    /// byte kept at 8 bits, measured on the first calibration window (each class alone at 8
+    /// bits against the float model), within this many bits per weight of the quantized
+    /// matrices (q4 is 4.5, q8 8.5, plus any row padding).
+    #[arg(
+        long,
+        value_name = "BITS",
+        requires = "calibration",
+        conflicts_with = "recipe"
+    )]
+    mix_budget: Option<f64>,
 }
 
 pub(super) fn quantize_cmd(a: QuantizeArgs) -> Result<()> {
@@ -38,7 +49,16 @@ pub(super) fn quantize_cmd(a: QuantizeArgs) -> Result<()> {
             a.out.display()
         );
     }
-    eprintln!("quantizing {} ({})...", dir.display(), a.recipe.name());
+    if let Some(b) = a.mix_budget {
+        if !(b.is_finite() && b >= 4.5) {
+            bail!("--mix-budget must be at least 4.5 bits per weight (q4's), got {b}");
+        }
+    }
+    let what = match a.mix_budget {
+        Some(b) => format!("a mix within {b} bits per weight"),
+        None => a.recipe.name().into_owned(),
+    };
+    eprintln!("quantizing {} ({what})...", dir.display());
     let config_text = std::fs::read_to_string(dir.join("config.json"))
         .with_context(|| format!("reading {}", dir.join("config.json").display()))?;
     if phi4::config::multimodal::Phi4MMConfig::is_multimodal(&config_text) {
@@ -55,31 +75,36 @@ pub(super) fn quantize_cmd(a: QuantizeArgs) -> Result<()> {
         return Ok(());
     }
     let mut notes = Vec::new();
-    let model = match &a.calibration {
-        None => load_model(&dir, Some(a.recipe))?,
+    let (model, recipe) = match &a.calibration {
+        None => (load_model(&dir, Some(a.recipe))?, a.recipe),
         Some(file) => {
-            let (model, note) = calibrated(&a, &dir, file)?;
+            let (model, note, recipe) = calibrated(&a, &dir, file)?;
             notes.push((phi4::model::quantize::CALIBRATION_KEY, note));
-            model
+            (model, recipe)
         }
     };
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    phi4::model::quantize::write_checkpoint_with(&model, Some(a.recipe), &notes, &a.out)?;
+    phi4::model::quantize::write_checkpoint_with(&model, Some(recipe), &notes, &a.out)?;
     // Everything but the weights travels unchanged: config, tokenizer, chat template.
     phi4::model::quantize::copy_beside_weights(&dir, &a.out, false)?;
     let bytes = model.weight_bytes();
     eprintln!(
         "wrote {} ({}, {:.2} GB of weights read per token)",
         a.out.display(),
-        a.recipe.name(),
+        recipe.name(),
         bytes as f64 / 1e9
     );
     Ok(())
 }
 
 /// The float model run over the calibration text, then quantized with the importances it
-/// collected; and a note of what it was calibrated on, for the checkpoint's metadata.
-fn calibrated(a: &QuantizeArgs, dir: &Path, file: &Path) -> Result<(Phi3ForCausalLM, String)> {
+/// collected (as --recipe says, or the mix --mix-budget finds); a note of what it was
+/// calibrated on, for the checkpoint's metadata; and the recipe.
+fn calibrated(
+    a: &QuantizeArgs,
+    dir: &Path,
+    file: &Path,
+) -> Result<(Phi3ForCausalLM, String, Recipe)> {
     if a.calibration_windows == 0 {
         bail!("--calibration-windows must be at least 1");
     }
@@ -103,7 +128,20 @@ fn calibrated(a: &QuantizeArgs, dir: &Path, file: &Path) -> Result<(Phi3ForCausa
     );
     let note = format!("{name}: {rows} tokens in windows of {}", a.calibration_ctx);
     eprintln!("calibrated on {note}");
-    let mut model = engine.model;
-    model.quantize_weighted(a.recipe, Some(&imp))?;
-    Ok((model, note))
+    let Some(budget) = a.mix_budget else {
+        let mut model = engine.model;
+        model.quantize_weighted(a.recipe, Some(&imp))?;
+        return Ok((model, note, a.recipe));
+    };
+    let window = &ids[..a.calibration_ctx];
+    let choice = engine.choose_mix(window, &imp, budget, &|m| eprintln!("{m}"))?;
+    eprintln!(
+        "chose {}: mean KL {:.5} on the first window at {:.2} bits/weight (q4: {:.5} at {:.2})",
+        choice.recipe.name(),
+        choice.kl,
+        choice.bits,
+        choice.q4_kl,
+        choice.q4_bits
+    );
+    Ok((engine.model, note, choice.recipe))
 }
