@@ -513,9 +513,12 @@ fn map_safetensors(path: &Path) -> Result<Mapped> {
         .metadata()
         .as_ref()
         .and_then(|m| m.get(META_KEY).cloned());
+    let mut whole_groups_only = false;
     if quantized.is_some() {
         let layout = meta.metadata().as_ref().and_then(|m| m.get(LAYOUT_KEY));
-        if layout.map(String::as_str) != Some(LAYOUT) {
+        if layout.map(String::as_str) == Some(LAYOUT_WHOLE_GROUPS) {
+            whole_groups_only = true;
+        } else if layout.map(String::as_str) != Some(LAYOUT) {
             bail!(
                 "{}: quantized by another version of phi4, whose block layout this one does not read ({LAYOUT_KEY} is {}, expected {LAYOUT:?}); quantize the original checkpoint again with `phi4 quantize`",
                 path.display(),
@@ -562,7 +565,8 @@ fn map_safetensors(path: &Path) -> Result<Mapped> {
         out.insert(name.clone(), t);
     }
     let out = match quantized {
-        Some(q) => assemble_quantized(out, &q).with_context(|| path.display().to_string())?,
+        Some(q) => assemble_quantized(out, &q, whole_groups_only)
+            .with_context(|| path.display().to_string())?,
         None => out,
     };
     Ok((map, out.into_iter().collect()))
@@ -579,8 +583,13 @@ pub const META_KEY: &str = "phi4.quant";
 pub const LAYOUT_KEY: &str = "phi4.quant_layout";
 
 /// The block layout this version writes and reads. (Version 1, files without the key, paired
-/// blocks for horizontal adds; version 2 interleaves the eight blocks of a group by four values.)
-pub const LAYOUT: &str = "2";
+/// blocks for horizontal adds; version 2 interleaves the eight blocks of a group by four values
+/// and pads rows to whole groups; version 3 stores a row's last group with only its blocks.)
+pub const LAYOUT: &str = "3";
+
+/// Version 2, read too: its rows are byte for byte version 3's where the width is a multiple of
+/// 256 (every Phi-4-mini matrix), and refused, with the same advice, where it is not.
+const LAYOUT_WHOLE_GROUPS: &str = "2";
 
 /// One quantized tensor's entry in the metadata.
 #[derive(Debug, Serialize, Deserialize)]
@@ -595,6 +604,7 @@ pub struct QuantEntry {
 fn assemble_quantized(
     mut tensors: BTreeMap<String, Tensor>,
     meta: &str,
+    whole_groups_only: bool,
 ) -> Result<BTreeMap<String, Tensor>> {
     let entries: BTreeMap<String, QuantEntry> =
         serde_json::from_str(meta).with_context(|| format!("metadata {META_KEY} is not valid"))?;
@@ -606,6 +616,17 @@ fn assemble_quantized(
                 .remove(&format!("{name}.{suffix}"))
                 .with_context(|| format!("quantized tensor {name} has no {name}.{suffix}"))
         };
+        if whole_groups_only
+            && e.shape
+                .get(1)
+                .is_none_or(|c| !c.is_multiple_of(quant::GROUP))
+        {
+            bail!(
+                "{name}: quantized by an older phi4 ({LAYOUT_KEY} {LAYOUT_WHOLE_GROUPS:?}), which padded rows of {:?} columns to whole groups of {}; this version stores them without the padding and cannot read that file: quantize the original checkpoint again with `phi4 quantize`",
+                e.shape.get(1),
+                quant::GROUP
+            );
+        }
         let (values, scales) = (part("qs")?, part("scales")?);
         if values.dtype != DType::U8 {
             bail!("{name}.qs must be U8, is {:?}", values.dtype);

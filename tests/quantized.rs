@@ -337,7 +337,7 @@ fn corrupt_quantized_checkpoints_are_refused_by_name() {
 #[test]
 fn checkpoints_of_another_block_layout_are_refused() {
     let (out, header) = quantized_checkpoint(Recipe::Q4);
-    let current = "\"phi4.quant_layout\":\"2\"";
+    let current = "\"phi4.quant_layout\":\"3\"";
     assert!(header.contains(current), "{header}");
     // An older file: the same bytes under layout 1, and one from before the key existed.
     for stale in ["\"phi4.quant_layout\":\"1\"", "\"phi4.other\":\"2\""] {
@@ -346,4 +346,71 @@ fn checkpoints_of_another_block_layout_are_refused() {
         assert!(err.contains("block layout"), "{err}");
         assert!(err.contains("phi4 quantize"), "{err}");
     }
+    // Layout 2 padded rows to whole groups of 256: the tiny model's 96-wide rows are refused
+    // by name (the byte counts would not even match).
+    replace_header(
+        out.path(),
+        &header.replacen(current, "\"phi4.quant_layout\":\"2\"", 1),
+    );
+    let err = format!("{:#}", Checkpoint::open_dir(out.path()).err().unwrap());
+    assert!(
+        err.contains("older phi4") && err.contains("phi4 quantize"),
+        "{err}"
+    );
+}
+
+/// A one-matrix quantized checkpoint (`rows × cols` q4 of `values`, under `layout`) in a new
+/// directory, written with the safetensors crate rather than phi4's writer.
+fn one_matrix_file(cols: usize, layout: &str, value_bytes: usize) -> tempfile::TempDir {
+    use safetensors::tensor::{Dtype, TensorView};
+    let rows = 2;
+    let qs = vec![0x9Au8; rows * value_bytes];
+    let blocks = value_bytes * 2 / 32;
+    let scales: Vec<u8> = (0..rows * blocks)
+        .flat_map(|_| half::f16::from_f32(0.5).to_le_bytes())
+        .collect();
+    let views = [
+        (
+            "w.qs",
+            TensorView::new(Dtype::U8, vec![rows, value_bytes], &qs).unwrap(),
+        ),
+        (
+            "w.scales",
+            TensorView::new(Dtype::F16, vec![rows, blocks], &scales).unwrap(),
+        ),
+    ];
+    let meta = std::collections::HashMap::from([
+        (
+            "phi4.quant".to_string(),
+            format!("{{\"w\":{{\"type\":\"q4\",\"shape\":[{rows},{cols}]}}}}"),
+        ),
+        ("phi4.quant_layout".to_string(), layout.to_string()),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    safetensors::serialize_to_file(views, Some(meta), &dir.path().join("model.safetensors"))
+        .unwrap();
+    dir
+}
+
+/// Rows hold only their own blocks now (288 columns: 9 blocks, 144 bytes, not 256 / 128); a
+/// layout-2 file whose widths are whole groups is the same bytes and still loads.
+#[test]
+fn rows_are_stored_without_group_padding_and_old_whole_group_files_load() {
+    let dir = one_matrix_file(288, "3", 144);
+    let ckpt = Checkpoint::open_dir(dir.path()).unwrap();
+    let (_, qs, d) = ckpt.tensors["w"].as_quant().unwrap();
+    assert_eq!((qs.len(), d.len()), (2 * 144, 2 * 9));
+    // Every nibble 0xA / 0x9 → values 2 and 1, scale 0.5: the row widens to 1.0 and 0.5.
+    let back = ckpt.tensors["w"].to_f32_vec();
+    assert_eq!(back.len(), 2 * 288);
+    assert!(back.iter().all(|v| *v == 1.0 || *v == 0.5), "{back:?}");
+    assert_eq!(back.iter().filter(|v| **v == 1.0).count(), 288);
+    // The padded size is refused under layout 3, naming what it expected.
+    let dir = one_matrix_file(288, "3", 256);
+    let err = format!("{:#}", Checkpoint::open_dir(dir.path()).err().unwrap());
+    assert!(err.contains("needs 288"), "{err}");
+    // Layout 2, whole groups: loads.
+    let dir = one_matrix_file(512, "2", 256);
+    let ckpt = Checkpoint::open_dir(dir.path()).unwrap();
+    assert_eq!(ckpt.tensors["w"].as_quant().unwrap().1.len(), 2 * 256);
 }

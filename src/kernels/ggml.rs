@@ -5,7 +5,7 @@
 use anyhow::{bail, Result};
 use half::{bf16, f16};
 
-use super::quant;
+use super::quant::{self, QType};
 
 /// A ggml tensor type this importer reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,7 +159,7 @@ pub fn repack_q4_0_row(src: &[u8], cols: usize, qs: &mut [u8], d: &mut [f16]) {
         // ggml: byte j holds element j (low nibble) and element j + 16 (high nibble).
         for (j, &byte) in blk[2..18].iter().enumerate() {
             for (k, nib) in [(j, byte & 15), (j + 16, byte >> 4)] {
-                let (at, shift) = quant::pos4(b * 32 + k);
+                let (at, shift) = quant::row_pos(QType::Q4, b * 32 + k, d.len());
                 qs[at] = (qs[at] & !(15 << shift)) | (nib << shift);
             }
         }

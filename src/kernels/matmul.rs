@@ -299,7 +299,6 @@ fn quantized_matmul(
     y: &mut [f32],
     n: usize,
 ) {
-    let (rb, nb) = (t.row_bytes(cols), quant::row_blocks(cols));
     let run = |acts: &mut [QActs], y: &mut [f32]| {
         if n == 1 {
             acts[0].quantize(x);
@@ -312,16 +311,65 @@ fn quantized_matmul(
         #[cfg(target_arch = "x86_64")]
         if n >= super::qpanel::MIN_TOKENS && quant::vnni() {
             return by_row_chunks(rows, n, y, |r0, out| {
-                super::qpanel::panels(t, qs, d, rows, cols, r0, acts, out)
+                kernel_rows(t, qs, d, cols, r0, out.len(), |qs, d, nb| {
+                    super::qpanel::panels(t, qs, d, nb, acts, out)
+                })
             });
         }
         let task = |r0: usize, out: &mut ChunkOut| {
-            let len = out.len();
+            if n == 1 || !quant::vnni() {
+                // The stored rows as they are: the kernels read a partial last group in place
+                // (copying chunks to whole groups first made SmolLM2's decode, 576-wide rows,
+                // 25-30 % slower). VNNI's two-row tiles read whole groups only.
+                let (rb, nb) = (t.row_bytes(cols), quant::row_blocks(cols));
+                let len = out.len();
+                let (qs, d) = (&qs[r0 * rb..(r0 + len) * rb], &d[r0 * nb..(r0 + len) * nb]);
+                return chunk_task(t, qs, d, nb, acts, out);
+            }
+            kernel_rows(t, qs, d, cols, r0, out.len(), |qs, d, nb| {
+                chunk_task(t, qs, d, nb, acts, out)
+            })
+        };
+        by_row_chunks(rows, n, y, task);
+    };
+    with_buffer(&KEPT_ACTS, n, n, |acts| run(acts, y))
+}
+
+/// Rows `r0..r0 + len` of stored quantized weights (`rows × cols`) handed to `f` as the kernels
+/// read them (`qs`, `d`, blocks per row): in place when rows hold whole groups, else widened
+/// into a per-thread buffer ([`quant::pad_rows`]): for the VNNI kernels of batches (two-row
+/// tiles, panels), where the copy serves every activation row.
+fn kernel_rows<R>(
+    t: QType,
+    qs: &[u8],
+    d: &[f16],
+    cols: usize,
+    r0: usize,
+    len: usize,
+    f: impl FnOnce(&[u8], &[f16], usize) -> R,
+) -> R {
+    let (rb, nb) = (t.row_bytes(cols), quant::row_blocks(cols));
+    let (qs, d) = (&qs[r0 * rb..(r0 + len) * rb], &d[r0 * nb..(r0 + len) * nb]);
+    if nb.is_multiple_of(8) {
+        return f(qs, d, nb);
+    }
+    PADDED_ROWS.with(|buf| {
+        let (pq, pd) = &mut *buf.borrow_mut();
+        quant::pad_rows(t, qs, d, len, nb, pq, pd);
+        f(pq, pd, nb.div_ceil(8) * 8)
+    })
+}
+
+/// One chunk of weight rows (`nb` blocks a row) against every activation row.
+fn chunk_task(t: QType, qs: &[u8], d: &[f16], nb: usize, acts: &[QActs], out: &mut ChunkOut) {
+    let (len, n) = (out.len(), acts.len());
+    let rb = nb * t.block_bytes();
+    {
+        {
             if n == 1 {
                 // Decode: the chunk's rows in one call (per-row calls cost ~2 % of a q4 decode
                 // step: one token of each in turn, 64 tokens, time ratios 0.973–0.992).
                 let mut row = [0f32; ROW_CHUNK];
-                let (qs, d) = (&qs[r0 * rb..(r0 + len) * rb], &d[r0 * nb..(r0 + len) * nb]);
                 quant::dot_row_run(t, qs, d, &acts[0], &mut row[..len]);
                 for (i, v) in row[..len].iter().enumerate() {
                     out.put(i, 0, &[*v]);
@@ -340,7 +388,7 @@ fn quantized_matmul(
                 // one row at a time, whose prefetching is tuned for weights coming from memory.
                 let mut i = 0;
                 while i < len {
-                    let r = r0 + i;
+                    let r = i;
                     if n > 1 && i + 1 < len {
                         quant::dot_row_pair(
                             t,
@@ -365,10 +413,8 @@ fn quantized_matmul(
                     }
                 }
             }
-        };
-        by_row_chunks(rows, n, y, task);
-    };
-    with_buffer(&KEPT_ACTS, n, n, |acts| run(acts, y))
+        }
+    }
 }
 
 /// Block-quantized weights against activations rounded to 16 bits ([`wide_acts`]): each chunk
@@ -384,7 +430,6 @@ fn wide_matmul(
     y: &mut [f32],
     n: usize,
 ) {
-    let (rb, nb) = (t.row_bytes(cols), quant::row_blocks(cols));
     with_buffer(&KEPT_ACTS16, n, n, |acts| {
         if n == 1 {
             acts[0].quantize(x);
@@ -394,6 +439,7 @@ fn wide_matmul(
                 .for_each(|(a, row)| a.quantize(row));
         }
         let acts = &*acts;
+        let (rb, nb) = (t.row_bytes(cols), quant::row_blocks(cols));
         by_row_chunks(rows, n, y, |r0, out| {
             let len = out.len();
             let (qs, d) = (&qs[r0 * rb..(r0 + len) * rb], &d[r0 * nb..(r0 + len) * nb]);
@@ -416,6 +462,7 @@ fn wide_matmul(
 thread_local! {
     static KEPT_ACTS: RefCell<Vec<QActs>> = const { RefCell::new(Vec::new()) };
     static KEPT_ACTS16: RefCell<Vec<QActs16>> = const { RefCell::new(Vec::new()) };
+    static PADDED_ROWS: RefCell<(Vec<u8>, Vec<f16>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Products of up to this many activation rows (decode steps, small batches) keep their

@@ -26,7 +26,7 @@
 use half::f16;
 
 use super::matmul::{with_buffer, ChunkOut, ROW_CHUNK};
-use super::quant::{row_blocks, QActs, QType, BLOCK};
+use super::quant::{QActs, QType, BLOCK};
 
 /// Activation rows per pass: 3 × 4 block sums, 3 × 4 f32 sums, 4 weight vectors and a
 /// broadcast fill 29 of the 32 vector registers.
@@ -48,30 +48,28 @@ thread_local! {
     static PANEL: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Rows `r0..r0 + out.len()` of the quantized weights `qs`, `d` (`rows` × `cols`) against every
-/// quantized activation row of `acts`, into `out`. Only where [`super::quant::vnni`] holds.
-#[allow(clippy::too_many_arguments)]
+/// The `out.len()` weight rows of a chunk (`qs`, `d`: rows of `nb` blocks, whole groups, see
+/// [`super::quant::pad_rows`]) against every quantized activation row of `acts`, into `out`.
+/// Only where [`super::quant::vnni`] holds.
 pub(super) fn panels(
     t: QType,
     qs: &[u8],
     d: &[f16],
-    rows: usize,
-    cols: usize,
-    r0: usize,
+    nb: usize,
     acts: &[QActs],
     out: &mut ChunkOut,
 ) {
-    let (rb, nb) = (t.row_bytes(cols), row_blocks(cols));
+    let rb = nb * t.block_bytes();
     let len = out.len();
-    assert!(len <= ROW_CHUNK && r0 + len <= rows);
-    assert!(qs.len() == rows * rb && d.len() == rows * nb);
+    assert!(len <= ROW_CHUNK && nb.is_multiple_of(8));
+    assert!(qs.len() == len * rb && d.len() == len * nb);
     assert!(acts
         .iter()
         .all(|a| a.d.len() == nb && a.qs.len() == nb * BLOCK));
     assert!(super::quant::vnni(), "quantized panels need AVX-512 VNNI");
     let vectors = len.div_ceil(16);
     let n = acts.len();
-    let chunk = (&qs[r0 * rb..(r0 + len) * rb], &d[r0 * nb..(r0 + len) * nb]);
+    let chunk = (qs, d);
     with_buffer(&PANEL, PANEL_BLOCKS * vectors * BLOCK_WORDS, 1, |panel| {
         for b0 in (0..nb).step_by(PANEL_BLOCKS) {
             let blocks = PANEL_BLOCKS.min(nb - b0);

@@ -2,8 +2,8 @@
 //! integer dot products that read them against 8-bit activations, as llama.cpp does for Q8_0 /
 //! Q4_0, with a layout chosen for AVX2.
 //!
-//! Layout of one quantized row (`cols` padded with zeros to a multiple of [`GROUP`]), a group of
-//! eight blocks (256 values) at a time:
+//! Layout of one quantized row (`cols` padded with zeros to whole blocks), a group of eight blocks
+//! (256 values) at a time:
 //! - values: the group is cut into eight chunks of 32 bytes; chunk `c` holds values `4c..4c+4` of
 //!   block 0, then of block 1, …, of block 7 ([`pos8`]). Q8 stores the chunks as they are (256
 //!   bytes); Q4 packs them into four 32-byte words, word `m` holding chunk `2m` in its low nibbles
@@ -14,6 +14,12 @@
 //!   made the 4-row kernel, one core, L2-resident weights, 42 % faster for Q4 and 55 % for Q8 with
 //!   VNNI, 13 % / 43 % with AVX2, and a 384-token q4 prefill 22 % faster.)
 //! - scales: one f16 per block, in block order.
+//! - a row's last group may hold fewer than eight blocks (`w`): it is laid out the same with
+//!   chunks (Q8) and words (Q4) of `4w` bytes instead of 32 ([`row_pos`]), so a row takes
+//!   `cols / 32` blocks' bytes and no more (576-wide rows padded to 768 made SmolLM2's q4 file a
+//!   third larger). The kernels read whole groups: [`pad_rows`] widens a run of rows with such a
+//!   tail into a buffer first (decode and prefill do it per chunk of rows, in `matmul`); rows
+//!   whose width is a multiple of 256, every Phi-4-mini matrix, are read where they lie.
 //!
 //! Q8 values are `round(w / d)` with `d = max|w| / 127`; Q4 values are unsigned nibbles `q` with
 //! `w ≈ (q - 8)·d`, `d = m / -8` where `m` is the element of largest magnitude (as ggml's Q4_0).
@@ -53,24 +59,131 @@ impl QType {
         }
     }
 
-    /// Bytes of values per row of `cols` logical columns.
+    /// Bytes of values per stored row of `cols` logical columns.
     pub fn row_bytes(self, cols: usize) -> usize {
-        let p = padded(cols);
+        self.block_bytes() * row_blocks(cols)
+    }
+
+    /// Bytes of values per block.
+    pub fn block_bytes(self) -> usize {
         match self {
-            QType::Q8 => p,
-            QType::Q4 => p / 2,
+            QType::Q8 => BLOCK,
+            QType::Q4 => BLOCK / 2,
         }
     }
 }
 
-/// `cols` rounded up to whole groups.
+/// `cols` rounded up to whole groups: the width of an activation row, and of a weight row as
+/// the kernels read it.
 pub fn padded(cols: usize) -> usize {
     cols.div_ceil(GROUP) * GROUP
 }
 
-/// Scales per row of `cols` logical columns.
+/// Scales (blocks) per stored row of `cols` logical columns.
 pub fn row_blocks(cols: usize) -> usize {
-    padded(cols) / BLOCK
+    cols.div_ceil(BLOCK)
+}
+
+/// Byte and nibble shift (0 for Q8) of element `e` in a stored row of `nb` blocks: full groups
+/// as described above (Q8 as [`pos8`]), the last group, if it holds `w < 8` blocks, with chunks
+/// (words) of `4w` bytes.
+#[inline]
+pub fn row_pos(t: QType, e: usize, nb: usize) -> (usize, u32) {
+    let (g, b, k) = (e / GROUP, e % GROUP / BLOCK, e % BLOCK);
+    let width = if g < nb / 8 { 8 } else { nb % 8 };
+    let unit = 4 * width;
+    let c = k / 4;
+    match t {
+        QType::Q8 => (g * GROUP + c * unit + 4 * b + k % 4, 0),
+        QType::Q4 => (
+            g * GROUP / 2 + c / 2 * unit + 4 * b + k % 4,
+            c as u32 % 2 * 4,
+        ),
+    }
+}
+
+/// 32-byte units of a full group: Q8 chunks, Q4 words. A tail group keeps the first `4w` bytes
+/// of each.
+fn group_units(t: QType) -> usize {
+    t.block_bytes() * 8 / 32
+}
+
+/// `rows` stored rows of `nb` blocks (`qs`, `d`) in the layout the kernels read: each row
+/// widened to whole groups (padding values zero-weighted: scale 0) in `out_qs` / `out_d`,
+/// which are resized. Only rows with a partial last group need this (see the module notes).
+pub fn pad_rows(
+    t: QType,
+    qs: &[u8],
+    d: &[f16],
+    rows: usize,
+    nb: usize,
+    out_qs: &mut Vec<u8>,
+    out_d: &mut Vec<f16>,
+) {
+    let pnb = nb.div_ceil(8) * 8;
+    let (rb, prb) = (nb * t.block_bytes(), pnb * t.block_bytes());
+    assert!(qs.len() == rows * rb && d.len() == rows * nb);
+    // Padding nibbles 8 stand for 0 (and Q8's 0x88 is as good as any: its scale is 0).
+    out_qs.clear();
+    out_qs.resize(rows * prb, 0x88);
+    out_d.clear();
+    out_d.resize(rows * pnb, f16::ZERO);
+    let full = nb / 8 * 8 * t.block_bytes();
+    for r in 0..rows {
+        let (src, dst) = (
+            &qs[r * rb..(r + 1) * rb],
+            &mut out_qs[r * prb..(r + 1) * prb],
+        );
+        dst[..full].copy_from_slice(&src[..full]);
+        widen_tail(t, &src[full..], nb % 8, &mut dst[full..]);
+        out_d[r * pnb..r * pnb + nb].copy_from_slice(&d[r * nb..(r + 1) * nb]);
+    }
+}
+
+/// A last group of `width` blocks (`src`, stored) into the whole-group layout (`dst`; its
+/// padding positions are left as they are).
+#[inline]
+fn widen_tail(t: QType, src: &[u8], width: usize, dst: &mut [u8]) {
+    // Copies of a length known at compile time are a few moves; a memcpy call per unit made
+    // decode over 576-wide rows 18 % slower than over the padded layout.
+    fn widen<const UNIT: usize>(units: usize, src: &[u8], dst: &mut [u8]) {
+        for u in 0..units {
+            let s: &[u8; UNIT] = src[UNIT * u..UNIT * (u + 1)].try_into().unwrap();
+            dst[32 * u..32 * u + UNIT].copy_from_slice(s);
+        }
+    }
+    let units = group_units(t);
+    match width {
+        0 => {}
+        1 => widen::<4>(units, src, dst),
+        2 => widen::<8>(units, src, dst),
+        3 => widen::<12>(units, src, dst),
+        4 => widen::<16>(units, src, dst),
+        5 => widen::<20>(units, src, dst),
+        6 => widen::<24>(units, src, dst),
+        7 => widen::<28>(units, src, dst),
+        _ => unreachable!("a partial group holds fewer than 8 blocks"),
+    }
+}
+
+/// `f` of a stored row widened to whole groups, for kernels that read only those (NEON): the
+/// row is copied into a per-thread buffer ([`pad_rows`]).
+pub(super) fn with_widened_row<R>(
+    t: QType,
+    qs: &[u8],
+    d: &[f16],
+    f: impl FnOnce(&[u8], &[f16]) -> R,
+) -> R {
+    WIDENED.with(|buf| {
+        let (q, s) = &mut *buf.borrow_mut();
+        pad_rows(t, qs, d, 1, d.len(), q, s);
+        f(q, s)
+    })
+}
+
+thread_local! {
+    static WIDENED: std::cell::RefCell<(Vec<u8>, Vec<f16>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Position of element `e` of a row in the Q8 (and activation) layout.
@@ -78,14 +191,6 @@ pub fn row_blocks(cols: usize) -> usize {
 pub fn pos8(e: usize) -> usize {
     let (g, b, k) = (e / GROUP, e % GROUP / BLOCK, e % BLOCK);
     g * GROUP + k / 4 * 32 + b * 4 + k % 4
-}
-
-/// Byte and nibble shift (0 or 4) of element `e` of a row in the Q4 layout.
-#[inline]
-pub fn pos4(e: usize) -> (usize, u32) {
-    let p = pos8(e) % GROUP;
-    let (c, j) = (p / 32, p % 32);
-    (e / GROUP * (GROUP / 2) + c / 2 * 32 + j, c as u32 % 2 * 4)
 }
 
 /// Quantizes one row (`w.len()` logical columns) into `qs` (`row_bytes`) and `d` (`row_blocks`).
@@ -121,15 +226,16 @@ pub fn quantize_row_weighted(
 #[inline(always)]
 fn quantize_row_generic(t: QType, w: &[f32], imp: Option<&[f32]>, qs: &mut [u8], d: &mut [f16]) {
     let cols = w.len();
-    let p = padded(cols);
+    let nb = row_blocks(cols);
     assert_eq!(qs.len(), t.row_bytes(cols));
-    assert_eq!(d.len(), p / BLOCK);
+    assert_eq!(d.len(), nb);
     let mut block = [0f32; BLOCK];
     let mut weights = [0f32; BLOCK];
-    for g in 0..p / GROUP {
-        // The group's codes in the Q8 order (Q4: one nibble per byte).
+    for g in 0..nb.div_ceil(8) {
+        let width = (nb - 8 * g).min(8);
+        // The group's codes in the Q8 order (Q4: one nibble per byte), as if it were whole.
         let mut q = [0u8; GROUP];
-        for b in 0..8 {
+        for b in 0..width {
             let first = (g * 8 + b) * BLOCK;
             for (k, v) in block.iter_mut().enumerate() {
                 *v = w.get(first + k).copied().unwrap_or(0.0);
@@ -165,13 +271,19 @@ fn quantize_row_generic(t: QType, w: &[f32], imp: Option<&[f32]>, qs: &mut [u8],
             };
             d[g * 8 + b] = f16::from_f32(scale);
         }
+        // Each 32-byte unit keeps its first 4·width bytes (all of them in a whole group).
+        let (unit, out) = (4 * width, &mut qs[g * GROUP * t.block_bytes() / BLOCK..]);
         match t {
-            QType::Q8 => qs[g * GROUP..(g + 1) * GROUP].copy_from_slice(&q),
+            QType::Q8 => {
+                for c in 0..8 {
+                    out[c * unit..(c + 1) * unit].copy_from_slice(&q[32 * c..32 * c + unit]);
+                }
+            }
             QType::Q4 => {
-                let out = &mut qs[g * GROUP / 2..(g + 1) * GROUP / 2];
-                for (j, o) in out.iter_mut().enumerate() {
-                    let (m, k) = (j / 32, j % 32);
-                    *o = q[64 * m + k] | (q[64 * m + 32 + k] << 4);
+                for m in 0..4 {
+                    for k in 0..unit {
+                        out[m * unit + k] = q[64 * m + k] | (q[64 * m + 32 + k] << 4);
+                    }
                 }
             }
         }
@@ -298,22 +410,21 @@ fn q4_scale_weighted(block: &[f32; BLOCK], imp: &[f32; BLOCK]) -> f32 {
     best.1
 }
 
-/// The signed integer value of element `e` (logical index) of a quantized row.
+/// The signed integer value of element `e` (logical index) of a quantized row of `nb` blocks
+/// (stored, or padded for the kernels).
 #[inline]
-pub(super) fn value(t: QType, qs: &[u8], e: usize) -> i32 {
+pub(super) fn value(t: QType, qs: &[u8], e: usize, nb: usize) -> i32 {
+    let (at, shift) = row_pos(t, e, nb);
     match t {
-        QType::Q8 => qs[pos8(e)] as i8 as i32,
-        QType::Q4 => {
-            let (at, shift) = pos4(e);
-            ((qs[at] >> shift) & 15) as i32 - 8
-        }
+        QType::Q8 => qs[at] as i8 as i32,
+        QType::Q4 => ((qs[at] >> shift) & 15) as i32 - 8,
     }
 }
 
-/// Widens a quantized row back to f32 (`out.len()` logical columns).
+/// Widens a quantized row (`d` holds its scales) back to f32 (`out.len()` logical columns).
 pub fn dequantize_row(t: QType, qs: &[u8], d: &[f16], out: &mut [f32]) {
     for (e, o) in out.iter_mut().enumerate() {
-        *o = value(t, qs, e) as f32 * d[e / BLOCK].to_f32();
+        *o = value(t, qs, e, d.len()) as f32 * d[e / BLOCK].to_f32();
     }
 }
 
@@ -384,7 +495,7 @@ pub fn scalar_dot_rows(t: QType, qs: &[u8], d: &[f16], xs: &[&QActs], out: &mut 
             let mut isum = 0i32;
             for k in 0..BLOCK {
                 let e = b * BLOCK + k;
-                isum += value(t, qs, e) * x.qs[pos8(e)] as i32;
+                isum += value(t, qs, e, d.len()) * x.qs[pos8(e)] as i32;
             }
             acc += db.to_f32() * x.d[b] * isum as f32;
         }
@@ -395,16 +506,14 @@ pub fn scalar_dot_rows(t: QType, qs: &[u8], d: &[f16], xs: &[&QActs], out: &mut 
 /// Most activation rows one call takes.
 pub const MAX_ROWS: usize = 4;
 
-/// `out[j] = w · xs[j]` (`xs.len() <= MAX_ROWS`) with the CPU's best kernel.
+/// `out[j] = w · xs[j]` (`xs.len() <= MAX_ROWS`) for one stored weight row (`qs`, `d`) with
+/// the CPU's best kernel.
 pub fn dot_rows(t: QType, qs: &[u8], d: &[f16], xs: &[&QActs], out: &mut [f32]) {
     assert!(xs.len() <= MAX_ROWS && out.len() == xs.len());
-    assert_eq!(d.len() % 8, 0);
-    assert_eq!(
-        qs.len(),
-        d.len() * BLOCK / if t == QType::Q4 { 2 } else { 1 }
-    );
+    assert_eq!(qs.len(), d.len() * t.block_bytes());
+    let pnb = d.len().div_ceil(8) * 8;
     assert!(
-        xs.iter().all(|x| x.d.len() == d.len()),
+        xs.iter().all(|x| x.d.len() == pnb),
         "activation width differs"
     );
     match cpu() {
@@ -412,10 +521,29 @@ pub fn dot_rows(t: QType, qs: &[u8], d: &[f16], xs: &[&QActs], out: &mut [f32]) 
         // SAFETY: as below, and vnni() only after detecting AVX-512 F/BW/VL and VNNI.
         Isa::Avx2 if vnni() => unsafe { avx2::dot_rows_vnni(t, qs, d, xs, out) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: cpu() returns Avx2 only after detecting avx2, fma and f16c; lengths checked above.
+        // SAFETY: cpu() returns Avx2 only after detecting avx2, fma and f16c; lengths checked
+        // above (the kernel reads a partial last group with masked loads).
+        Isa::Avx2 => unsafe { avx2::dot_rows(t, qs, d, xs, out) },
+        Isa::Scalar => scalar_dot_rows(t, qs, d, xs, out),
+        _ if d.len().is_multiple_of(8) => dot_whole(t, qs, d, xs, out),
+        _ => with_widened_row(t, qs, d, |q, s| dot_whole(t, q, s, xs, out)),
+    }
+}
+
+/// [`dot_rows`] for whole groups (`d.len()` a multiple of 8), against the first `d.len()`
+/// blocks of each activation row.
+fn dot_whole(t: QType, qs: &[u8], d: &[f16], xs: &[&QActs], out: &mut [f32]) {
+    debug_assert!(d.len().is_multiple_of(8) && xs.iter().all(|x| x.d.len() >= d.len()));
+    match cpu() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as below, and vnni() only after detecting AVX-512 F/BW/VL and VNNI.
+        Isa::Avx2 if vnni() => unsafe { avx2::dot_rows_vnni(t, qs, d, xs, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: cpu() returns Avx2 only after detecting avx2, fma and f16c; the caller
+        // checked the lengths (whole groups, activations at least as long).
         Isa::Avx2 => unsafe { avx2::dot_rows(t, qs, d, xs, out) },
         #[cfg(target_arch = "aarch64")]
-        // SAFETY: cpu() returns Neon only after detecting it; lengths checked above.
+        // SAFETY: cpu() returns Neon only after detecting it; lengths checked by the caller.
         Isa::Neon => unsafe { neon::dot_rows(t, qs, d, xs, out) },
         _ => scalar_dot_rows(t, qs, d, xs, out),
     }
@@ -428,27 +556,22 @@ pub fn dot_row_run(t: QType, qs: &[u8], d: &[f16], x: &QActs, out: &mut [f32]) {
     let rows = out.len();
     assert!(rows > 0 && d.len().is_multiple_of(rows) && qs.len().is_multiple_of(rows));
     let (nb, rb) = (d.len() / rows, qs.len() / rows);
-    assert_eq!(nb % 8, 0);
-    assert_eq!(rb, nb * BLOCK / if t == QType::Q4 { 2 } else { 1 });
-    assert_eq!(x.d.len(), nb, "activation width differs");
+    assert_eq!(rb, nb * t.block_bytes());
+    assert_eq!(x.d.len(), nb.div_ceil(8) * 8, "activation width differs");
     match cpu() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: vnni() only after detecting AVX-512 F/BW/VL/VNNI on top of Avx2; every
         // row's length is checked above.
-        Isa::Avx2 if vnni() => return unsafe { avx2::dot_row_run_vnni(t, qs, d, x, out) },
+        Isa::Avx2 if vnni() => unsafe { avx2::dot_row_run_vnni(t, qs, d, x, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: cpu() returns Avx2 only after detecting avx2, fma and f16c; lengths as above.
-        Isa::Avx2 => return unsafe { avx2::dot_row_run(t, qs, d, x, out) },
-        _ => {}
-    }
-    for (i, o) in out.iter_mut().enumerate() {
-        dot_rows(
-            t,
-            &qs[i * rb..(i + 1) * rb],
-            &d[i * nb..(i + 1) * nb],
-            &[x],
-            std::slice::from_mut(o),
-        );
+        Isa::Avx2 => unsafe { avx2::dot_row_run(t, qs, d, x, out) },
+        _ => {
+            for (i, o) in out.iter_mut().enumerate() {
+                let (q, s) = (&qs[i * rb..(i + 1) * rb], &d[i * nb..(i + 1) * nb]);
+                dot_rows(t, q, s, &[x], std::slice::from_mut(o));
+            }
+        }
     }
 }
 
@@ -462,14 +585,13 @@ pub fn dot_row_pair(t: QType, qs: &[u8], d: &[f16], xs: &[&QActs], out: &mut [f3
     let (k, half_q, half_d) = (xs.len(), qs.len() / 2, d.len() / 2);
     assert!(k <= MAX_ROWS && out.len() == 2 * k && qs.len() == 2 * half_q);
     assert_eq!(d.len(), 2 * half_d);
-    assert_eq!(half_d % 8, 0);
-    assert_eq!(half_q, half_d * BLOCK / if t == QType::Q4 { 2 } else { 1 });
+    assert_eq!(half_q, half_d * t.block_bytes());
     assert!(
-        xs.iter().all(|x| x.d.len() == half_d),
+        xs.iter().all(|x| x.d.len() == half_d.div_ceil(8) * 8),
         "activation width differs"
     );
     #[cfg(target_arch = "x86_64")]
-    if vnni() {
+    if vnni() && half_d.is_multiple_of(8) {
         // SAFETY: vnni() only after detecting avx2, fma, f16c and AVX-512 F/BW/VL/VNNI; the
         // lengths of both rows and every activation row are checked above.
         return unsafe { avx2::dot_row_pair_vnni(t, qs, d, xs, out) };
@@ -845,7 +967,7 @@ mod avx2 {
     /// wait on each multiply-add).
     #[inline(always)]
     unsafe fn vnni_group_sums<const N: usize, const Q4: bool>(
-        w: *const u8,
+        w: impl Fn(usize) -> __m256i,
         xp: &[*const i8; N],
         off: usize,
     ) -> [__m256i; N] {
@@ -855,7 +977,7 @@ mod avx2 {
         if Q4 {
             let m4 = _mm256_set1_epi8(15);
             for m in 0..4 {
-                let v = _mm256_loadu_si256(w.add(32 * m) as *const __m256i);
+                let v = w(m);
                 let lo = _mm256_and_si256(v, m4);
                 let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
                 for r in 0..N {
@@ -866,8 +988,7 @@ mod avx2 {
         } else {
             let flip = _mm256_set1_epi8(-128);
             for c in 0..8 {
-                let uw =
-                    _mm256_xor_si256(_mm256_loadu_si256(w.add(32 * c) as *const __m256i), flip);
+                let uw = _mm256_xor_si256(w(c), flip);
                 for r in 0..N {
                     if c % 2 == 0 {
                         a[r] = _mm256_dpbusd_epi32(a[r], uw, x(r, c));
@@ -889,7 +1010,7 @@ mod avx2 {
     /// lane, eight of them 30480 < 2^15), so one widening `madd` per group finishes them.
     #[inline(always)]
     unsafe fn q4_group_sums<const N: usize>(
-        w: *const u8,
+        w: impl Fn(usize) -> __m256i,
         xp: &[*const i8; N],
         off: usize,
     ) -> [__m256i; N] {
@@ -897,7 +1018,7 @@ mod avx2 {
         let m4 = _mm256_set1_epi8(15);
         let mut s = [_mm256_setzero_si256(); N];
         for m in 0..4 {
-            let v = _mm256_loadu_si256(w.add(32 * m) as *const __m256i);
+            let v = w(m);
             let lo = _mm256_and_si256(v, m4);
             let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
             for (r, sr) in s.iter_mut().enumerate() {
@@ -917,7 +1038,7 @@ mod avx2 {
     /// unlike Q4 every `maddubs` is widened (`madd`) before adding.
     #[inline(always)]
     unsafe fn q8_group_sums<const N: usize>(
-        w: *const u8,
+        w: impl Fn(usize) -> __m256i,
         xp: &[*const i8; N],
         off: usize,
     ) -> [__m256i; N] {
@@ -925,7 +1046,7 @@ mod avx2 {
         let ones = _mm256_set1_epi16(1);
         let mut out = [_mm256_setzero_si256(); N];
         for c in 0..8 {
-            let wc = _mm256_loadu_si256(w.add(32 * c) as *const __m256i);
+            let wc = w(c);
             let aw = _mm256_sign_epi8(wc, wc);
             for (r, o) in out.iter_mut().enumerate() {
                 let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x(r, c), wc));
@@ -935,6 +1056,40 @@ mod avx2 {
         out
     }
 
+    /// Group `g`'s block sums (weights loaded unit by unit by `w`, scales `dw`) against N
+    /// activation rows, scaled into `acc`.
+    #[inline(always)]
+    unsafe fn add_group<const N: usize, const Q4: bool, const VNNI: bool>(
+        g: usize,
+        w: impl Fn(usize) -> __m256i,
+        dw: __m256,
+        xs: &[&QActs],
+        xp: &[*const i8; N],
+        acc: &mut [__m256; N],
+    ) {
+        let off = g * 256;
+        let sums = if VNNI {
+            vnni_group_sums::<N, Q4>(w, xp, off)
+        } else if Q4 {
+            q4_group_sums::<N>(w, xp, off)
+        } else {
+            q8_group_sums::<N>(w, xp, off)
+        };
+        for r in 0..N {
+            // Lane b: block b of the group.
+            let mut s = sums[r];
+            if Q4 || VNNI {
+                let c = _mm256_loadu_si256(xs[r].sum8.as_ptr().add(g * 8) as *const __m256i);
+                // The offset the unsigned weights carry: 8·Σx for Q4 nibbles, 128·Σx for Q8
+                // values made unsigned for `vpdpbusd`.
+                s = _mm256_sub_epi32(s, if Q4 { c } else { _mm256_slli_epi32::<4>(c) });
+            }
+            let dx = _mm256_loadu_ps(xs[r].d.as_ptr().add(g * 8));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, dx), acc[r]);
+        }
+    }
+
+    /// One stored row (whole groups, then possibly a partial one) against N activation rows.
     #[inline(always)]
     unsafe fn dot_n<const N: usize, const Q4: bool, const VNNI: bool>(
         qs: &[u8],
@@ -952,27 +1107,23 @@ mod avx2 {
         for g in 0..groups {
             let w = qs.as_ptr().add(g * group_bytes);
             super::prefetch_group(w, group_bytes);
-            let off = g * 256;
-            let sums = if VNNI {
-                vnni_group_sums::<N, Q4>(w, &xp, off)
-            } else if Q4 {
-                q4_group_sums::<N>(w, &xp, off)
-            } else {
-                q8_group_sums::<N>(w, &xp, off)
-            };
             let dw = _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().add(g * 8) as *const __m128i));
-            for r in 0..N {
-                // Lane b: block b of the group.
-                let mut s = sums[r];
-                if Q4 || VNNI {
-                    let c = _mm256_loadu_si256(xs[r].sum8.as_ptr().add(g * 8) as *const __m256i);
-                    // The offset the unsigned weights carry: 8·Σx for Q4 nibbles, 128·Σx for
-                    // Q8 values made unsigned for `vpdpbusd`.
-                    s = _mm256_sub_epi32(s, if Q4 { c } else { _mm256_slli_epi32::<4>(c) });
-                }
-                let dx = _mm256_loadu_ps(xs[r].d.as_ptr().add(g * 8));
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, dx), acc[r]);
-            }
+            let load = |u: usize| _mm256_loadu_si256(w.add(32 * u) as *const __m256i);
+            add_group::<N, Q4, VNNI>(g, load, dw, xs, &xp, &mut acc);
+        }
+        let width = d.len() % 8;
+        if width > 0 {
+            // A partial last group (see `row_pos`): each 32-byte unit's first 4·width bytes,
+            // read with a mask so that nothing past the row is touched; the lanes of missing
+            // blocks load as 0, meet activations of 0 and scales of 0.
+            let w = qs.as_ptr().add(groups * group_bytes) as *const i32;
+            let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(width as i32), lane);
+            let mut sc = [f16::ZERO; 8];
+            sc[..width].copy_from_slice(&d[groups * 8..]);
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(sc.as_ptr() as *const __m128i));
+            let load = |u: usize| _mm256_maskload_epi32(w.add(width * u), mask);
+            add_group::<N, Q4, VNNI>(groups, load, dw, xs, &xp, &mut acc);
         }
         for r in 0..N {
             let v = acc[r];
@@ -984,7 +1135,7 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::kernels::test_data as data;
 
@@ -1018,11 +1169,75 @@ mod tests {
         }
     }
 
-    fn quantized(t: QType, w: &[f32]) -> (Vec<u8>, Vec<f16>) {
+    /// `w` quantized as a stored row (its last group partial unless the width is a multiple
+    /// of 256): what every kernel entry point takes.
+    pub(crate) fn quantized(t: QType, w: &[f32]) -> (Vec<u8>, Vec<f16>) {
         let mut qs = vec![0u8; t.row_bytes(w.len())];
         let mut d = vec![f16::ZERO; row_blocks(w.len())];
         quantize_row(t, w, &mut qs, &mut d);
         (qs, d)
+    }
+
+    /// `w` quantized and widened to whole groups.
+    fn widened(t: QType, w: &[f32]) -> (Vec<u8>, Vec<f16>) {
+        let (qs, d) = quantized(t, w);
+        let (mut pq, mut pd) = (Vec::new(), Vec::new());
+        pad_rows(t, &qs, &d, 1, d.len(), &mut pq, &mut pd);
+        (pq, pd)
+    }
+
+    /// Widths whose last group holds 1 … 7 blocks, alone and after whole groups, and whole.
+    pub(crate) const TAIL_WIDTHS: [usize; 12] = [
+        32,
+        96,
+        224,
+        256,
+        288,
+        320,
+        384,
+        416,
+        480,
+        1100,
+        3072,
+        8192 + 64,
+    ];
+
+    /// Stored rows hold only their blocks, read back to the same values as the padded rows
+    /// the kernels get, and the padding adds nothing: every position of a tail group is hit
+    /// once, and a product over padded rows equals the dequantized dot.
+    #[test]
+    fn stored_rows_are_compact_and_pad_to_the_same_values() {
+        for t in [QType::Q8, QType::Q4] {
+            for cols in [32, 64, 200, 256, 288, 576, 1100, 3072] {
+                let w = data(cols, 3);
+                let (qs, d) = quantized(t, &w);
+                assert_eq!(
+                    qs.len(),
+                    cols.div_ceil(BLOCK) * t.block_bytes(),
+                    "{t:?} {cols}"
+                );
+                assert_eq!(d.len(), cols.div_ceil(BLOCK));
+                let (pq, pd) = widened(t, &w);
+                assert_eq!(pq.len(), padded(cols) * t.block_bytes() / BLOCK);
+                let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+                dequantize_row(t, &qs, &d, &mut a);
+                dequantize_row(t, &pq, &pd, &mut b);
+                assert_eq!(a, b, "{t:?} {cols}");
+                // Every (byte, nibble) of the stored row belongs to exactly one element.
+                let nb = d.len();
+                let mut seen = std::collections::HashSet::new();
+                for e in 0..nb * BLOCK {
+                    let (at, shift) = row_pos(t, e, nb);
+                    assert!(
+                        at < qs.len() && seen.insert((at, shift)),
+                        "{t:?} {cols} e{e}"
+                    );
+                }
+                assert_eq!(seen.len(), qs.len() * if t == QType::Q4 { 2 } else { 1 });
+                // Padded positions beyond the row's blocks carry scale 0.
+                assert!(pd[nb..].iter().all(|s| *s == f16::ZERO));
+            }
+        }
     }
 
     /// `x` quantized as an activation row.
@@ -1080,7 +1295,7 @@ mod tests {
             kernels.iter().map(|k| k.0).collect::<Vec<_>>()
         );
         for t in [QType::Q8, QType::Q4] {
-            for cols in [256, 3072] {
+            for cols in TAIL_WIDTHS {
                 let (qs, d) = quantized(t, &data(cols, 3));
                 let acts: Vec<QActs> = (0..MAX_ROWS as u64)
                     .map(|s| activation(&data(cols, 40 + s)))
@@ -1113,7 +1328,7 @@ mod tests {
     #[test]
     fn row_runs_match_the_scalar_reference() {
         for t in [QType::Q8, QType::Q4] {
-            for cols in [256, 3072] {
+            for cols in TAIL_WIDTHS {
                 let rows = 5;
                 let (rb, nb) = (t.row_bytes(cols), row_blocks(cols));
                 let (mut qs, mut d) = (vec![0u8; rows * rb], vec![f16::ZERO; rows * nb]);
@@ -1149,7 +1364,7 @@ mod tests {
             if vnni() { "vnni" } else { "two dot_rows" }
         );
         for t in [QType::Q8, QType::Q4] {
-            for cols in [256, 3072] {
+            for cols in TAIL_WIDTHS {
                 let (q0, d0) = quantized(t, &data(cols, 7));
                 let (q1, d1) = quantized(t, &data(cols, 8));
                 let (qs, d) = (
@@ -1289,7 +1504,7 @@ mod tests {
     #[test]
     fn simd_matches_scalar_reference_and_float_dot() {
         for t in [QType::Q8, QType::Q4] {
-            for cols in [32, 96, 160, 256, 3072, 8192] {
+            for cols in TAIL_WIDTHS {
                 let w = data(cols, 1);
                 let (qs, d) = quantized(t, &w);
                 let mut deq = vec![0f32; cols];

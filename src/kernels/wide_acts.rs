@@ -159,7 +159,7 @@ pub fn scalar_dot_rows(t: QType, qs: &[u8], d: &[f16], xs: &[&QActs16], out: &mu
         let mut acc = 0f32;
         for (b, db) in d.iter().enumerate() {
             let isum: i32 = (b * BLOCK..(b + 1) * BLOCK)
-                .map(|e| value(t, qs, e) * x.qs[pos16(e)] as i32)
+                .map(|e| value(t, qs, e, d.len()) * x.qs[pos16(e)] as i32)
                 .sum();
             acc += db.to_f32() * x.d[b] * isum as f32;
         }
@@ -167,31 +167,39 @@ pub fn scalar_dot_rows(t: QType, qs: &[u8], d: &[f16], xs: &[&QActs16], out: &mu
     }
 }
 
-/// `out[i * xs.len() + j] = w_i · xs[j]` for the consecutive weight rows `w_i` in `qs` / `d`
-/// (`xs.len() <= MAX_ROWS`), with the CPU's best kernel.
+/// `out[i * xs.len() + j] = w_i · xs[j]` for the consecutive stored weight rows `w_i` in `qs` /
+/// `d` (`xs.len() <= MAX_ROWS`), with the CPU's best kernel.
 pub fn dot_rows(t: QType, qs: &[u8], d: &[f16], xs: &[&QActs16], out: &mut [f32]) {
     let n = xs.len();
     assert!(n > 0 && n <= MAX_ROWS && out.len().is_multiple_of(n));
     let rows = out.len() / n;
     assert!(d.len().is_multiple_of(rows) && qs.len().is_multiple_of(rows));
     let (nb, rb) = (d.len() / rows, qs.len() / rows);
-    assert_eq!(nb % 8, 0);
-    assert_eq!(rb, nb * BLOCK / if t == QType::Q4 { 2 } else { 1 });
+    assert_eq!(rb, nb * t.block_bytes());
+    let pnb = nb.div_ceil(8) * 8;
     assert!(
         xs.iter()
-            .all(|x| x.d.len() == nb && x.qs.len() == nb * BLOCK),
+            .all(|x| x.d.len() == pnb && x.qs.len() == pnb * BLOCK),
         "activation width differs"
     );
+    let isa = cpu();
     for (i, o) in out.chunks_mut(n).enumerate() {
         let (q, s) = (&qs[i * rb..(i + 1) * rb], &d[i * nb..(i + 1) * nb]);
-        match cpu() {
+        match isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: cpu() returns Avx2 only after detecting avx2, fma and f16c; the row's and
-            // every activation row's lengths are checked above.
+            // every activation row's lengths are checked above (a partial last group is read
+            // with masked loads).
             Isa::Avx2 => unsafe { avx2::dot_rows(t, q, s, xs, o) },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: cpu() returns Neon only after detecting it; lengths checked above.
-            Isa::Neon => unsafe { neon::dot_rows(t, q, s, xs, o) },
+            Isa::Neon if nb.is_multiple_of(8) => unsafe { neon::dot_rows(t, q, s, xs, o) },
+            #[cfg(target_arch = "aarch64")]
+            // The NEON kernel reads whole groups: a row ending in a partial one goes widened.
+            // SAFETY: as above, for the widened row of whole groups.
+            Isa::Neon => super::quant::with_widened_row(t, q, s, |q, s| unsafe {
+                neon::dot_rows(t, q, s, xs, o)
+            }),
             _ => scalar_dot_rows(t, q, s, xs, o),
         }
     }
@@ -311,6 +319,66 @@ mod avx2 {
         by_rows_and_type!(t, xs, |N, Q4| dot_n::<N, Q4>(qs, d, xs, out))
     }
 
+    /// Group `g`'s block sums (weights loaded unit by unit by `w`, scales `dw`) against N
+    /// activation rows, scaled into `acc`.
+    #[inline(always)]
+    unsafe fn add_group<const N: usize, const Q4: bool>(
+        g: usize,
+        w: impl Fn(usize) -> __m256i,
+        dw: __m256,
+        xs: &[&QActs16],
+        xp: &[*const i16; N],
+        acc: &mut [__m256; N],
+    ) {
+        let low4 = _mm256_set1_epi16(15);
+        let x =
+            |r: usize, i: usize| _mm256_loadu_si256(xp[r].add(g * 256 + 16 * i) as *const __m256i);
+        // Lane b: block b. Two sums per row halve the dependency chains.
+        let mut s = [[_mm256_setzero_si256(); 2]; N];
+        if Q4 {
+            for m in 0..4 {
+                let v = w(m);
+                // Chunk 2m in the low nibbles, 2m + 1 in the high ones; even bytes, odd bytes.
+                let halves = [
+                    _mm256_and_si256(v, low4),
+                    _mm256_and_si256(_mm256_srli_epi16::<8>(v), low4),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(v), low4),
+                    _mm256_srli_epi16::<12>(v),
+                ];
+                for (r, sr) in s.iter_mut().enumerate() {
+                    for (i, h) in halves.iter().enumerate() {
+                        let p = _mm256_madd_epi16(*h, x(r, 4 * m + i));
+                        sr[i % 2] = _mm256_add_epi32(sr[i % 2], p);
+                    }
+                }
+            }
+        } else {
+            for c in 0..8 {
+                let v = w(c);
+                let even = _mm256_srai_epi16::<8>(_mm256_slli_epi16::<8>(v));
+                let odd = _mm256_srai_epi16::<8>(v);
+                for (r, sr) in s.iter_mut().enumerate() {
+                    let p = _mm256_add_epi32(
+                        _mm256_madd_epi16(even, x(r, 2 * c)),
+                        _mm256_madd_epi16(odd, x(r, 2 * c + 1)),
+                    );
+                    sr[c % 2] = _mm256_add_epi32(sr[c % 2], p);
+                }
+            }
+        }
+        for r in 0..N {
+            let mut sums = _mm256_add_epi32(s[r][0], s[r][1]);
+            if Q4 {
+                let c = _mm256_loadu_si256(xs[r].sum8.as_ptr().add(g * 8) as *const __m256i);
+                sums = _mm256_sub_epi32(sums, c);
+            }
+            let dx = _mm256_loadu_ps(xs[r].d.as_ptr().add(g * 8));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(dw, dx), acc[r]);
+        }
+    }
+
+    /// One stored row (whole groups, then possibly a partial one, read as the 8-bit kernel
+    /// reads it: `quant::avx2::dot_n`) against N activation rows.
     #[inline(always)]
     unsafe fn dot_n<const N: usize, const Q4: bool>(
         qs: &[u8],
@@ -324,56 +392,24 @@ mod avx2 {
             xp[r] = xs[r].qs.as_ptr();
         }
         let mut acc = [_mm256_setzero_ps(); N];
-        let low4 = _mm256_set1_epi16(15);
-        for g in 0..d.len() / 8 {
+        let groups = d.len() / 8;
+        for g in 0..groups {
             let w = qs.as_ptr().add(g * group_bytes);
             super::super::quant::prefetch_group(w, group_bytes);
-            let x = |r: usize, i: usize| {
-                _mm256_loadu_si256(xp[r].add(g * 256 + 16 * i) as *const __m256i)
-            };
-            // Lane b: block b. Two sums per row halve the dependency chains.
-            let mut s = [[_mm256_setzero_si256(); 2]; N];
-            if Q4 {
-                for m in 0..4 {
-                    let v = _mm256_loadu_si256(w.add(32 * m) as *const __m256i);
-                    // Chunk 2m in the low nibbles, 2m + 1 in the high ones; even bytes, odd bytes.
-                    let halves = [
-                        _mm256_and_si256(v, low4),
-                        _mm256_and_si256(_mm256_srli_epi16::<8>(v), low4),
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(v), low4),
-                        _mm256_srli_epi16::<12>(v),
-                    ];
-                    for (r, sr) in s.iter_mut().enumerate() {
-                        for (i, h) in halves.iter().enumerate() {
-                            let p = _mm256_madd_epi16(*h, x(r, 4 * m + i));
-                            sr[i % 2] = _mm256_add_epi32(sr[i % 2], p);
-                        }
-                    }
-                }
-            } else {
-                for c in 0..8 {
-                    let v = _mm256_loadu_si256(w.add(32 * c) as *const __m256i);
-                    let even = _mm256_srai_epi16::<8>(_mm256_slli_epi16::<8>(v));
-                    let odd = _mm256_srai_epi16::<8>(v);
-                    for (r, sr) in s.iter_mut().enumerate() {
-                        let p = _mm256_add_epi32(
-                            _mm256_madd_epi16(even, x(r, 2 * c)),
-                            _mm256_madd_epi16(odd, x(r, 2 * c + 1)),
-                        );
-                        sr[c % 2] = _mm256_add_epi32(sr[c % 2], p);
-                    }
-                }
-            }
             let dw = _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().add(g * 8) as *const __m128i));
-            for r in 0..N {
-                let mut sums = _mm256_add_epi32(s[r][0], s[r][1]);
-                if Q4 {
-                    let c = _mm256_loadu_si256(xs[r].sum8.as_ptr().add(g * 8) as *const __m256i);
-                    sums = _mm256_sub_epi32(sums, c);
-                }
-                let dx = _mm256_loadu_ps(xs[r].d.as_ptr().add(g * 8));
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(dw, dx), acc[r]);
-            }
+            let load = |u: usize| _mm256_loadu_si256(w.add(32 * u) as *const __m256i);
+            add_group::<N, Q4>(g, load, dw, xs, &xp, &mut acc);
+        }
+        let width = d.len() % 8;
+        if width > 0 {
+            let w = qs.as_ptr().add(groups * group_bytes) as *const i32;
+            let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(width as i32), lane);
+            let mut sc = [f16::ZERO; 8];
+            sc[..width].copy_from_slice(&d[groups * 8..]);
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(sc.as_ptr() as *const __m128i));
+            let load = |u: usize| _mm256_maskload_epi32(w.add(width * u), mask);
+            add_group::<N, Q4>(groups, load, dw, xs, &xp, &mut acc);
         }
         for r in 0..N {
             let v = acc[r];
@@ -387,14 +423,13 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::quant::{dequantize_row, quantize_row, row_blocks};
+    use crate::kernels::quant::dequantize_row;
+    use crate::kernels::quant::tests::{quantized, TAIL_WIDTHS};
     use crate::kernels::test_data as data;
 
-    fn quantized(t: QType, w: &[f32]) -> (Vec<u8>, Vec<f16>) {
-        let mut qs = vec![0u8; t.row_bytes(w.len())];
-        let mut d = vec![f16::ZERO; row_blocks(w.len())];
-        quantize_row(t, w, &mut qs, &mut d);
-        (qs, d)
+    /// Blocks of a row as the kernels read it, and its bytes.
+    fn row_blocks(cols: usize) -> usize {
+        padded(cols) / BLOCK
     }
 
     fn acts(x: &[f32]) -> QActs16 {
@@ -427,9 +462,9 @@ mod tests {
     #[test]
     fn kernels_match_the_scalar_reference_and_the_float_product() {
         for t in [QType::Q8, QType::Q4] {
-            for cols in [32, 96, 256, 3072, 8192 + 64] {
+            for cols in TAIL_WIDTHS {
                 let rows = 3;
-                let (rb, nb) = (t.row_bytes(cols), row_blocks(cols));
+                let (nb, rb) = (t.row_bytes(cols) / t.block_bytes(), t.row_bytes(cols));
                 let (mut qs, mut d) = (vec![0u8; rows * rb], vec![f16::ZERO; rows * nb]);
                 let mut deq = vec![0f32; rows * cols];
                 for r in 0..rows {
@@ -491,7 +526,7 @@ mod tests {
             (QType::Q4, 0x00, -8),
             (QType::Q4, 0xFF, 7),
         ] {
-            let qs = vec![byte; t.row_bytes(cols)];
+            let qs = vec![byte; row_blocks(cols) * t.block_bytes()];
             let d = vec![f16::ONE; cols / BLOCK];
             let want = (level * -32767 * cols as i64) as f32;
             for n in 1..=MAX_ROWS {
