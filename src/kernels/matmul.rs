@@ -317,10 +317,13 @@ fn quantized_matmul(
             });
         }
         let task = |r0: usize, out: &mut ChunkOut| {
-            if n == 1 || !quant::vnni() {
-                // The stored rows as they are: the kernels read a partial last group in place
-                // (copying chunks to whole groups first made SmolLM2's decode, 576-wide rows,
-                // 25-30 % slower). VNNI's two-row tiles read whole groups only.
+            if n == 1 {
+                // Decode: the stored rows as they are; the kernels read a partial last group
+                // in place with masked loads (copying chunks to whole groups first made
+                // SmolLM2's decode, 576-wide rows, 25-30 % slower). Batches copy (below): each
+                // row meets many activation rows, and there the masked loads cost more than the
+                // copy (SmolLM2 q4 prefill, 256 tokens, kernel samples: 7244 masked against
+                // 6770 + ~270 copying; 6537 for the padded layout before).
                 let (rb, nb) = (t.row_bytes(cols), quant::row_blocks(cols));
                 let len = out.len();
                 let (qs, d) = (&qs[r0 * rb..(r0 + len) * rb], &d[r0 * nb..(r0 + len) * nb]);
@@ -337,8 +340,8 @@ fn quantized_matmul(
 
 /// Rows `r0..r0 + len` of stored quantized weights (`rows × cols`) handed to `f` as the kernels
 /// read them (`qs`, `d`, blocks per row): in place when rows hold whole groups, else widened
-/// into a per-thread buffer ([`quant::pad_rows`]): for the VNNI kernels of batches (two-row
-/// tiles, panels), where the copy serves every activation row.
+/// into a per-thread buffer ([`quant::pad_rows`]): for batches, where the copy serves every
+/// activation row (and VNNI's two-row tiles and panels read whole groups only).
 fn kernel_rows<R>(
     t: QType,
     qs: &[u8],
