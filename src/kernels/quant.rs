@@ -725,6 +725,32 @@ mod neon {
 #[cfg(target_arch = "x86_64")]
 const PREFETCH: usize = 2048;
 
+/// A stored row's partial last group for an AVX2 kernel (`group_bytes` per whole group): where
+/// its units start (unit `u` at `width·u` 32-bit words), the mask that loads a unit's
+/// `4·width` bytes and leaves the missing blocks' lanes 0 without touching memory past the
+/// row, and the group's scales as f32 (0 for the missing blocks).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn partial_group(
+    qs: &[u8],
+    d: &[f16],
+    group_bytes: usize,
+) -> (
+    *const i32,
+    std::arch::x86_64::__m256i,
+    std::arch::x86_64::__m256,
+) {
+    use std::arch::x86_64::*;
+    let (groups, width) = (d.len() / 8, d.len() % 8);
+    let w = qs.as_ptr().add(groups * group_bytes) as *const i32;
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(width as i32), lane);
+    let mut sc = [f16::ZERO; 8];
+    sc[..width].copy_from_slice(&d[groups * 8..]);
+    let dw = _mm256_cvtph_ps(_mm_loadu_si128(sc.as_ptr() as *const __m128i));
+    (w, mask, dw)
+}
+
 /// Readies the weights of decode's next groups: the group at `w` (`bytes` long) is about to be
 /// read, and the one PREFETCH bytes ahead is asked for.
 #[cfg(target_arch = "x86_64")]
@@ -1116,12 +1142,7 @@ mod avx2 {
             // A partial last group (see `row_pos`): each 32-byte unit's first 4·width bytes,
             // read with a mask so that nothing past the row is touched; the lanes of missing
             // blocks load as 0, meet activations of 0 and scales of 0.
-            let w = qs.as_ptr().add(groups * group_bytes) as *const i32;
-            let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(width as i32), lane);
-            let mut sc = [f16::ZERO; 8];
-            sc[..width].copy_from_slice(&d[groups * 8..]);
-            let dw = _mm256_cvtph_ps(_mm_loadu_si128(sc.as_ptr() as *const __m128i));
+            let (w, mask, dw) = super::partial_group(qs, d, group_bytes);
             let load = |u: usize| _mm256_maskload_epi32(w.add(width * u), mask);
             add_group::<N, Q4, VNNI>(groups, load, dw, xs, &xp, &mut acc);
         }

@@ -402,12 +402,7 @@ mod avx2 {
         }
         let width = d.len() % 8;
         if width > 0 {
-            let w = qs.as_ptr().add(groups * group_bytes) as *const i32;
-            let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(width as i32), lane);
-            let mut sc = [f16::ZERO; 8];
-            sc[..width].copy_from_slice(&d[groups * 8..]);
-            let dw = _mm256_cvtph_ps(_mm_loadu_si128(sc.as_ptr() as *const __m128i));
+            let (w, mask, dw) = super::super::quant::partial_group(qs, d, group_bytes);
             let load = |u: usize| _mm256_maskload_epi32(w.add(width * u), mask);
             add_group::<N, Q4>(groups, load, dw, xs, &xp, &mut acc);
         }
