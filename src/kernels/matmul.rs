@@ -311,25 +311,18 @@ fn quantized_matmul(
         #[cfg(target_arch = "x86_64")]
         if n >= super::qpanel::MIN_TOKENS && quant::vnni() {
             return by_row_chunks(rows, n, y, |r0, out| {
-                kernel_rows(t, qs, d, cols, r0, out.len(), |qs, d, nb| {
+                kernel_rows(t, qs, d, cols, r0, out.len(), true, |qs, d, nb| {
                     super::qpanel::panels(t, qs, d, nb, acts, out)
                 })
             });
         }
+        // Decode reads the stored rows in place: the kernels take a partial last group with
+        // masked loads (copying chunks to whole groups first made SmolLM2's decode, 576-wide
+        // rows, 25-30 % slower). Batches copy: each row meets many activation rows, and there
+        // the masked loads cost more than the copy (SmolLM2 q4 prefill, 256 tokens, kernel
+        // samples: 7244 masked against 6770 + ~270 copying; 6537 for the padded layout before).
         let task = |r0: usize, out: &mut ChunkOut| {
-            if n == 1 {
-                // Decode: the stored rows as they are; the kernels read a partial last group
-                // in place with masked loads (copying chunks to whole groups first made
-                // SmolLM2's decode, 576-wide rows, 25-30 % slower). Batches copy (below): each
-                // row meets many activation rows, and there the masked loads cost more than the
-                // copy (SmolLM2 q4 prefill, 256 tokens, kernel samples: 7244 masked against
-                // 6770 + ~270 copying; 6537 for the padded layout before).
-                let (rb, nb) = (t.row_bytes(cols), quant::row_blocks(cols));
-                let len = out.len();
-                let (qs, d) = (&qs[r0 * rb..(r0 + len) * rb], &d[r0 * nb..(r0 + len) * nb]);
-                return chunk_task(t, qs, d, nb, acts, out);
-            }
-            kernel_rows(t, qs, d, cols, r0, out.len(), |qs, d, nb| {
+            kernel_rows(t, qs, d, cols, r0, out.len(), n > 1, |qs, d, nb| {
                 chunk_task(t, qs, d, nb, acts, out)
             })
         };
@@ -338,10 +331,11 @@ fn quantized_matmul(
     with_buffer(&KEPT_ACTS, n, n, |acts| run(acts, y))
 }
 
-/// Rows `r0..r0 + len` of stored quantized weights (`rows × cols`) handed to `f` as the kernels
-/// read them (`qs`, `d`, blocks per row): in place when rows hold whole groups, else widened
-/// into a per-thread buffer ([`quant::pad_rows`]): for batches, where the copy serves every
-/// activation row (and VNNI's two-row tiles and panels read whole groups only).
+/// Rows `r0..r0 + len` of stored quantized weights (`rows × cols`) handed to `f` (`qs`, `d`,
+/// blocks per row): as stored, or with `whole_groups`, rows ending in a partial group widened
+/// into a per-thread buffer ([`quant::pad_rows`]) first: for batches, where the copy serves
+/// every activation row (and VNNI's two-row tiles and panels read whole groups only).
+#[allow(clippy::too_many_arguments)]
 fn kernel_rows<R>(
     t: QType,
     qs: &[u8],
@@ -349,11 +343,12 @@ fn kernel_rows<R>(
     cols: usize,
     r0: usize,
     len: usize,
+    whole_groups: bool,
     f: impl FnOnce(&[u8], &[f16], usize) -> R,
 ) -> R {
     let (rb, nb) = (t.row_bytes(cols), quant::row_blocks(cols));
     let (qs, d) = (&qs[r0 * rb..(r0 + len) * rb], &d[r0 * nb..(r0 + len) * nb]);
-    if nb.is_multiple_of(8) {
+    if !whole_groups || nb.is_multiple_of(8) {
         return f(qs, d, nb);
     }
     PADDED_ROWS.with(|buf| {
@@ -367,54 +362,48 @@ fn kernel_rows<R>(
 fn chunk_task(t: QType, qs: &[u8], d: &[f16], nb: usize, acts: &[QActs], out: &mut ChunkOut) {
     let (len, n) = (out.len(), acts.len());
     let rb = nb * t.block_bytes();
-    {
-        {
-            if n == 1 {
-                // Decode: the chunk's rows in one call (per-row calls cost ~2 % of a q4 decode
-                // step: one token of each in turn, 64 tokens, time ratios 0.973–0.992).
-                let mut row = [0f32; ROW_CHUNK];
-                quant::dot_row_run(t, qs, d, &acts[0], &mut row[..len]);
-                for (i, v) in row[..len].iter().enumerate() {
-                    out.put(i, 0, &[*v]);
-                }
-                return;
-            }
-            let mut tmp = [0f32; 2 * quant::MAX_ROWS];
-            for (g, group) in acts.chunks(quant::MAX_ROWS).enumerate() {
-                let k = group.len();
-                let mut refs = [&group[0]; quant::MAX_ROWS];
-                for (slot, a) in refs.iter_mut().zip(group) {
-                    *slot = a;
-                }
-                let t0 = g * quant::MAX_ROWS;
-                // Weight rows in pairs for batches (see `dot_row_pair`); decode (n = 1) keeps
-                // one row at a time, whose prefetching is tuned for weights coming from memory.
-                let mut i = 0;
-                while i < len {
-                    let r = i;
-                    if n > 1 && i + 1 < len {
-                        quant::dot_row_pair(
-                            t,
-                            &qs[r * rb..(r + 2) * rb],
-                            &d[r * nb..(r + 2) * nb],
-                            &refs[..k],
-                            &mut tmp[..2 * k],
-                        );
-                        out.put(i, t0, &tmp[..k]);
-                        out.put(i + 1, t0, &tmp[k..2 * k]);
-                        i += 2;
-                    } else {
-                        quant::dot_rows(
-                            t,
-                            &qs[r * rb..(r + 1) * rb],
-                            &d[r * nb..(r + 1) * nb],
-                            &refs[..k],
-                            &mut tmp[..k],
-                        );
-                        out.put(i, t0, &tmp[..k]);
-                        i += 1;
-                    }
-                }
+    if n == 1 {
+        // Decode: the chunk's rows in one call (per-row calls cost ~2 % of a q4 decode step:
+        // one token of each in turn, 64 tokens, time ratios 0.973–0.992).
+        let mut row = [0f32; ROW_CHUNK];
+        quant::dot_row_run(t, qs, d, &acts[0], &mut row[..len]);
+        for (i, v) in row[..len].iter().enumerate() {
+            out.put(i, 0, &[*v]);
+        }
+        return;
+    }
+    let mut tmp = [0f32; 2 * quant::MAX_ROWS];
+    for (g, group) in acts.chunks(quant::MAX_ROWS).enumerate() {
+        let k = group.len();
+        let mut refs = [&group[0]; quant::MAX_ROWS];
+        for (slot, a) in refs.iter_mut().zip(group) {
+            *slot = a;
+        }
+        let t0 = g * quant::MAX_ROWS;
+        // Weight rows in pairs (see `dot_row_pair`); an odd last row alone.
+        let mut i = 0;
+        while i < len {
+            if i + 1 < len {
+                quant::dot_row_pair(
+                    t,
+                    &qs[i * rb..(i + 2) * rb],
+                    &d[i * nb..(i + 2) * nb],
+                    &refs[..k],
+                    &mut tmp[..2 * k],
+                );
+                out.put(i, t0, &tmp[..k]);
+                out.put(i + 1, t0, &tmp[k..2 * k]);
+                i += 2;
+            } else {
+                quant::dot_rows(
+                    t,
+                    &qs[i * rb..(i + 1) * rb],
+                    &d[i * nb..(i + 1) * nb],
+                    &refs[..k],
+                    &mut tmp[..k],
+                );
+                out.put(i, t0, &tmp[..k]);
+                i += 1;
             }
         }
     }
