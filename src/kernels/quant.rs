@@ -17,9 +17,10 @@
 //! - a row's last group may hold fewer than eight blocks (`w`): it is laid out the same with
 //!   chunks (Q8) and words (Q4) of `4w` bytes instead of 32 ([`row_pos`]), so a row takes
 //!   `cols / 32` blocks' bytes and no more (576-wide rows padded to 768 made SmolLM2's q4 file a
-//!   third larger). The kernels read whole groups: [`pad_rows`] widens a run of rows with such a
-//!   tail into a buffer first (decode and prefill do it per chunk of rows, in `matmul`); rows
-//!   whose width is a multiple of 256, every Phi-4-mini matrix, are read where they lie.
+//!   third larger). The AVX2 kernels read such a group in place with masked loads (decode);
+//!   batches (once per chunk of rows, in `matmul`), VNNI's tiles and panels, and NEON get rows
+//!   widened to whole groups by [`pad_rows`] first. Rows whose width is a multiple of 256, every
+//!   Phi-4-mini matrix, are whole groups already.
 //!
 //! Q8 values are `round(w / d)` with `d = max|w| / 127`; Q4 values are unsigned nibbles `q` with
 //! `w ≈ (q - 8)·d`, `d = m / -8` where `m` is the element of largest magnitude (as ggml's Q4_0).
@@ -144,8 +145,8 @@ pub fn pad_rows(
 /// padding positions are left as they are).
 #[inline]
 fn widen_tail(t: QType, src: &[u8], width: usize, dst: &mut [u8]) {
-    // Copies of a length known at compile time are a few moves; a memcpy call per unit made
-    // decode over 576-wide rows 18 % slower than over the padded layout.
+    // Copies of a length known at compile time are a few moves instead of a memcpy call per
+    // unit (with those calls, a decode that widened every 576-wide row ran 18 % slower).
     fn widen<const UNIT: usize>(units: usize, src: &[u8], dst: &mut [u8]) {
         for u in 0..units {
             let s: &[u8; UNIT] = src[UNIT * u..UNIT * (u + 1)].try_into().unwrap();
@@ -168,6 +169,7 @@ fn widen_tail(t: QType, src: &[u8], width: usize, dst: &mut [u8]) {
 
 /// `f` of a stored row widened to whole groups, for kernels that read only those (NEON): the
 /// row is copied into a per-thread buffer ([`pad_rows`]).
+#[cfg(target_arch = "aarch64")]
 pub(super) fn with_widened_row<R>(
     t: QType,
     qs: &[u8],
@@ -181,6 +183,7 @@ pub(super) fn with_widened_row<R>(
     })
 }
 
+#[cfg(target_arch = "aarch64")]
 thread_local! {
     static WIDENED: std::cell::RefCell<(Vec<u8>, Vec<f16>)> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
@@ -524,27 +527,13 @@ pub fn dot_rows(t: QType, qs: &[u8], d: &[f16], xs: &[&QActs], out: &mut [f32]) 
         // SAFETY: cpu() returns Avx2 only after detecting avx2, fma and f16c; lengths checked
         // above (the kernel reads a partial last group with masked loads).
         Isa::Avx2 => unsafe { avx2::dot_rows(t, qs, d, xs, out) },
-        Isa::Scalar => scalar_dot_rows(t, qs, d, xs, out),
-        _ if d.len().is_multiple_of(8) => dot_whole(t, qs, d, xs, out),
-        _ => with_widened_row(t, qs, d, |q, s| dot_whole(t, q, s, xs, out)),
-    }
-}
-
-/// [`dot_rows`] for whole groups (`d.len()` a multiple of 8), against the first `d.len()`
-/// blocks of each activation row.
-fn dot_whole(t: QType, qs: &[u8], d: &[f16], xs: &[&QActs], out: &mut [f32]) {
-    debug_assert!(d.len().is_multiple_of(8) && xs.iter().all(|x| x.d.len() >= d.len()));
-    match cpu() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as below, and vnni() only after detecting AVX-512 F/BW/VL and VNNI.
-        Isa::Avx2 if vnni() => unsafe { avx2::dot_rows_vnni(t, qs, d, xs, out) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: cpu() returns Avx2 only after detecting avx2, fma and f16c; the caller
-        // checked the lengths (whole groups, activations at least as long).
-        Isa::Avx2 => unsafe { avx2::dot_rows(t, qs, d, xs, out) },
         #[cfg(target_arch = "aarch64")]
-        // SAFETY: cpu() returns Neon only after detecting it; lengths checked by the caller.
-        Isa::Neon => unsafe { neon::dot_rows(t, qs, d, xs, out) },
+        // SAFETY: cpu() returns Neon only after detecting it; lengths checked above.
+        Isa::Neon if d.len().is_multiple_of(8) => unsafe { neon::dot_rows(t, qs, d, xs, out) },
+        // The NEON kernel reads whole groups: a row ending in a partial one goes widened.
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above, for the widened row (whole groups, as long as the activations).
+        Isa::Neon => with_widened_row(t, qs, d, |q, s| unsafe { neon::dot_rows(t, q, s, xs, out) }),
         _ => scalar_dot_rows(t, qs, d, xs, out),
     }
 }
