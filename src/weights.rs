@@ -731,7 +731,7 @@ mod tests {
         let map = Arc::new(unsafe { Mmap::map(file.as_file()) }.unwrap());
         let mapped = Tensor::mapped(DType::F32, vec![rows, cols], map, 0, w.len() * 4);
         let owned = Tensor::from_f32(vec![rows, cols], &w);
-        for t in [QType::Q8, QType::Q4] {
+        for t in QType::ALL {
             let (want_qs, want_d) = rows_one_by_one(t, &w, cols);
             for source in [&owned, &mapped] {
                 let q = source.quantize(t).unwrap();

@@ -40,10 +40,7 @@ impl WeightView<'_> {
             WeightView::BF16(w) => w.len(),
             // Logical elements are not recoverable from the padded rows; callers compare
             // against rows × cols only for float views.
-            WeightView::Quant { qs, t, .. } => match t {
-                QType::Q8 => qs.len(),
-                QType::Q4 => 2 * qs.len(),
-            },
+            WeightView::Quant { qs, t, .. } => qs.len() * 8 / t.bits(),
         }
     }
 
@@ -309,7 +306,8 @@ fn quantized_matmul(
         }
         let acts = &*acts;
         #[cfg(target_arch = "x86_64")]
-        if n >= super::qpanel::MIN_TOKENS && quant::vnni() {
+        // Panels repack Q4 and Q8 only (Q5 / Q6's high bits are not packed yet).
+        if n >= super::qpanel::MIN_TOKENS && quant::vnni() && matches!(t, QType::Q4 | QType::Q8) {
             return by_row_chunks(rows, n, y, |r0, out| {
                 kernel_rows(t, qs, d, cols, r0, out.len(), true, |qs, d, nb| {
                     super::qpanel::panels(t, qs, d, nb, acts, out)

@@ -67,6 +67,10 @@ pub(super) fn panels(
         .iter()
         .all(|a| a.d.len() == nb && a.qs.len() == nb * BLOCK));
     assert!(super::quant::vnni(), "quantized panels need AVX-512 VNNI");
+    assert!(
+        matches!(t, QType::Q4 | QType::Q8),
+        "panels pack Q4 and Q8 only"
+    );
     let vectors = len.div_ceil(16);
     let n = acts.len();
     let chunk = (qs, d);

@@ -42,21 +42,36 @@ pub const GROUP: usize = 8 * BLOCK;
 pub enum QType {
     Q8,
     Q4,
+    /// Q4's nibbles plus one high bit per value in a plane of its own (see the module notes).
+    Q5,
+    /// Q4's nibbles plus two high bits per value.
+    Q6,
 }
 
 impl QType {
+    /// Every format, the widest first.
+    pub const ALL: [QType; 4] = [QType::Q8, QType::Q6, QType::Q5, QType::Q4];
+
     pub fn name(self) -> &'static str {
         match self {
             QType::Q8 => "q8",
             QType::Q4 => "q4",
+            QType::Q5 => "q5",
+            QType::Q6 => "q6",
         }
     }
 
     pub fn parse(s: &str) -> Option<QType> {
-        match s {
-            "q8" => Some(QType::Q8),
-            "q4" => Some(QType::Q4),
-            _ => None,
+        QType::ALL.into_iter().find(|t| t.name() == s)
+    }
+
+    /// Bits per stored value.
+    pub fn bits(self) -> usize {
+        match self {
+            QType::Q8 => 8,
+            QType::Q4 => 4,
+            QType::Q5 => 5,
+            QType::Q6 => 6,
         }
     }
 
@@ -67,9 +82,16 @@ impl QType {
 
     /// Bytes of values per block.
     pub fn block_bytes(self) -> usize {
+        BLOCK * self.bits() / 8
+    }
+
+    /// The low-bit formats store unsigned codes `q` with `w ≈ (q - 2^(bits-1))·d`: the
+    /// offset `2^(bits-1)·Σx` is `QActs::sum8 << offset_shift()` (Q8 itself is signed; the
+    /// VNNI kernels make it unsigned with an offset of 128, shift 4).
+    pub fn offset_shift(self) -> u32 {
         match self {
-            QType::Q8 => BLOCK,
-            QType::Q4 => BLOCK / 2,
+            QType::Q8 => 4,
+            t => t.bits() as u32 - 4,
         }
     }
 }
@@ -86,25 +108,46 @@ pub fn row_blocks(cols: usize) -> usize {
 }
 
 /// Byte and nibble shift (0 for Q8) of element `e` in a stored row of `nb` blocks: full groups
-/// as described above (Q8 as [`pos8`]), the last group, if it holds `w < 8` blocks, with chunks
-/// (words) of `4w` bytes.
+/// as described above (Q8 as [`pos8`]), the last group, if it holds `w < 8` blocks, with units
+/// of `4w` bytes. For Q5 / Q6 this is the low nibble; [`high_pos`] has the rest.
 #[inline]
 pub fn row_pos(t: QType, e: usize, nb: usize) -> (usize, u32) {
-    let (g, b, k) = (e / GROUP, e % GROUP / BLOCK, e % BLOCK);
-    let width = if g < nb / 8 { 8 } else { nb % 8 };
-    let unit = 4 * width;
+    let (base, unit, b, k) = unit_of(t, e, nb);
     let c = k / 4;
     match t {
-        QType::Q8 => (g * GROUP + c * unit + 4 * b + k % 4, 0),
-        QType::Q4 => (
-            g * GROUP / 2 + c / 2 * unit + 4 * b + k % 4,
-            c as u32 % 2 * 4,
-        ),
+        QType::Q8 => (base + c * unit + 4 * b + k % 4, 0),
+        _ => (base + c / 2 * unit + 4 * b + k % 4, c as u32 % 2 * 4),
     }
 }
 
-/// 32-byte units of a full group: Q8 chunks, Q4 words. A tail group keeps the first `4w` bytes
-/// of each.
+/// Byte and bit shift of the high bits (`bits - 4` of them) of element `e` of a Q5 / Q6 row:
+/// chunk `c`'s in high word `4 + c / (8 / h)` at bit `h·(c mod 8 / h)` (`h = bits - 4`), each
+/// byte beside the nibbles' byte of the same place. `None` for Q8 and Q4.
+#[inline]
+pub fn high_pos(t: QType, e: usize, nb: usize) -> Option<(usize, u32)> {
+    let h = match t {
+        QType::Q5 | QType::Q6 => t.bits() - 4,
+        QType::Q8 | QType::Q4 => return None,
+    };
+    let (base, unit, b, k) = unit_of(t, e, nb);
+    let (c, per) = (k / 4, 8 / h);
+    Some((
+        base + (4 + c / per) * unit + 4 * b + k % 4,
+        (h * (c % per)) as u32,
+    ))
+}
+
+/// Where element `e`'s group starts in a stored row of `nb` blocks, the length of that group's
+/// 32-byte units (shorter in a partial last group), its block and its place in the block.
+#[inline]
+fn unit_of(t: QType, e: usize, nb: usize) -> (usize, usize, usize, usize) {
+    let (g, b, k) = (e / GROUP, e % GROUP / BLOCK, e % BLOCK);
+    let width = if g < nb / 8 { 8 } else { nb % 8 };
+    (g * 8 * t.block_bytes(), 4 * width, b, k)
+}
+
+/// 32-byte units of a full group: Q8 chunks, Q4 words (and Q5 / Q6's high words after them).
+/// A tail group keeps the first `4w` bytes of each.
 fn group_units(t: QType) -> usize {
     t.block_bytes() * 8 / 32
 }
@@ -254,69 +297,98 @@ fn quantize_row_generic(t: QType, w: &[f32], imp: Option<&[f32]>, qs: &mut [u8],
                     }
                     scale
                 }
-                QType::Q4 => {
-                    let scale = match imp {
-                        Some(imp) => {
-                            for (k, v) in weights.iter_mut().enumerate() {
-                                *v = imp.get(first + k).copied().unwrap_or(0.0);
-                            }
-                            q4_scale_weighted(&block, &weights)
-                        }
-                        None => q4_scale(&block),
-                    };
-                    let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-                    for (k, v) in block.iter().enumerate() {
-                        // Nibble value q with w ≈ (q - 8)·scale.
-                        q[pos8(b * BLOCK + k)] = nibble(v * inv);
-                    }
-                    scale
-                }
+                QType::Q4 => low_bit_block::<8>(&block, imp, first, &mut weights, b, &mut q),
+                QType::Q5 => low_bit_block::<16>(&block, imp, first, &mut weights, b, &mut q),
+                QType::Q6 => low_bit_block::<32>(&block, imp, first, &mut weights, b, &mut q),
             };
             d[g * 8 + b] = f16::from_f32(scale);
         }
         // Each 32-byte unit keeps its first 4·width bytes (all of them in a whole group).
-        let (unit, out) = (4 * width, &mut qs[g * GROUP * t.block_bytes() / BLOCK..]);
-        match t {
-            QType::Q8 => {
-                for c in 0..8 {
-                    out[c * unit..(c + 1) * unit].copy_from_slice(&q[32 * c..32 * c + unit]);
-                }
+        let (unit, out) = (4 * width, &mut qs[g * 8 * t.block_bytes()..]);
+        if t == QType::Q8 {
+            for c in 0..8 {
+                out[c * unit..(c + 1) * unit].copy_from_slice(&q[32 * c..32 * c + unit]);
             }
-            QType::Q4 => {
-                for m in 0..4 {
-                    for k in 0..unit {
-                        out[m * unit + k] = q[64 * m + k] | (q[64 * m + 32 + k] << 4);
-                    }
-                }
+            continue;
+        }
+        for m in 0..4 {
+            for k in 0..unit {
+                out[m * unit + k] = q[64 * m + k] & 15 | (q[64 * m + 32 + k] & 15) << 4;
+            }
+        }
+        // Q5 / Q6: chunk c's high bits in word 4 + c / per at bit h·(c mod per).
+        let h = t.bits() - 4;
+        let per = 8 / h.max(1);
+        for c in 0..8 * usize::from(h > 0) {
+            let (word, shift) = (4 + c / per, h * (c % per));
+            for k in 0..unit {
+                out[word * unit + k] |= (q[32 * c + k] >> 4) << shift;
             }
         }
     }
 }
 
-/// The 4-bit code of `x = w / d`: `clamp(floor(x + 8.5), 0, 15)`. Clamping before the
-/// truncating cast gives the same value without `floor`, which is a libm call on baseline x86-64
-/// (no SSE4.1) and was a fifth of the time of quantizing a checkpoint.
+/// One block of a low-bit format (`HALF = 2^(bits-1)`: 8, 16, 32) into `q` (block `b` of the
+/// group, in the Q8 order, one code per byte); returns its scale. `weights` is scratch for the
+/// block's importances (from `imp`, the row's, starting at column `first`).
+#[inline(always)]
+fn low_bit_block<const HALF: i32>(
+    block: &[f32; BLOCK],
+    imp: Option<&[f32]>,
+    first: usize,
+    weights: &mut [f32; BLOCK],
+    b: usize,
+    q: &mut [u8; GROUP],
+) -> f32 {
+    let scale = match imp {
+        Some(imp) => {
+            for (k, v) in weights.iter_mut().enumerate() {
+                *v = imp.get(first + k).copied().unwrap_or(0.0);
+            }
+            scale_weighted::<HALF>(block, weights)
+        }
+        None => low_bit_scale::<HALF>(block),
+    };
+    let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+    for (k, v) in block.iter().enumerate() {
+        // Code q with w ≈ (q - HALF)·scale.
+        q[pos8(b * BLOCK + k)] = code::<HALF>(v * inv);
+    }
+    scale
+}
+
+/// The code of `x = w / d` in a format of `2·HALF` levels: `clamp(floor(x + HALF + 0.5), 0,
+/// 2·HALF - 1)`. Clamping before the truncating cast gives the same value without `floor`, which
+/// is a libm call on baseline x86-64 (no SSE4.1) and was a fifth of the time of quantizing a
+/// checkpoint.
 #[inline(always)]
 #[allow(clippy::manual_clamp)] // clamp keeps NaN, which the unchecked cast must not see
-fn nibble(x: f32) -> u8 {
-    // `max` maps NaN to 0, so the value is finite and in 0..=15: the unchecked cast is sound,
-    // and unlike the saturating `as` it vectorises.
+fn code<const HALF: i32>(x: f32) -> u8 {
+    // `max` maps NaN to 0, so the value is finite and in 0..2·HALF: the unchecked cast is
+    // sound, and unlike the saturating `as` it vectorises.
     // SAFETY: see above.
-    unsafe { (x + 8.5).max(0.0).min(15.0).to_int_unchecked::<i32>() as u8 }
+    unsafe {
+        (x + HALF as f32 + 0.5)
+            .max(0.0)
+            .min((2 * HALF - 1) as f32)
+            .to_int_unchecked::<i32>() as u8
+    }
 }
 
-/// The signed level `nibble(x) - 8` as a float.
+/// The signed level `code(x) - HALF` as a float.
 #[inline(always)]
-fn level(x: f32) -> f32 {
-    nibble(x) as f32 - 8.0
+fn level<const HALF: i32>(x: f32) -> f32 {
+    code::<HALF>(x) as f32 - HALF as f32
 }
 
-/// The Q4 scale of one block: ggml's `m / -8` (`m` the value of largest magnitude, which then
-/// maps exactly to -8) is one candidate among a few narrower grids, each refitted by least
-/// squares to the values it rounds to; the one with the least squared error wins. On Gaussian
-/// or uniform weights this lowers the RMS error by about a fifth against `m / -8` alone.
+/// The scale of one block of a low-bit format (levels `-HALF..HALF`): ggml's `m / -8` for Q4
+/// (`m` the value of largest magnitude, which then maps exactly to the lowest level) is one
+/// candidate among a few narrower grids, each refitted by least squares to the values it rounds
+/// to; the one with the least squared error wins. On Gaussian or uniform weights this lowers
+/// Q4's RMS error by about a fifth against `m / -8` alone.
 #[inline(always)]
-fn q4_scale(block: &[f32]) -> f32 {
+fn low_bit_scale<const HALF: i32>(block: &[f32]) -> f32 {
+    let half = HALF as f32;
     let m = block
         .iter()
         .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
@@ -329,21 +401,21 @@ fn q4_scale(block: &[f32]) -> f32 {
         let mut acc = [0f32; 8];
         for c in block.chunks_exact(8) {
             for (a, &v) in acc.iter_mut().zip(c) {
-                let e = v - level(v * inv) * d;
+                let e = v - level::<HALF>(v * inv) * d;
                 *a += e * e;
             }
         }
         acc.iter().sum()
     };
-    let mut best = (sse(m / -8.0), m / -8.0);
-    for grid in [7.5f32, 7.0] {
+    let mut best = (sse(m / -half), m / -half);
+    for grid in [half - 0.5, half - 1.0] {
         let d0 = m / -grid;
         // Least-squares refit of the scale for the levels d0 rounds to.
         let inv = 1.0 / d0;
         let (mut num, mut den) = ([0f32; 8], [0f32; 8]);
         for c in block.chunks_exact(8) {
             for k in 0..8 {
-                let q = level(c[k] * inv);
+                let q = level::<HALF>(c[k] * inv);
                 num[k] += c[k] * q;
                 den[k] += q * q;
             }
@@ -359,13 +431,15 @@ fn q4_scale(block: &[f32]) -> f32 {
     best.1
 }
 
-/// The Q4 scale of one block whose values weigh `imp` each in the error: the candidates that
-/// map the value of largest magnitude `m` to level -8 … -6 or +7 … +6 (quarter steps), each
-/// also refitted by weighted least squares to the levels it rounds to; the least weighted
-/// squared error wins. (With equal weights this finds what [`q4_scale`] finds or better; it
-/// costs ~6x the time, which quantizing a checkpoint once can afford.)
+/// The scale of one low-bit block whose values weigh `imp` each in the error: the candidates
+/// that map the value of largest magnitude `m` to the levels from the lowest (`-HALF`) to two
+/// above it or from the highest (`HALF - 1`) to one below it (quarter steps; for Q4 -8 … -6 and
+/// +7 … +6), each also refitted by weighted least squares to the levels it rounds to; the least
+/// weighted squared error wins. (With equal weights this finds what [`low_bit_scale`] finds or
+/// better; it costs ~6x the time, which quantizing a checkpoint once can afford.)
 #[inline(always)]
-fn q4_scale_weighted(block: &[f32; BLOCK], imp: &[f32; BLOCK]) -> f32 {
+fn scale_weighted<const HALF: i32>(block: &[f32; BLOCK], imp: &[f32; BLOCK]) -> f32 {
+    let half = HALF as f32;
     let m = block
         .iter()
         .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
@@ -384,7 +458,7 @@ fn q4_scale_weighted(block: &[f32; BLOCK], imp: &[f32; BLOCK]) -> f32 {
         let (mut e, mut num, mut den) = ([0f32; 8], [0f32; 8], [0f32; 8]);
         for (c, w) in block.chunks_exact(8).zip(wt.chunks_exact(8)) {
             for k in 0..8 {
-                let q = level(c[k] * inv);
+                let q = level::<HALF>(c[k] * inv);
                 let r = c[k] - q * d;
                 e[k] += w[k] * r * r;
                 num[k] += w[k] * c[k] * q;
@@ -393,10 +467,10 @@ fn q4_scale_weighted(block: &[f32; BLOCK], imp: &[f32; BLOCK]) -> f32 {
         }
         (e.iter().sum(), num.iter().sum(), den.iter().sum())
     };
-    let mut best = (f32::INFINITY, m / -8.0);
-    for grid in [
-        -8.0f32, -7.75, -7.5, -7.25, -7.0, -6.75, -6.5, -6.0, 7.0, 6.75, 6.5, 6.0,
-    ] {
+    let mut best = (f32::INFINITY, m / -half);
+    let low = [0.0f32, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0].map(|s| s - half);
+    let high = [0.0f32, 0.25, 0.5, 1.0].map(|s| half - 1.0 - s);
+    for grid in low.into_iter().chain(high) {
         let d0 = m / grid;
         let (e0, num, den) = err(d0);
         if e0 < best.0 {
@@ -418,10 +492,15 @@ fn q4_scale_weighted(block: &[f32; BLOCK], imp: &[f32; BLOCK]) -> f32 {
 #[inline]
 pub(super) fn value(t: QType, qs: &[u8], e: usize, nb: usize) -> i32 {
     let (at, shift) = row_pos(t, e, nb);
-    match t {
-        QType::Q8 => qs[at] as i8 as i32,
-        QType::Q4 => ((qs[at] >> shift) & 15) as i32 - 8,
+    if t == QType::Q8 {
+        return qs[at] as i8 as i32;
     }
+    let mut q = (qs[at] >> shift) & 15;
+    if let Some((at, shift)) = high_pos(t, e, nb) {
+        let h = t.bits() as u32 - 4;
+        q |= ((qs[at] >> shift) & ((1 << h) - 1)) << 4;
+    }
+    q as i32 - (1 << (t.bits() - 1))
 }
 
 /// Widens a quantized row (`d` holds its scales) back to f32 (`out.len()` logical columns).
@@ -605,25 +684,29 @@ pub fn vnni() -> bool {
     })
 }
 
-/// Evaluates `$call` with the constants `$n = xs.len()` (1..=MAX_ROWS) and `$q4 = (t == Q4)`,
+/// Evaluates `$call` with the constants `$n = xs.len()` (1..=MAX_ROWS) and `$bits = t.bits()`,
 /// so that a kernel can take both as const generic arguments.
 macro_rules! by_rows_and_type {
-    ($t:expr, $xs:expr, |$n:ident, $q4:ident| $call:expr) => {
-        match ($t, $xs.len()) {
-            (_, 0) => {}
-            (QType::Q4, 1) => by_rows_and_type!(@ 1, true, $n, $q4, $call),
-            (QType::Q4, 2) => by_rows_and_type!(@ 2, true, $n, $q4, $call),
-            (QType::Q4, 3) => by_rows_and_type!(@ 3, true, $n, $q4, $call),
-            (QType::Q4, _) => by_rows_and_type!(@ 4, true, $n, $q4, $call),
-            (QType::Q8, 1) => by_rows_and_type!(@ 1, false, $n, $q4, $call),
-            (QType::Q8, 2) => by_rows_and_type!(@ 2, false, $n, $q4, $call),
-            (QType::Q8, 3) => by_rows_and_type!(@ 3, false, $n, $q4, $call),
-            (QType::Q8, _) => by_rows_and_type!(@ 4, false, $n, $q4, $call),
+    ($t:expr, $xs:expr, |$n:ident, $bits:ident| $call:expr) => {
+        match $t {
+            QType::Q8 => by_rows_and_type!(@rows 8, $xs, $n, $bits, $call),
+            QType::Q6 => by_rows_and_type!(@rows 6, $xs, $n, $bits, $call),
+            QType::Q5 => by_rows_and_type!(@rows 5, $xs, $n, $bits, $call),
+            QType::Q4 => by_rows_and_type!(@rows 4, $xs, $n, $bits, $call),
         }
     };
-    (@ $nv:literal, $qv:literal, $n:ident, $q4:ident, $call:expr) => {{
+    (@rows $bv:literal, $xs:expr, $n:ident, $bits:ident, $call:expr) => {
+        match $xs.len() {
+            0 => {}
+            1 => by_rows_and_type!(@ 1, $bv, $n, $bits, $call),
+            2 => by_rows_and_type!(@ 2, $bv, $n, $bits, $call),
+            3 => by_rows_and_type!(@ 3, $bv, $n, $bits, $call),
+            _ => by_rows_and_type!(@ 4, $bv, $n, $bits, $call),
+        }
+    };
+    (@ $nv:literal, $bv:literal, $n:ident, $bits:ident, $call:expr) => {{
         const $n: usize = $nv;
-        const $q4: bool = $qv;
+        const $bits: usize = $bv;
         $call
     }};
 }
@@ -642,22 +725,48 @@ mod neon {
 
     #[target_feature(enable = "neon")]
     pub unsafe fn dot_rows(t: QType, qs: &[u8], d: &[f16], xs: &[&QActs], out: &mut [f32]) {
-        by_rows_and_type!(t, xs, |N, Q4| dot_n::<N, Q4>(qs, d, xs, out))
+        by_rows_and_type!(t, xs, |N, B| dot_n::<N, B>(qs, d, xs, out))
+    }
+
+    /// Half `h` (16 bytes) of chunks `2m` and `2m + 1` of a Q4 / Q5 / Q6 group (`B` bits) as
+    /// unsigned codes: the nibbles of word `m`, Q5 / Q6's high bits from their word above them.
+    #[inline(always)]
+    pub(crate) unsafe fn low_bit_pair<const B: usize>(
+        w: *const u8,
+        m: usize,
+        h: usize,
+    ) -> [uint8x16_t; 2] {
+        let m4 = vdupq_n_u8(15);
+        let v = vld1q_u8(w.add(32 * m + 16 * h));
+        let mut out = [vandq_u8(v, m4), vshrq_n_u8::<4>(v)];
+        if B > 4 {
+            let hb = B - 4;
+            let per = 8 / hb;
+            let hw = vld1q_u8(w.add(32 * (4 + 2 * m / per) + 16 * h));
+            let mask = vdupq_n_u8(((1 << hb) - 1) as u8);
+            for (i, o) in out.iter_mut().enumerate() {
+                let at = (hb * ((2 * m + i) % per)) as i8;
+                // A negative count shifts right.
+                let bits = vandq_u8(vshlq_u8(hw, vdupq_n_s8(-at)), mask);
+                *o = vorrq_u8(*o, vshlq_n_u8::<4>(bits));
+            }
+        }
+        out
     }
 
     /// One group's weights as signed values, 16 per register: register `2c + h` holds half `h`
     /// of chunk `c` (four values of each of blocks `4h..4h+4`).
     #[inline(always)]
-    unsafe fn group_values<const Q4: bool>(w: *const u8) -> [int8x16_t; 16] {
+    unsafe fn group_values<const B: usize>(w: *const u8) -> [int8x16_t; 16] {
         let mut out = [vdupq_n_s8(0); 16];
-        if Q4 {
-            let (m, e) = (vdupq_n_u8(15), vdupq_n_s8(8));
+        if B < 8 {
+            let e = vdupq_n_s8(1 << (B - 1));
             let s = |v: uint8x16_t| vsubq_s8(vreinterpretq_s8_u8(v), e);
             for m4 in 0..4 {
                 for h in 0..2 {
-                    let v = vld1q_u8(w.add(32 * m4 + 16 * h));
-                    out[2 * (2 * m4) + h] = s(vandq_u8(v, m));
-                    out[2 * (2 * m4 + 1) + h] = s(vshrq_n_u8::<4>(v));
+                    let [lo, hi] = low_bit_pair::<B>(w, m4, h);
+                    out[2 * (2 * m4) + h] = s(lo);
+                    out[2 * (2 * m4 + 1) + h] = s(hi);
                 }
             }
         } else {
@@ -672,18 +781,18 @@ mod neon {
     /// (`sadalp`), which leaves each block's sum in two neighbouring lanes; one pairwise add per
     /// four blocks finishes a group.
     #[inline(always)]
-    unsafe fn dot_n<const N: usize, const Q4: bool>(
+    unsafe fn dot_n<const N: usize, const B: usize>(
         qs: &[u8],
         d: &[f16],
         xs: &[&QActs],
         out: &mut [f32],
     ) {
-        let group_bytes = if Q4 { 128 } else { 256 };
+        let group_bytes = 32 * B;
         let mut acc = [[vdupq_n_f32(0.0); 2]; N];
         let mut dw = [0f32; 8];
         for g in 0..d.len() / 8 {
             d[g * 8..g * 8 + 8].convert_to_f32_slice(&mut dw);
-            let wv = group_values::<Q4>(qs.as_ptr().add(g * group_bytes));
+            let wv = group_values::<B>(qs.as_ptr().add(g * group_bytes));
             for r in 0..N {
                 let x = xs[r].qs.as_ptr().add(g * 256);
                 // a[2h]: blocks 4h, 4h+1 (two lanes each); a[2h+1]: blocks 4h+2, 4h+3.
@@ -738,6 +847,52 @@ pub(super) unsafe fn partial_group(
     sc[..width].copy_from_slice(&d[groups * 8..]);
     let dw = _mm256_cvtph_ps(_mm_loadu_si128(sc.as_ptr() as *const __m128i));
     (w, mask, dw)
+}
+
+/// Chunks `2m` and `2m + 1` of a Q4 / Q5 / Q6 group (`BITS`) as unsigned codes, one per byte:
+/// word `m`'s low and high nibbles, with Q5 / Q6's high bits from their word put above them
+/// (`w(u)` loads the group's 32-byte unit `u`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn low_bit_pair<const BITS: usize>(
+    w: &impl Fn(usize) -> std::arch::x86_64::__m256i,
+    m: usize,
+) -> [std::arch::x86_64::__m256i; 2] {
+    use std::arch::x86_64::*;
+    let m4 = _mm256_set1_epi8(15);
+    let v = w(m);
+    let mut out = [
+        _mm256_and_si256(v, m4),
+        _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4),
+    ];
+    if BITS > 4 {
+        let h = BITS - 4;
+        let per = 8 / h;
+        let hw = w(4 + 2 * m / per);
+        let mask = _mm256_set1_epi8((((1 << h) - 1) << 4) as i8);
+        for (i, o) in out.iter_mut().enumerate() {
+            // Chunk 2m + i's high bits sit at bit `at` of each byte; moved to bit 4 by a 16-bit
+            // shift, whose bits carried across a byte land outside the mask.
+            let at = (h * ((2 * m + i) % per)) as i32;
+            let moved = if at <= 4 {
+                _mm256_sll_epi16(hw, _mm_cvtsi32_si128(4 - at))
+            } else {
+                _mm256_srl_epi16(hw, _mm_cvtsi32_si128(at - 4))
+            };
+            *o = _mm256_or_si256(*o, _mm256_and_si256(moved, mask));
+        }
+    }
+    out
+}
+
+/// `sum8 << shift` per lane: the offset a block's unsigned codes carry (see
+/// [`QType::offset_shift`]).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn offset_of(sum8: *const i32, shift: u32) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let c = _mm256_loadu_si256(sum8 as *const __m256i);
+    _mm256_sll_epi32(c, _mm_cvtsi32_si128(shift as i32))
 }
 
 /// Readies the weights of decode's next groups: the group at `w` (`bytes` long) is about to be
@@ -833,7 +988,7 @@ mod avx2 {
         xs: &[&QActs],
         out: &mut [f32],
     ) {
-        by_rows_and_type!(t, xs, |N, Q4| dot_n::<N, Q4, VNNI>(qs, d, xs, out))
+        by_rows_and_type!(t, xs, |N, B| dot_n::<N, B, VNNI>(qs, d, xs, out))
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -870,13 +1025,13 @@ mod avx2 {
         xs: &[&QActs],
         out: &mut [f32],
     ) {
-        by_rows_and_type!(t, xs, |N, Q4| pair_n::<N, Q4>(qs, d, xs, out))
+        by_rows_and_type!(t, xs, |N, B| pair_n::<N, B>(qs, d, xs, out))
     }
 
     /// [`dot_n`] for two weight rows at once (VNNI only): the group sums of both rows against
     /// N activation rows, each activation vector loaded once for both.
     #[inline(always)]
-    unsafe fn pair_n<const N: usize, const Q4: bool>(
+    unsafe fn pair_n<const N: usize, const B: usize>(
         qs: &[u8],
         d: &[f16],
         xs: &[&QActs],
@@ -884,7 +1039,7 @@ mod avx2 {
     ) {
         let (row_bytes, nb) = (qs.len() / 2, d.len() / 2);
         let groups = nb / 8;
-        let group_bytes = if Q4 { 128 } else { 256 };
+        let group_bytes = 32 * B;
         let mut xp = [std::ptr::null::<i8>(); N];
         for r in 0..N {
             xp[r] = xs[r].qs.as_ptr();
@@ -906,17 +1061,19 @@ mod avx2 {
             // a: even chunks, b: odd chunks; [weight row][activation row].
             let mut a = [[_mm256_setzero_si256(); N]; 2];
             let mut b = [[_mm256_setzero_si256(); N]; 2];
-            if Q4 {
-                let m4 = _mm256_set1_epi8(15);
+            if B < 8 {
+                let loads = w
+                    .map(|wr| move |u: usize| _mm256_loadu_si256(wr.add(32 * u) as *const __m256i));
                 for m in 0..4 {
-                    let v = w.map(|wr| _mm256_loadu_si256(wr.add(32 * m) as *const __m256i));
-                    let lo = v.map(|v| _mm256_and_si256(v, m4));
-                    let hi = v.map(|v| _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+                    let v = [
+                        super::low_bit_pair::<B>(&loads[0], m),
+                        super::low_bit_pair::<B>(&loads[1], m),
+                    ];
                     for r in 0..N {
                         let (xl, xh) = (x(r, 2 * m), x(r, 2 * m + 1));
                         for i in 0..2 {
-                            a[i][r] = _mm256_dpbusd_epi32(a[i][r], lo[i], xl);
-                            b[i][r] = _mm256_dpbusd_epi32(b[i][r], hi[i], xh);
+                            a[i][r] = _mm256_dpbusd_epi32(a[i][r], v[i][0], xl);
+                            b[i][r] = _mm256_dpbusd_epi32(b[i][r], v[i][1], xh);
                         }
                     }
                 }
@@ -945,13 +1102,7 @@ mod avx2 {
             });
             for r in 0..N {
                 let dx = _mm256_loadu_ps(xs[r].d.as_ptr().add(g * 8));
-                let c = if Q4 {
-                    _mm256_loadu_si256(xs[r].sum8.as_ptr().add(g * 8) as *const __m256i)
-                } else {
-                    _mm256_slli_epi32::<4>(_mm256_loadu_si256(
-                        xs[r].sum8.as_ptr().add(g * 8) as *const __m256i
-                    ))
-                };
+                let c = super::offset_of(xs[r].sum8.as_ptr().add(g * 8), shift_of(B));
                 for i in 0..2 {
                     // Lane b: block b of the group.
                     let s = _mm256_sub_epi32(_mm256_add_epi32(a[i][r], b[i][r]), c);
@@ -970,6 +1121,15 @@ mod avx2 {
         }
     }
 
+    /// [`QType::offset_shift`] of the format of `bits` bits (the VNNI one for Q8).
+    const fn shift_of(bits: usize) -> u32 {
+        if bits == 8 {
+            4
+        } else {
+            bits as u32 - 4
+        }
+    }
+
     /// The eight block sums of a group (256 values) against N activation rows with `vpdpbusd`,
     /// block `b` in lane `b`. Q4 multiplies the unsigned nibbles, like the AVX2 path (the `8·Σx`
     /// offset comes off later). Q8 flips each code's top bit, which makes it the unsigned `w + 128`
@@ -981,7 +1141,7 @@ mod avx2 {
     /// accumulators per row halve the dependency chains (one row, as in decode, would otherwise
     /// wait on each multiply-add).
     #[inline(always)]
-    unsafe fn vnni_group_sums<const N: usize, const Q4: bool>(
+    unsafe fn vnni_group_sums<const N: usize, const B: usize>(
         w: impl Fn(usize) -> __m256i,
         xp: &[*const i8; N],
         off: usize,
@@ -989,12 +1149,9 @@ mod avx2 {
         let x = |r: usize, c: usize| _mm256_loadu_si256(xp[r].add(off + 32 * c) as *const __m256i);
         let mut a = [_mm256_setzero_si256(); N];
         let mut b = [_mm256_setzero_si256(); N];
-        if Q4 {
-            let m4 = _mm256_set1_epi8(15);
+        if B < 8 {
             for m in 0..4 {
-                let v = w(m);
-                let lo = _mm256_and_si256(v, m4);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                let [lo, hi] = super::low_bit_pair::<B>(&w, m);
                 for r in 0..N {
                     a[r] = _mm256_dpbusd_epi32(a[r], lo, x(r, 2 * m));
                     b[r] = _mm256_dpbusd_epi32(b[r], hi, x(r, 2 * m + 1));
@@ -1020,32 +1177,38 @@ mod avx2 {
         out
     }
 
-    /// The eight block sums of a Q4 group (256 values), block `b` in lane `b`, before the `8·Σx`
-    /// offset. All eight `maddubs` of a row are added in 16 bits (each at most 2·15·127 per
-    /// lane, eight of them 30480 < 2^15), so one widening `madd` per group finishes them.
+    /// The eight block sums of a Q4 / Q5 / Q6 group (256 values), block `b` in lane `b`, before
+    /// the offset. Q4: all eight `maddubs` of a row are added in 16 bits (each at most
+    /// 2·15·127 per lane, eight of them 30480 < 2^15), so one widening `madd` per group finishes
+    /// them. Q5 / Q6 codes reach 31 / 63: two `maddubs` (at most 2·2·63·127 = 32004) per `madd`.
     #[inline(always)]
-    unsafe fn q4_group_sums<const N: usize>(
+    unsafe fn low_bit_group_sums<const N: usize, const B: usize>(
         w: impl Fn(usize) -> __m256i,
         xp: &[*const i8; N],
         off: usize,
     ) -> [__m256i; N] {
         let x = |r: usize, c: usize| _mm256_loadu_si256(xp[r].add(off + 32 * c) as *const __m256i);
-        let m4 = _mm256_set1_epi8(15);
+        let ones = _mm256_set1_epi16(1);
         let mut s = [_mm256_setzero_si256(); N];
         for m in 0..4 {
-            let v = w(m);
-            let lo = _mm256_and_si256(v, m4);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            let [lo, hi] = super::low_bit_pair::<B>(&w, m);
             for (r, sr) in s.iter_mut().enumerate() {
                 let p = _mm256_add_epi16(
                     _mm256_maddubs_epi16(lo, x(r, 2 * m)),
                     _mm256_maddubs_epi16(hi, x(r, 2 * m + 1)),
                 );
-                *sr = _mm256_add_epi16(*sr, p);
+                *sr = if B == 4 {
+                    _mm256_add_epi16(*sr, p)
+                } else {
+                    _mm256_add_epi32(*sr, _mm256_madd_epi16(p, ones))
+                };
             }
         }
-        let ones = _mm256_set1_epi16(1);
-        s.map(|v| _mm256_madd_epi16(v, ones))
+        if B == 4 {
+            s.map(|v| _mm256_madd_epi16(v, ones))
+        } else {
+            s
+        }
     }
 
     /// The eight block sums of a Q8 group (256 values), block `b` in lane `b`: |w|·(x·sign w),
@@ -1074,7 +1237,7 @@ mod avx2 {
     /// Group `g`'s block sums (weights loaded unit by unit by `w`, scales `dw`) against N
     /// activation rows, scaled into `acc`.
     #[inline(always)]
-    unsafe fn add_group<const N: usize, const Q4: bool, const VNNI: bool>(
+    unsafe fn add_group<const N: usize, const B: usize, const VNNI: bool>(
         g: usize,
         w: impl Fn(usize) -> __m256i,
         dw: __m256,
@@ -1084,20 +1247,20 @@ mod avx2 {
     ) {
         let off = g * 256;
         let sums = if VNNI {
-            vnni_group_sums::<N, Q4>(w, xp, off)
-        } else if Q4 {
-            q4_group_sums::<N>(w, xp, off)
+            vnni_group_sums::<N, B>(w, xp, off)
+        } else if B < 8 {
+            low_bit_group_sums::<N, B>(w, xp, off)
         } else {
             q8_group_sums::<N>(w, xp, off)
         };
         for r in 0..N {
             // Lane b: block b of the group.
             let mut s = sums[r];
-            if Q4 || VNNI {
-                let c = _mm256_loadu_si256(xs[r].sum8.as_ptr().add(g * 8) as *const __m256i);
-                // The offset the unsigned weights carry: 8·Σx for Q4 nibbles, 128·Σx for Q8
-                // values made unsigned for `vpdpbusd`.
-                s = _mm256_sub_epi32(s, if Q4 { c } else { _mm256_slli_epi32::<4>(c) });
+            if B < 8 || VNNI {
+                // The offset the unsigned weights carry: 8·Σx for Q4 nibbles (16, 32 for Q5,
+                // Q6), 128·Σx for Q8 values made unsigned for `vpdpbusd`.
+                let c = super::offset_of(xs[r].sum8.as_ptr().add(g * 8), shift_of(B));
+                s = _mm256_sub_epi32(s, c);
             }
             let dx = _mm256_loadu_ps(xs[r].d.as_ptr().add(g * 8));
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, dx), acc[r]);
@@ -1106,14 +1269,14 @@ mod avx2 {
 
     /// One stored row (whole groups, then possibly a partial one) against N activation rows.
     #[inline(always)]
-    unsafe fn dot_n<const N: usize, const Q4: bool, const VNNI: bool>(
+    unsafe fn dot_n<const N: usize, const B: usize, const VNNI: bool>(
         qs: &[u8],
         d: &[f16],
         xs: &[&QActs],
         out: &mut [f32],
     ) {
         let groups = d.len() / 8;
-        let group_bytes = if Q4 { 128 } else { 256 };
+        let group_bytes = 32 * B;
         let mut xp = [std::ptr::null::<i8>(); N];
         for r in 0..N {
             xp[r] = xs[r].qs.as_ptr();
@@ -1124,7 +1287,7 @@ mod avx2 {
             super::prefetch_group(w, group_bytes);
             let dw = _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().add(g * 8) as *const __m128i));
             let load = |u: usize| _mm256_loadu_si256(w.add(32 * u) as *const __m256i);
-            add_group::<N, Q4, VNNI>(g, load, dw, xs, &xp, &mut acc);
+            add_group::<N, B, VNNI>(g, load, dw, xs, &xp, &mut acc);
         }
         let width = d.len() % 8;
         if width > 0 {
@@ -1133,7 +1296,7 @@ mod avx2 {
             // blocks load as 0, meet activations of 0 and scales of 0.
             let (w, mask, dw) = super::partial_group(qs, d, group_bytes);
             let load = |u: usize| _mm256_maskload_epi32(w.add(width * u), mask);
-            add_group::<N, Q4, VNNI>(groups, load, dw, xs, &xp, &mut acc);
+            add_group::<N, B, VNNI>(groups, load, dw, xs, &xp, &mut acc);
         }
         for r in 0..N {
             let v = acc[r];
@@ -1217,7 +1380,7 @@ pub(crate) mod tests {
     /// once, and a product over padded rows equals the dequantized dot.
     #[test]
     fn stored_rows_are_compact_and_pad_to_the_same_values() {
-        for t in [QType::Q8, QType::Q4] {
+        for t in QType::ALL {
             for cols in [32, 64, 200, 256, 288, 576, 1100, 3072] {
                 let w = data(cols, 3);
                 let (qs, d) = quantized(t, &w);
@@ -1233,17 +1396,28 @@ pub(crate) mod tests {
                 dequantize_row(t, &qs, &d, &mut a);
                 dequantize_row(t, &pq, &pd, &mut b);
                 assert_eq!(a, b, "{t:?} {cols}");
-                // Every (byte, nibble) of the stored row belongs to exactly one element.
+                // Every bit of the stored row belongs to exactly one element.
                 let nb = d.len();
-                let mut seen = std::collections::HashSet::new();
+                let mut owner = vec![0u8; qs.len()];
+                let mut claim = |at: usize, shift: u32, bits: usize, e: usize| {
+                    let m = ((1u32 << bits) - 1) << shift;
+                    assert!(at < qs.len() && m <= 0xFF, "{t:?} {cols} e{e}");
+                    assert_eq!(owner[at] as u32 & m, 0, "{t:?} {cols} e{e}");
+                    owner[at] |= m as u8;
+                };
                 for e in 0..nb * BLOCK {
                     let (at, shift) = row_pos(t, e, nb);
-                    assert!(
-                        at < qs.len() && seen.insert((at, shift)),
-                        "{t:?} {cols} e{e}"
+                    claim(
+                        at,
+                        shift,
+                        t.bits().min(if t == QType::Q8 { 8 } else { 4 }),
+                        e,
                     );
+                    if let Some((at, shift)) = high_pos(t, e, nb) {
+                        claim(at, shift, t.bits() - 4, e);
+                    }
                 }
-                assert_eq!(seen.len(), qs.len() * if t == QType::Q4 { 2 } else { 1 });
+                assert!(owner.iter().all(|&o| o == 0xFF), "{t:?} {cols}");
                 // Padded positions beyond the row's blocks carry scale 0.
                 assert!(pd[nb..].iter().all(|s| *s == f16::ZERO));
             }
@@ -1259,7 +1433,7 @@ pub(crate) mod tests {
 
     #[test]
     fn round_trip_error_is_within_a_grid_step() {
-        for t in [QType::Q8, QType::Q4] {
+        for t in QType::ALL {
             for cols in [32, 96, 256, 3072 + 32] {
                 let w = data(cols, 7);
                 let (qs, d) = quantized(t, &w);
@@ -1268,9 +1442,14 @@ pub(crate) mod tests {
                 for b in 0..cols.div_ceil(BLOCK) {
                     let blk = &w[b * BLOCK..((b + 1) * BLOCK).min(cols)];
                     let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
-                    let step = amax / if t == QType::Q8 { 127.0 } else { 8.0 };
+                    let step = amax
+                        / if t == QType::Q8 {
+                            127.0
+                        } else {
+                            (1 << (t.bits() - 1)) as f32
+                        };
                     // Q8: half a step. Q4: a full step where the largest value's opposite
-                    // clamps at +7 (the grid is -8..7).
+                    // clamps at +7 (the grid is -8..7; likewise Q5, Q6).
                     let steps = if t == QType::Q8 { 0.5 } else { 1.0 };
                     for k in 0..blk.len() {
                         let e = b * BLOCK + k;
@@ -1304,7 +1483,7 @@ pub(crate) mod tests {
             "kernels: {:?}",
             kernels.iter().map(|k| k.0).collect::<Vec<_>>()
         );
-        for t in [QType::Q8, QType::Q4] {
+        for t in QType::ALL {
             for cols in TAIL_WIDTHS {
                 let (qs, d) = quantized(t, &data(cols, 3));
                 let acts: Vec<QActs> = (0..MAX_ROWS as u64)
@@ -1337,7 +1516,7 @@ pub(crate) mod tests {
     /// scalar reference for each row, with whichever kernel the CPU gets.
     #[test]
     fn row_runs_match_the_scalar_reference() {
-        for t in [QType::Q8, QType::Q4] {
+        for t in QType::ALL {
             for cols in TAIL_WIDTHS {
                 let rows = 5;
                 let (rb, nb) = (t.row_bytes(cols), row_blocks(cols));
@@ -1373,7 +1552,7 @@ pub(crate) mod tests {
             "pair kernel: {}",
             if vnni() { "vnni" } else { "two dot_rows" }
         );
-        for t in [QType::Q8, QType::Q4] {
+        for t in QType::ALL {
             for cols in TAIL_WIDTHS {
                 let (q0, d0) = quantized(t, &data(cols, 7));
                 let (q1, d1) = quantized(t, &data(cols, 8));
@@ -1405,11 +1584,21 @@ pub(crate) mod tests {
 
     #[test]
     fn extreme_codes_do_not_overflow_the_16_bit_sums() {
-        // Every nibble 15 (value +7) or 0 (value -8) against activations of ±127: the largest
-        // magnitudes the 16-bit partial sums of the kernels ever hold.
-        for (byte, x, level) in [(0xFFu8, 127i8, 7i64), (0x00, -127, -8), (0xFF, -127, 7)] {
+        // Every code at its top (Q4 nibble 15, value +7; Q6 63, +31) or 0 (value -8, -32)
+        // against activations of ±127: the largest magnitudes the 16-bit partial sums of the
+        // kernels ever hold.
+        for (t, (byte, x, top)) in [QType::Q4, QType::Q5, QType::Q6].into_iter().flat_map(|t| {
+            [
+                (0xFFu8, 127i8, true),
+                (0x00, -127, false),
+                (0xFF, -127, true),
+            ]
+            .map(|c| (t, c))
+        }) {
+            let half = 1i64 << (t.bits() - 1);
+            let level = if top { half - 1 } else { -half };
             let cols = 512;
-            let qs = vec![byte; QType::Q4.row_bytes(cols)];
+            let qs = vec![byte; t.row_bytes(cols)];
             let d = vec![f16::ONE; row_blocks(cols)];
             let acts = QActs {
                 qs: vec![x; cols],
@@ -1420,8 +1609,12 @@ pub(crate) mod tests {
             for n in 1..=MAX_ROWS {
                 let xs = vec![&acts; n];
                 let mut got = vec![0f32; n];
-                dot_rows(QType::Q4, &qs, &d, &xs, &mut got);
-                assert!(got.iter().all(|&g| g == want), "{got:?} vs {want}");
+                dot_rows(t, &qs, &d, &xs, &mut got);
+                assert!(got.iter().all(|&g| g == want), "{t:?} {got:?} vs {want}");
+                let mut pair = vec![0f32; 2 * n];
+                let (q2, d2) = ([&qs[..], &qs[..]].concat(), [&d[..], &d[..]].concat());
+                dot_row_pair(t, &q2, &d2, &xs, &mut pair);
+                assert!(pair.iter().all(|&g| g == want), "{t:?} {pair:?} vs {want}");
             }
         }
     }
@@ -1464,8 +1657,7 @@ pub(crate) mod tests {
     }
 
     /// Σ imp·(w - ŵ)² of a row quantized with or without the importances.
-    fn weighted_error(w: &[f32], imp: &[f32], with: bool) -> f64 {
-        let t = QType::Q4;
+    fn weighted_error(t: QType, w: &[f32], imp: &[f32], with: bool) -> f64 {
         let (mut qs, mut d) = (
             vec![0u8; t.row_bytes(w.len())],
             vec![f16::ZERO; row_blocks(w.len())],
@@ -1485,13 +1677,15 @@ pub(crate) mod tests {
         let cols = 3072;
         // Equal importances: the weighted search tries every scale the plain one does and more.
         let ones = vec![1.0f32; cols];
-        for seed in 0..8 {
-            let w = data(cols, 100 + seed);
-            let (plain, weighted) = (
-                weighted_error(&w, &ones, false),
-                weighted_error(&w, &ones, true),
-            );
-            assert!(weighted <= plain * 1.001, "{weighted} vs {plain}");
+        for t in [QType::Q4, QType::Q5, QType::Q6] {
+            for seed in 0..8 {
+                let w = data(cols, 100 + seed);
+                let (plain, weighted) = (
+                    weighted_error(t, &w, &ones, false),
+                    weighted_error(t, &w, &ones, true),
+                );
+                assert!(weighted <= plain * 1.001, "{t:?} {weighted} vs {plain}");
+            }
         }
         // Importances spread over three orders of magnitude, as activation mean squares are
         // (a few outlier channels dominate): the error that reaches the output falls a lot.
@@ -1502,8 +1696,8 @@ pub(crate) mod tests {
                 .iter()
                 .map(|u| (u * 14.0).exp())
                 .collect();
-            plain += weighted_error(&w, &imp, false);
-            weighted += weighted_error(&w, &imp, true);
+            plain += weighted_error(QType::Q4, &w, &imp, false);
+            weighted += weighted_error(QType::Q4, &w, &imp, true);
         }
         assert!(
             weighted < 0.7 * plain,
@@ -1513,7 +1707,7 @@ pub(crate) mod tests {
 
     #[test]
     fn simd_matches_scalar_reference_and_float_dot() {
-        for t in [QType::Q8, QType::Q4] {
+        for t in QType::ALL {
             for cols in TAIL_WIDTHS {
                 let w = data(cols, 1);
                 let (qs, d) = quantized(t, &w);

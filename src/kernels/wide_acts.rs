@@ -219,7 +219,7 @@ mod neon {
 
     #[target_feature(enable = "neon")]
     pub unsafe fn dot_rows(t: QType, qs: &[u8], d: &[f16], xs: &[&QActs16], out: &mut [f32]) {
-        by_rows_and_type!(t, xs, |N, Q4| dot_n::<N, Q4>(qs, d, xs, out))
+        by_rows_and_type!(t, xs, |N, B| dot_n::<N, B>(qs, d, xs, out))
     }
 
     /// Chunk `c` of a group as 16-bit values: `[even, odd]` positions, each as blocks 0–3 and
@@ -240,28 +240,43 @@ mod neon {
     }
 
     #[inline(always)]
-    unsafe fn dot_n<const N: usize, const Q4: bool>(
+    unsafe fn dot_n<const N: usize, const B: usize>(
         qs: &[u8],
         d: &[f16],
         xs: &[&QActs16],
         out: &mut [f32],
     ) {
-        let group_bytes = if Q4 { 128 } else { 256 };
+        let group_bytes = 32 * B;
         let mut acc = [[vdupq_n_f32(0.0); 2]; N];
         let mut dw = [0f32; 8];
         for g in 0..d.len() / 8 {
             d[g * 8..g * 8 + 8].convert_to_f32_slice(&mut dw);
             let w = qs.as_ptr().add(g * group_bytes);
             let mut chunks = [[[vdupq_n_s16(0); 2]; 2]; 8];
-            if Q4 {
+            if B < 8 {
                 let m4 = vdupq_n_u8(15);
                 for m in 0..4 {
                     let v = vld2q_u8(w.add(32 * m));
-                    chunks[2 * m] = [widen_u8(vandq_u8(v.0, m4)), widen_u8(vandq_u8(v.1, m4))];
-                    chunks[2 * m + 1] = [
-                        widen_u8(vshrq_n_u8::<4>(v.0)),
-                        widen_u8(vshrq_n_u8::<4>(v.1)),
+                    // [chunk 2m, 2m + 1][even bytes, odd bytes] as unsigned codes.
+                    let mut p = [
+                        [vandq_u8(v.0, m4), vandq_u8(v.1, m4)],
+                        [vshrq_n_u8::<4>(v.0), vshrq_n_u8::<4>(v.1)],
                     ];
+                    if B > 4 {
+                        // Q5 / Q6: the high bits from their word (see `quant::high_pos`).
+                        let (hb, per) = (B - 4, 8 / (B - 4));
+                        let hv = vld2q_u8(w.add(32 * (4 + 2 * m / per)));
+                        let mask = vdupq_n_u8(((1 << hb) - 1) as u8);
+                        for (i, pi) in p.iter_mut().enumerate() {
+                            let at = vdupq_n_s8(-((hb * ((2 * m + i) % per)) as i8));
+                            for (j, hj) in [hv.0, hv.1].into_iter().enumerate() {
+                                let bits = vandq_u8(vshlq_u8(hj, at), mask);
+                                pi[j] = vorrq_u8(pi[j], vshlq_n_u8::<4>(bits));
+                            }
+                        }
+                    }
+                    chunks[2 * m] = [widen_u8(p[0][0]), widen_u8(p[0][1])];
+                    chunks[2 * m + 1] = [widen_u8(p[1][0]), widen_u8(p[1][1])];
                 }
             } else {
                 for (c, ch) in chunks.iter_mut().enumerate() {
@@ -286,8 +301,10 @@ mod neon {
                 let mut sums = [vpaddq_s32(a[0], a[1]), vpaddq_s32(a[2], a[3])];
                 let dx = xs[r].d.as_ptr().add(g * 8);
                 for h in 0..2 {
-                    if Q4 {
+                    if B < 8 {
+                        // The unsigned codes' offset: 8·Σx for Q4, 16, 32 for Q5, Q6.
                         let c = vld1q_s32(xs[r].sum8.as_ptr().add(g * 8 + 4 * h));
+                        let c = vshlq_s32(c, vdupq_n_s32(B as i32 - 4));
                         sums[h] = vsubq_s32(sums[h], c);
                     }
                     let scale =
@@ -316,13 +333,13 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_rows(t: QType, qs: &[u8], d: &[f16], xs: &[&QActs16], out: &mut [f32]) {
-        by_rows_and_type!(t, xs, |N, Q4| dot_n::<N, Q4>(qs, d, xs, out))
+        by_rows_and_type!(t, xs, |N, B| dot_n::<N, B>(qs, d, xs, out))
     }
 
     /// Group `g`'s block sums (weights loaded unit by unit by `w`, scales `dw`) against N
     /// activation rows, scaled into `acc`.
     #[inline(always)]
-    unsafe fn add_group<const N: usize, const Q4: bool>(
+    unsafe fn add_group<const N: usize, const B: usize>(
         g: usize,
         w: impl Fn(usize) -> __m256i,
         dw: __m256,
@@ -335,16 +352,28 @@ mod avx2 {
             |r: usize, i: usize| _mm256_loadu_si256(xp[r].add(g * 256 + 16 * i) as *const __m256i);
         // Lane b: block b. Two sums per row halve the dependency chains.
         let mut s = [[_mm256_setzero_si256(); 2]; N];
-        if Q4 {
+        if B < 8 {
             for m in 0..4 {
-                let v = w(m);
-                // Chunk 2m in the low nibbles, 2m + 1 in the high ones; even bytes, odd bytes.
-                let halves = [
-                    _mm256_and_si256(v, low4),
-                    _mm256_and_si256(_mm256_srli_epi16::<8>(v), low4),
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(v), low4),
-                    _mm256_srli_epi16::<12>(v),
-                ];
+                // Chunk 2m then 2m + 1; even bytes, odd bytes.
+                let halves = if B == 4 {
+                    // Q4 straight from the word: its low nibbles, then its high ones.
+                    let v = w(m);
+                    [
+                        _mm256_and_si256(v, low4),
+                        _mm256_and_si256(_mm256_srli_epi16::<8>(v), low4),
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(v), low4),
+                        _mm256_srli_epi16::<12>(v),
+                    ]
+                } else {
+                    let [c0, c1] = super::super::quant::low_bit_pair::<B>(&w, m);
+                    let low8 = _mm256_set1_epi16(0xFF);
+                    [
+                        _mm256_and_si256(c0, low8),
+                        _mm256_srli_epi16::<8>(c0),
+                        _mm256_and_si256(c1, low8),
+                        _mm256_srli_epi16::<8>(c1),
+                    ]
+                };
                 for (r, sr) in s.iter_mut().enumerate() {
                     for (i, h) in halves.iter().enumerate() {
                         let p = _mm256_madd_epi16(*h, x(r, 4 * m + i));
@@ -368,8 +397,10 @@ mod avx2 {
         }
         for r in 0..N {
             let mut sums = _mm256_add_epi32(s[r][0], s[r][1]);
-            if Q4 {
-                let c = _mm256_loadu_si256(xs[r].sum8.as_ptr().add(g * 8) as *const __m256i);
+            if B < 8 {
+                // The unsigned codes' offset: 8·Σx for Q4, 16, 32 for Q5, Q6.
+                let c =
+                    super::super::quant::offset_of(xs[r].sum8.as_ptr().add(g * 8), B as u32 - 4);
                 sums = _mm256_sub_epi32(sums, c);
             }
             let dx = _mm256_loadu_ps(xs[r].d.as_ptr().add(g * 8));
@@ -380,13 +411,13 @@ mod avx2 {
     /// One stored row (whole groups, then possibly a partial one, read as the 8-bit kernel
     /// reads it: `quant::avx2::dot_n`) against N activation rows.
     #[inline(always)]
-    unsafe fn dot_n<const N: usize, const Q4: bool>(
+    unsafe fn dot_n<const N: usize, const B: usize>(
         qs: &[u8],
         d: &[f16],
         xs: &[&QActs16],
         out: &mut [f32],
     ) {
-        let group_bytes = if Q4 { 128 } else { 256 };
+        let group_bytes = 32 * B;
         let mut xp = [std::ptr::null::<i16>(); N];
         for r in 0..N {
             xp[r] = xs[r].qs.as_ptr();
@@ -398,13 +429,13 @@ mod avx2 {
             super::super::quant::prefetch_group(w, group_bytes);
             let dw = _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().add(g * 8) as *const __m128i));
             let load = |u: usize| _mm256_loadu_si256(w.add(32 * u) as *const __m256i);
-            add_group::<N, Q4>(g, load, dw, xs, &xp, &mut acc);
+            add_group::<N, B>(g, load, dw, xs, &xp, &mut acc);
         }
         let width = d.len() % 8;
         if width > 0 {
             let (w, mask, dw) = super::super::quant::partial_group(qs, d, group_bytes);
             let load = |u: usize| _mm256_maskload_epi32(w.add(width * u), mask);
-            add_group::<N, Q4>(groups, load, dw, xs, &xp, &mut acc);
+            add_group::<N, B>(groups, load, dw, xs, &xp, &mut acc);
         }
         for r in 0..N {
             let v = acc[r];
@@ -456,7 +487,7 @@ mod tests {
 
     #[test]
     fn kernels_match_the_scalar_reference_and_the_float_product() {
-        for t in [QType::Q8, QType::Q4] {
+        for t in QType::ALL {
             for cols in TAIL_WIDTHS {
                 let rows = 3;
                 let (nb, rb) = (t.row_bytes(cols) / t.block_bytes(), t.row_bytes(cols));
@@ -520,6 +551,8 @@ mod tests {
             (QType::Q8, 0x7F, 127),
             (QType::Q4, 0x00, -8),
             (QType::Q4, 0xFF, 7),
+            (QType::Q6, 0x00, -32),
+            (QType::Q6, 0xFF, 31),
         ] {
             let qs = vec![byte; row_blocks(cols) * t.block_bytes()];
             let d = vec![f16::ONE; cols / BLOCK];
