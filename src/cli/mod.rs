@@ -88,10 +88,10 @@ struct ModelArg {
     /// or a llama.cpp / ollama GGUF file (`*.gguf`).
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: String,
-    /// Quantize the weights at load: q8, q4 or q4-edge (4-bit, with down_proj and the
-    /// embeddings / LM head at 8 bits), or q4 keeping named classes at 8 bits, as
-    /// q4+qkv_proj+embed (see `phi4 quantize --help`). A checkpoint from `phi4 quantize` needs
-    /// no flag.
+    /// Quantize the weights at load: q8, q6, q5, q4 or q4-edge (4-bit, with down_proj and the
+    /// embeddings / LM head at 8 bits), or a format with named classes in another, as
+    /// q4+qkv_proj+embed or q5+qkv_proj:q6 (see `phi4 quantize --help`). A checkpoint from
+    /// `phi4 quantize` needs no flag.
     #[arg(long, value_parser = parse_recipe)]
     quant: Option<Recipe>,
     /// A LoRA adapter directory (`phi4 sft` checkpoint, PEFT or ms-swift), applied unmerged on

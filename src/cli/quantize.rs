@@ -8,9 +8,10 @@ pub(super) struct QuantizeArgs {
     /// Output directory (created; must not already hold a model.safetensors).
     #[arg(long)]
     out: PathBuf,
-    /// q8, q4, q4-edge (4-bit with down_proj and the embeddings / LM head at 8 bits), or q4
-    /// keeping the named classes at 8 bits, as q4+qkv_proj+embed (classes: qkv_proj, o_proj,
-    /// gate_up_proj, down_proj, embed; embed is the embeddings and the LM head).
+    /// q8, q6, q5, q4, q4-edge (4-bit with down_proj and the embeddings / LM head at 8 bits),
+    /// or a format with named classes in another, 8 bits unless given, as q4+qkv_proj+embed or
+    /// q5+qkv_proj:q6+embed:q6 (classes: qkv_proj, o_proj, gate_up_proj, down_proj, embed;
+    /// embed is the embeddings and the LM head).
     #[arg(long, value_parser = parse_recipe, default_value = "q4-edge")]
     recipe: Recipe,
     /// Calibration text (UTF-8): the float model runs over it first, and each 4-bit matrix's
@@ -26,9 +27,9 @@ pub(super) struct QuantizeArgs {
     #[arg(long, default_value_t = 32, requires = "calibration")]
     calibration_windows: usize,
     /// With --calibration, instead of --recipe: q4 with the classes that save the most KL per
-    /// byte kept at 8 bits, measured on the first calibration window (each class alone at 8
-    /// bits against the float model), within this many bits per weight of the quantized
-    /// matrices (q4 is 4.5, q8 8.5, plus any row padding).
+    /// byte moved to q5, q6 or q8, measured on the first calibration window (each class alone
+    /// in each format against the float model), within this many bits per weight of the
+    /// quantized matrices (q4 is 4.5, q5 5.5, q6 6.5, q8 8.5).
     #[arg(
         long,
         value_name = "BITS",

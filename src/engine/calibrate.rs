@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use super::Engine;
 use crate::kernels::quant::QType;
 use crate::model::linear::Linear;
-use crate::model::quantize::{Importance, Recipe, CLASSES};
+use crate::model::quantize::{Importance, Mix, Recipe, CLASSES};
 use crate::model::{BatchItem, Logits, Phi3ForCausalLM};
 use crate::weights::Tensor;
 
@@ -60,11 +60,12 @@ impl Engine {
     }
 }
 
-/// What [`Engine::choose_mix`] measured of one class kept at 8 bits inside q4.
+/// What [`Engine::choose_mix`] measured of one class in one wider format inside q4.
 #[derive(Debug, Clone)]
 pub struct ClassGain {
     pub class: &'static str,
-    /// Mean KL against the float model on the window with this class alone at 8 bits.
+    pub format: QType,
+    /// Mean KL against the float model on the window with this class alone in `format`.
     pub kl: f64,
     /// Bytes it adds to q4.
     pub extra_bytes: usize,
@@ -83,16 +84,42 @@ pub struct MixChoice {
     pub classes: Vec<ClassGain>,
 }
 
-/// One matrix at both widths: `[q4, q8]`.
-type Widths<T> = [T; 2];
+/// The formats a class can take in a mix, q4 (the base) first.
+const FORMATS: [QType; 4] = [QType::Q4, QType::Q5, QType::Q6, QType::Q8];
+
+/// One matrix in every format of [`FORMATS`].
+type Widths<T> = [T; FORMATS.len()];
+
+/// The recipe that gives class `c` the format `FORMATS[pick[c]]`, by its shortest name: one
+/// format everywhere is that format's recipe; otherwise the narrowest format used is the base.
+fn recipe_of(pick: [usize; CLASSES.len()]) -> Recipe {
+    let base = *pick.iter().min().expect("classes");
+    if pick.iter().all(|&p| p == base) {
+        return match FORMATS[base] {
+            QType::Q4 => Recipe::Q4,
+            QType::Q5 => Recipe::Q5,
+            QType::Q6 => Recipe::Q6,
+            QType::Q8 => Recipe::Q8,
+        };
+    }
+    let mix = Mix {
+        base: FORMATS[base],
+        classes: pick.map(|p| (p != base).then_some(FORMATS[p])),
+    };
+    // Through the parser, so that a mix with a name of its own (q4-edge) gets it.
+    Recipe::parse(&Recipe::Mix(mix).name()).expect("a mix names a valid recipe")
+}
 
 impl Engine {
-    /// Quantizes the (float) model as q4 keeping at 8 bits the classes of [`CLASSES`] that buy
-    /// the most accuracy per byte, measured: each class alone at 8 bits is scored by its mean
-    /// KL against the float model over the scored half of `window`, and classes are added in
-    /// order of KL saved per extra byte while the quantized matrices stay within `max_bits` per
-    /// weight. Scales are weighted by `imp` (from [`Engine::calibrate`]). Each matrix is
-    /// quantized once per width, and the candidates are put together from those.
+    /// Quantizes the (float) model as q4 with the classes of [`CLASSES`] in the wider formats
+    /// (q5, q6, q8) that buy the most accuracy per byte, measured: each class alone in each
+    /// wider format is scored by its mean KL against the float model over the scored half of
+    /// `window`; then, starting from q4, the step (one class to a wider format) that saves the
+    /// most KL per extra byte, the savings of classes taken as adding up, is taken while the
+    /// quantized matrices stay within `max_bits` per weight. Scales are weighted by `imp` (from
+    /// [`Engine::calibrate`]). Each matrix is quantized once per format (its float weights
+    /// released as it is done, so the peak holds ~25 bits a weight), and the candidates are put
+    /// together from those.
     pub fn choose_mix(
         &mut self,
         window: &[u32],
@@ -101,43 +128,47 @@ impl Engine {
         progress: &dyn Fn(&str),
     ) -> Result<MixChoice> {
         let base = self.window_logprobs(window)?;
-        let m = &self.model;
         let at = |name: &str| imp.get(name).map(Vec::as_slice);
-        let both = |lin: &Linear, name: &str| -> Result<Widths<Linear>> {
-            Ok([
-                lin.quantize_weighted(QType::Q4, at(name))?,
-                lin.quantize_weighted(QType::Q8, at(name))?,
-            ])
+        let every = |lin: &Linear, name: &str| -> Result<Widths<Linear>> {
+            let mut out = Vec::with_capacity(FORMATS.len());
+            for t in FORMATS {
+                out.push(lin.quantize_weighted(t, at(name))?);
+            }
+            Ok(out.try_into().map_err(|_| ()).expect("one per format"))
         };
-        progress("quantizing every matrix at 4 and 8 bits");
+        progress("quantizing every matrix at 4, 5, 6 and 8 bits");
+        let tied = self.model.config.tie_word_embeddings;
         let mut layers: Vec<Vec<Widths<Linear>>> = Vec::new();
-        for (l, layer) in m.model.layers.iter().enumerate() {
+        for (l, layer) in self.model.model.layers.iter_mut().enumerate() {
             let mut lins = Vec::new();
-            for (name, lin) in layer.linears() {
-                lins.push(both(lin, &format!("model.layers.{l}.{name}.weight"))?);
+            for (name, lin) in layer.linears_mut() {
+                let w = every(lin, &format!("model.layers.{l}.{name}.weight"))?;
+                // The float matrix goes now: the peak is the formats, not them and the floats.
+                *lin = w[0].clone();
+                lins.push(w);
             }
             layers.push(lins);
         }
-        let tied = m.config.tie_word_embeddings;
         let embed_imp = if tied { at("lm_head.weight") } else { None };
-        let embed: Widths<Tensor> = [
-            m.model
-                .embed_tokens
-                .quantize_weighted(QType::Q4, embed_imp)?,
-            m.model
-                .embed_tokens
-                .quantize_weighted(QType::Q8, embed_imp)?,
-        ];
-        let head: Widths<Linear> = if tied {
-            [
-                Linear::new(embed[0].clone())?,
-                Linear::new(embed[1].clone())?,
-            ]
-        } else {
-            both(&m.lm_head, "lm_head.weight")?
+        let embed: Widths<Tensor> = {
+            let e = &self.model.model.embed_tokens;
+            let mut out = Vec::with_capacity(FORMATS.len());
+            for t in FORMATS {
+                out.push(e.quantize_weighted(t, embed_imp)?);
+            }
+            out.try_into().map_err(|_| ()).expect("one per format")
         };
-        // Bytes per class at each width, and the weights they hold.
-        let mut bytes = [[0usize; 2]; CLASSES.len()];
+        let head: Widths<Linear> = if tied {
+            let mut out = Vec::with_capacity(FORMATS.len());
+            for e in &embed {
+                out.push(Linear::new(e.clone())?);
+            }
+            out.try_into().map_err(|_| ()).expect("one per format")
+        } else {
+            every(&self.model.lm_head, "lm_head.weight")?
+        };
+        // Bytes per class in each format, and the weights they hold.
+        let mut bytes = [[0usize; FORMATS.len()]; CLASSES.len()];
         let mut weights = 0usize;
         for lins in &layers {
             for (c, w) in lins.iter().enumerate() {
@@ -158,21 +189,19 @@ impl Engine {
             }
             weights += head[0].in_features * head[0].out_features;
         }
-        let bits = |mask: u8| -> f64 {
-            let b: usize = (0..CLASSES.len())
-                .map(|c| bytes[c][usize::from(mask & (1 << c) != 0)])
-                .sum();
+        type Pick = [usize; CLASSES.len()];
+        let bits = |pick: Pick| -> f64 {
+            let b: usize = (0..CLASSES.len()).map(|c| bytes[c][pick[c]]).sum();
             8.0 * b as f64 / weights as f64
         };
-        let set = |model: &mut Phi3ForCausalLM, mask: u8| {
-            let pick = |c: usize| usize::from(mask & (1 << c) != 0);
+        let set = |model: &mut Phi3ForCausalLM, pick: Pick| {
             for (layer, lins) in model.model.layers.iter_mut().zip(&layers) {
                 for (c, ((_, lin), w)) in layer.linears_mut().into_iter().zip(lins).enumerate() {
-                    *lin = w[pick(c)].clone();
+                    *lin = w[pick[c]].clone();
                 }
             }
-            model.model.embed_tokens = embed[pick(e)].clone();
-            model.lm_head = head[pick(e)].clone();
+            model.model.embed_tokens = embed[pick[e]].clone();
+            model.lm_head = head[pick[e]].clone();
         };
         let kl_of = |engine: &Engine| -> Result<f64> {
             let cur = engine.window_logprobs(window)?;
@@ -182,53 +211,67 @@ impl Engine {
             Ok(total / base.rows as f64)
         };
         let acts = self.model.quant_acts();
-        let measure = |engine: &mut Engine, mask: u8| -> Result<f64> {
-            set(&mut engine.model, mask);
+        let measure = |engine: &mut Engine, pick: Pick| -> Result<f64> {
+            set(&mut engine.model, pick);
             engine.model.set_quant_acts(acts);
             kl_of(engine)
         };
-        let q4_kl = measure(self, 0)?;
+        let q4 = [0; CLASSES.len()];
+        let q4_kl = measure(self, q4)?;
         progress(&format!(
             "q4: mean KL {q4_kl:.5}, {:.2} bits/weight",
-            bits(0)
+            bits(q4)
         ));
+        // kl[c][f]: class c alone in FORMATS[f] (f = 0: plain q4).
+        let mut kl = [[q4_kl; FORMATS.len()]; CLASSES.len()];
         let mut classes = Vec::new();
         for (c, name) in CLASSES.iter().enumerate() {
-            let kl = measure(self, 1 << c)?;
-            let extra_bytes = bytes[c][1] - bytes[c][0];
-            progress(&format!(
-                "q4+{name}: mean KL {kl:.5}, {:.2} bits/weight",
-                bits(1 << c)
-            ));
-            classes.push(ClassGain {
-                class: name,
-                kl,
-                extra_bytes,
-            });
-        }
-        let mut order: Vec<usize> = (0..CLASSES.len())
-            .filter(|&c| classes[c].kl < q4_kl)
-            .collect();
-        let per_byte = |c: usize| (q4_kl - classes[c].kl) / classes[c].extra_bytes.max(1) as f64;
-        order.sort_by(|&a, &b| per_byte(b).total_cmp(&per_byte(a)));
-        let mut mask = 0u8;
-        for c in order {
-            if bits(mask | 1 << c) <= max_bits {
-                mask |= 1 << c;
+            for (f, t) in FORMATS.iter().enumerate().skip(1) {
+                let mut pick = q4;
+                pick[c] = f;
+                kl[c][f] = measure(self, pick)?;
+                progress(&format!(
+                    "q4+{name}:{}: mean KL {:.5}, {:.2} bits/weight",
+                    t.name(),
+                    kl[c][f],
+                    bits(pick)
+                ));
+                classes.push(ClassGain {
+                    class: name,
+                    format: *t,
+                    kl: kl[c][f],
+                    extra_bytes: bytes[c][f] - bytes[c][0],
+                });
             }
         }
-        let kl = measure(self, mask)?;
-        let recipe = if mask == 0 {
-            Recipe::Q4
-        } else {
-            Recipe::Mix(mask)
-        };
+        let mut pick = q4;
+        loop {
+            // The step that saves the most (measured) KL per extra byte and fits the budget.
+            let mut best: Option<(f64, usize, usize)> = None;
+            for c in 0..CLASSES.len() {
+                for f in pick[c] + 1..FORMATS.len() {
+                    let mut next = pick;
+                    next[c] = f;
+                    let saved = kl[c][pick[c]] - kl[c][f];
+                    if saved <= 0.0 || bits(next) > max_bits {
+                        continue;
+                    }
+                    let per_byte = saved / (bytes[c][f] - bytes[c][pick[c]]).max(1) as f64;
+                    if best.is_none_or(|(b, _, _)| per_byte > b) {
+                        best = Some((per_byte, c, f));
+                    }
+                }
+            }
+            let Some((_, c, f)) = best else { break };
+            pick[c] = f;
+        }
+        let kl = measure(self, pick)?;
         Ok(MixChoice {
-            recipe,
+            recipe: recipe_of(pick),
             q4_kl,
             kl,
-            q4_bits: bits(0),
-            bits: bits(mask),
+            q4_bits: bits(q4),
+            bits: bits(pick),
             classes,
         })
     }

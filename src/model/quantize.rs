@@ -27,27 +27,43 @@ pub const RECIPE_KEY: &str = "phi4.recipe";
 pub enum Recipe {
     /// Every matrix at 8 bits.
     Q8,
+    /// Every matrix at 6 bits (Q4's nibbles and two more bits), embeddings / LM head included.
+    Q6,
+    /// Every matrix at 5 bits.
+    Q5,
     /// Every matrix at 4 bits, embeddings / LM head included.
     Q4,
     /// 4 bits, except `down_proj` and the embeddings / LM head at 8 bits: Phi-4-mini degrades
     /// under uniform 4-bit, most where errors are not averaged away (the MLP output, the logits).
     Q4Edge,
-    /// 4 bits, except the classes of [`CLASSES`] whose bit is set (bit `i` = `CLASSES[i]`) at
-    /// 8 bits: `q4+qkv_proj+embed` on the command line.
-    Mix(u8),
+    /// One format for every matrix but the classes given another: `q4+qkv_proj+embed` (the
+    /// classes at 8 bits), `q5+qkv_proj:q6+embed:q8` on the command line.
+    Mix(Mix),
 }
 
-/// The classes of weight matrices a [`Recipe::Mix`] can keep at 8 bits: the four projections
-/// of every layer by name, and `embed` for the embeddings and the LM head (one matrix when
-/// tied). Measured on SmolLM2-135M (BENCHMARKS.md, issue 25), each alone at 8 bits inside q4:
-/// qkv_proj helps most per byte (with grouped-query attention it is the smallest), then the
-/// embeddings, down_proj, gate_up_proj; o_proj least.
+/// A [`Recipe::Mix`]: the base format, and per class of [`CLASSES`] (by index) its own format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mix {
+    pub base: QType,
+    pub classes: [Option<QType>; CLASSES.len()],
+}
+
+impl Mix {
+    /// `base` with the classes whose bit is set in `mask` (bit `i` = `CLASSES[i]`) at `to`.
+    pub fn with(base: QType, mask: u8, to: QType) -> Mix {
+        Mix {
+            base,
+            classes: std::array::from_fn(|i| (mask & (1 << i) != 0).then_some(to)),
+        }
+    }
+}
+
+/// The classes of weight matrices a [`Recipe::Mix`] can give their own format: the four
+/// projections of every layer by name, and `embed` for the embeddings and the LM head (one
+/// matrix when tied). Measured on SmolLM2-135M (BENCHMARKS.md, issue 25), each alone at 8 bits
+/// inside q4: qkv_proj helps most per byte (with grouped-query attention it is the smallest),
+/// then the embeddings, down_proj, gate_up_proj; o_proj least.
 pub const CLASSES: [&str; 5] = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "embed"];
-
-/// Bit of `class` in a [`Recipe::Mix`].
-fn class_bit(class: &str) -> Option<u8> {
-    CLASSES.iter().position(|c| *c == class).map(|i| 1 << i)
-}
 
 /// Whether the weight `name` (a Hugging Face tensor name) is of `class`.
 fn is_class(name: &str, class: &str) -> bool {
@@ -58,19 +74,38 @@ fn is_class(name: &str, class: &str) -> bool {
 }
 
 impl Recipe {
-    pub const ALL: [Recipe; 3] = [Recipe::Q8, Recipe::Q4, Recipe::Q4Edge];
+    /// The named recipes (a mix is named by its parts).
+    pub const ALL: [Recipe; 5] = [
+        Recipe::Q8,
+        Recipe::Q6,
+        Recipe::Q5,
+        Recipe::Q4,
+        Recipe::Q4Edge,
+    ];
+
+    /// q4-edge as a mix.
+    const EDGE: Mix = Mix {
+        base: QType::Q4,
+        classes: [None, None, None, Some(QType::Q8), Some(QType::Q8)],
+    };
 
     pub fn name(self) -> std::borrow::Cow<'static, str> {
         match self {
             Recipe::Q8 => "q8".into(),
+            Recipe::Q6 => "q6".into(),
+            Recipe::Q5 => "q5".into(),
             Recipe::Q4 => "q4".into(),
             Recipe::Q4Edge => "q4-edge".into(),
-            Recipe::Mix(mask) => {
-                let mut s = String::from("q4");
-                for (i, c) in CLASSES.iter().enumerate() {
-                    if mask & (1 << i) != 0 {
+            Recipe::Mix(mix) => {
+                let mut s = String::from(mix.base.name());
+                for (c, t) in CLASSES.iter().zip(mix.classes) {
+                    if let Some(t) = t {
                         s += "+";
                         s += c;
+                        if t != QType::Q8 {
+                            s += ":";
+                            s += t.name();
+                        }
                     }
                 }
                 s.into()
@@ -83,47 +118,68 @@ impl Recipe {
             return Ok(r);
         }
         let mut parts = s.split('+');
-        if parts.next() != Some("q4") || !s.contains('+') {
+        let base = parts.next().and_then(QType::parse);
+        let Some(base) = base.filter(|_| s.contains('+')) else {
             anyhow::bail!(
-                "unknown quantization recipe {s:?}; choose q8, q4, q4-edge, or q4 with classes kept at 8 bits, as q4+qkv_proj+embed (classes: {})",
+                "unknown quantization recipe {s:?}; choose q8, q6, q5, q4, q4-edge, or a format with classes in another (8 bits unless named), as q4+qkv_proj+embed or q5+qkv_proj:q6 (classes: {}; formats: q4, q5, q6, q8)",
                 CLASSES.join(", ")
             );
-        }
-        let mut mask = 0;
-        for class in parts {
-            let bit = class_bit(class).with_context(|| {
+        };
+        let mut classes = [None; CLASSES.len()];
+        for part in parts {
+            let (class, t) = match part.split_once(':') {
+                Some((class, t)) => (
+                    class,
+                    QType::parse(t).with_context(|| {
+                        format!(
+                            "unknown format {t:?} in recipe {s:?}; the formats are q4, q5, q6, q8"
+                        )
+                    })?,
+                ),
+                None => (part, QType::Q8),
+            };
+            let i = CLASSES.iter().position(|c| *c == class).with_context(|| {
                 format!(
                     "unknown class {class:?} in recipe {s:?}; the classes are {}",
                     CLASSES.join(", ")
                 )
             })?;
-            if mask & bit != 0 {
+            if classes[i].is_some() {
                 anyhow::bail!("class {class:?} named twice in recipe {s:?}");
             }
-            mask |= bit;
+            if t == base {
+                anyhow::bail!(
+                    "class {class:?} is given the base format {} in recipe {s:?}",
+                    t.name()
+                );
+            }
+            classes[i] = Some(t);
         }
-        Ok(Recipe::Mix(mask))
+        let mix = Mix { base, classes };
+        // A mix that is a named recipe goes by that name.
+        Ok(if mix == Recipe::EDGE {
+            Recipe::Q4Edge
+        } else {
+            Recipe::Mix(mix)
+        })
     }
 
     /// The format for the weight matrix `name` (a Hugging Face tensor name).
     pub fn qtype(self, name: &str) -> QType {
-        let eight_bit = |mask: u8| {
-            CLASSES
-                .iter()
-                .enumerate()
-                .any(|(i, c)| mask & (1 << i) != 0 && is_class(name, c))
+        let mix = match self {
+            Recipe::Q8 => return QType::Q8,
+            Recipe::Q6 => return QType::Q6,
+            Recipe::Q5 => return QType::Q5,
+            Recipe::Q4 => return QType::Q4,
+            Recipe::Q4Edge => Recipe::EDGE,
+            Recipe::Mix(mix) => mix,
         };
-        match self {
-            Recipe::Q8 => QType::Q8,
-            Recipe::Q4 => QType::Q4,
-            Recipe::Q4Edge if eight_bit(Recipe::EDGE) => QType::Q8,
-            Recipe::Mix(mask) if eight_bit(mask) => QType::Q8,
-            Recipe::Q4Edge | Recipe::Mix(_) => QType::Q4,
-        }
+        CLASSES
+            .iter()
+            .zip(mix.classes)
+            .find_map(|(c, t)| t.filter(|_| is_class(name, c)))
+            .unwrap_or(mix.base)
     }
-
-    /// The classes q4-edge keeps at 8 bits.
-    const EDGE: u8 = 1 << 3 | 1 << 4;
 }
 
 /// Writes `model` as `dir/model.safetensors`: quantized matrices as described in
@@ -249,6 +305,7 @@ mod tests {
             assert_eq!(Recipe::parse(&r.name()).unwrap(), r);
         }
         let m = Recipe::parse("q4+qkv_proj+embed").unwrap();
+        assert_eq!(m, Recipe::Mix(Mix::with(QType::Q4, 1 | 1 << 4, QType::Q8)));
         assert_eq!(m.name(), "q4+qkv_proj+embed");
         assert_eq!(Recipe::parse("q4+embed+qkv_proj").unwrap(), m);
         let q = |r: Recipe, n: &str| r.qtype(n);
@@ -261,6 +318,13 @@ mod tests {
         assert_eq!(q(m, "model.embed_tokens.weight"), QType::Q8);
         // q4-edge is q4+down_proj+embed under its own name.
         let edge = Recipe::parse("q4+down_proj+embed").unwrap();
+        assert_eq!(edge, Recipe::Q4Edge);
+        let six = Recipe::parse("q5+qkv_proj:q6+embed").unwrap();
+        assert_eq!(six.name(), "q5+qkv_proj:q6+embed");
+        assert_eq!(q(six, qkv), QType::Q6);
+        assert_eq!(q(six, down), QType::Q5);
+        assert_eq!(q(six, "lm_head.weight"), QType::Q8);
+        assert_eq!(q(Recipe::Q6, down), QType::Q6);
         for n in [
             qkv,
             down,
@@ -270,10 +334,12 @@ mod tests {
             assert_eq!(q(edge, n), q(Recipe::Q4Edge, n), "{n}");
         }
         for (bad, needle) in [
-            ("q5", "unknown quantization recipe"),
+            ("q3", "unknown quantization recipe"),
+            ("q5-edge", "unknown quantization recipe"),
             ("q4+", "unknown class \"\""),
             ("q4+mlp", "unknown class \"mlp\""),
-            ("q8+embed", "unknown quantization recipe"),
+            ("q4+embed:q7", "unknown format \"q7\""),
+            ("q6+embed:q6", "base format"),
             ("q4+embed+embed", "named twice"),
         ] {
             let e = Recipe::parse(bad).unwrap_err().to_string();
