@@ -29,7 +29,8 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PHI4 = ROOT / "target" / "release" / "phi4"
 LLAMA_TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"]
-PHI4_RECIPES = ["q8", "q4-edge", "q4"]
+PHI4_RECIPES = ["q8", "q6", "q5", "q4-edge", "q4", "q5+qkv_proj:q6+down_proj:q6+embed:q6",
+                "q6+qkv_proj+down_proj+embed"]
 
 
 def log_softmax(x):

@@ -1,6 +1,6 @@
-//! Block-quantized weights (8-bit and 4-bit, 32 values per block, one f16 scale each) and the
-//! integer dot products that read them against 8-bit activations, as llama.cpp does for Q8_0 /
-//! Q4_0, with a layout chosen for AVX2.
+//! Block-quantized weights (8, 6, 5 and 4 bits, 32 values per block, one f16 scale each) and
+//! the integer dot products that read them against 8-bit activations, as llama.cpp does for
+//! Q8_0 / Q4_0, with a layout chosen for AVX2.
 //!
 //! Layout of one quantized row (`cols` padded with zeros to whole blocks), a group of eight blocks
 //! (256 values) at a time:
@@ -13,20 +13,27 @@
 //!   previous layout paired blocks and needed three horizontal adds per group and row; this one
 //!   made the 4-row kernel, one core, L2-resident weights, 42 % faster for Q4 and 55 % for Q8 with
 //!   VNNI, 13 % / 43 % with AVX2, and a 384-token q4 prefill 22 % faster.)
+//! - Q5 / Q6 are Q4's four words (the codes' low nibbles) followed by `h = 1` / `2` words of
+//!   high bits (160 / 192 bytes): chunk `c`'s high bits sit in word `4 + c / (8 / h)` at bit
+//!   `h·(c mod 8 / h)` of the byte at the same place as its nibble ([`high_pos`]), so a kernel
+//!   rebuilds a chunk's codes with a shift, a mask and an OR per 32 bytes and then multiplies as
+//!   for Q4 (the codes stay below 64, so `maddubs` pairs fit 16 bits). They fill the gap
+//!   between Q4 and Q8 where llama.cpp's Q4_K_M / Q6_K sit (issue 25).
 //! - scales: one f16 per block, in block order.
 //! - a row's last group may hold fewer than eight blocks (`w`): it is laid out the same with
-//!   chunks (Q8) and words (Q4) of `4w` bytes instead of 32 ([`row_pos`]), so a row takes
-//!   `cols / 32` blocks' bytes and no more (576-wide rows padded to 768 made SmolLM2's q4 file a
-//!   third larger). The AVX2 kernels read such a group in place with masked loads (decode);
-//!   batches (once per chunk of rows, in `matmul`), VNNI's tiles and panels, and NEON get rows
-//!   widened to whole groups by [`pad_rows`] first. Rows whose width is a multiple of 256, every
-//!   Phi-4-mini matrix, are whole groups already.
+//!   32-byte units (Q8 chunks, Q4 / Q5 / Q6 words) of `4w` bytes instead of 32 ([`row_pos`]), so
+//!   a row takes `cols / 32` blocks' bytes and no more (576-wide rows padded to 768 made
+//!   SmolLM2's q4 file a third larger). The AVX2 kernels read such a group in place with masked
+//!   loads (decode); batches (once per chunk of rows, in `matmul`), VNNI's tiles and panels, and
+//!   NEON get rows widened to whole groups by [`pad_rows`] first. Rows whose width is a multiple
+//!   of 256, every Phi-4-mini matrix, are whole groups already.
 //!
-//! Q8 values are `round(w / d)` with `d = max|w| / 127`; Q4 values are unsigned nibbles `q` with
-//! `w ≈ (q - 8)·d`, `d = m / -8` where `m` is the element of largest magnitude (as ggml's Q4_0).
+//! Q8 values are `round(w / d)` with `d = max|w| / 127`; the low-bit formats store unsigned codes
+//! `q` with `w ≈ (q - H)·d` (`H` = 8, 16, 32 for Q4, Q5, Q6), Q4's `d = m / -8` where `m` is the
+//! element of largest magnitude (as ggml's Q4_0) among a few candidates (`low_bit_scale`).
 //! Activations are quantized per block to i8 with an f32 scale `max|x| / 127`, laid out like Q8
-//! weights, with each block's value sum kept so that kernels multiplying unsigned weights (Q4
-//! nibbles; with VNNI, Q8 values plus 128) can subtract `8·Σx` or `128·Σx` once per block.
+//! weights, with each block's value sum kept so that kernels multiplying unsigned weights (the
+//! low-bit codes; with VNNI, Q8 values plus 128) can subtract `H·Σx` or `128·Σx` once per block.
 
 use half::f16;
 

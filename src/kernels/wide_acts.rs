@@ -12,11 +12,11 @@
 //! Read as sixteen 16-bit lanes, a 32-byte chunk of Q8 codes ([`super::quant::pos8`]: bytes
 //! `4b..4b+4` belong to block `b`) gives its even bytes by a shift left and right, its odd
 //! bytes by one arithmetic shift right; a 32-byte word of Q4 nibbles gives four such halves by
-//! shifts and masks. So activations are stored chunk by chunk as the values at even positions,
+//! shifts and masks (Q5 / Q6 first rebuild their two chunks' codes, `quant::low_bit_pair`). So activations are stored chunk by chunk as the values at even positions,
 //! then those at odd positions ([`pos16`]): each multiply then pairs positions `4b` and `4b+2`
 //! (or `4b+1` and `4b+3`), both of block `b`, and every block's sum lands in its own 32-bit
-//! lane, with no lane crossing. Q4 nibbles are multiplied unsigned; `8·Σx` per block comes off
-//! afterwards. The integer sums are exact (a lane takes at most 32 · 128 · 32767 < 2^31), so the
+//! lane, with no lane crossing. Q4 / Q5 / Q6 codes are multiplied unsigned; `8·Σx` (`16·`,
+//! `32·`) per block comes off afterwards. The integer sums are exact (a lane takes at most 32 · 128 · 32767 < 2^31), so the
 //! only roundings are the weights', the activations' 2^-15 and the f32 sums of the block sums.
 //!
 //! Kernels: the scalar reference, AVX2 (which AVX-512 machines run too: `vpdpwssd` would fuse
