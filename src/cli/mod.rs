@@ -161,11 +161,11 @@ struct ModelOptions {
     /// the prefill speed on AVX-512 BF16, an error of up to 2^-8 per activation.
     #[arg(long, value_parser = Bf16Acts::parse, default_value = "f32")]
     bf16_acts: Bf16Acts,
-    /// With 8- or 4-bit weights: auto rounds activations to 16 bits where that costs no speed
+    /// With quantized weights: auto rounds activations to 16 bits where that costs no speed
     /// (8-bit weights in decode and batches of up to 4 rows, whose pace the weights' memory
-    /// traffic sets) and to 8 bits elsewhere (prefill, 4-bit weights); i8 rounds them to 8 bits
-    /// everywhere (llama.cpp's Q8_0 / Q4_0 products: q8 loses 3x more to its reference); i16
-    /// to 16 bits everywhere (a prefill rounds as decode does, more slowly).
+    /// traffic sets) and to 8 bits elsewhere (prefill, 4- to 6-bit weights); i8 rounds them to
+    /// 8 bits everywhere (llama.cpp's Q8_0 / Q4_0 products: q8 loses 3x more to its
+    /// reference); i16 to 16 bits everywhere (a prefill rounds as decode does, more slowly).
     #[arg(long, value_parser = QuantActs::parse, default_value = "auto")]
     quant_acts: QuantActs,
 }
