@@ -90,6 +90,17 @@ const FORMATS: [QType; 4] = [QType::Q4, QType::Q5, QType::Q6, QType::Q8];
 /// One matrix in every format of [`FORMATS`].
 type Widths<T> = [T; FORMATS.len()];
 
+/// `f(i, FORMATS[i])` for each format, in order.
+fn per_format<T>(mut f: impl FnMut(usize, QType) -> Result<T>) -> Result<Widths<T>> {
+    let mut out = Vec::with_capacity(FORMATS.len());
+    for (i, t) in FORMATS.into_iter().enumerate() {
+        out.push(f(i, t)?);
+    }
+    Ok(out
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("one per format")))
+}
+
 /// The recipe that gives class `c` the format `FORMATS[pick[c]]`, by its shortest name: one
 /// format everywhere is that format's recipe; otherwise the narrowest format used is the base.
 fn recipe_of(pick: [usize; CLASSES.len()]) -> Recipe {
@@ -130,11 +141,7 @@ impl Engine {
         let base = self.window_logprobs(window)?;
         let at = |name: &str| imp.get(name).map(Vec::as_slice);
         let every = |lin: &Linear, name: &str| -> Result<Widths<Linear>> {
-            let mut out = Vec::with_capacity(FORMATS.len());
-            for t in FORMATS {
-                out.push(lin.quantize_weighted(t, at(name))?);
-            }
-            Ok(out.try_into().map_err(|_| ()).expect("one per format"))
+            per_format(|_, t| lin.quantize_weighted(t, at(name)))
         };
         progress("quantizing every matrix at 4, 5, 6 and 8 bits");
         let tied = self.model.config.tie_word_embeddings;
@@ -150,20 +157,14 @@ impl Engine {
             layers.push(lins);
         }
         let embed_imp = if tied { at("lm_head.weight") } else { None };
-        let embed: Widths<Tensor> = {
-            let e = &self.model.model.embed_tokens;
-            let mut out = Vec::with_capacity(FORMATS.len());
-            for t in FORMATS {
-                out.push(e.quantize_weighted(t, embed_imp)?);
-            }
-            out.try_into().map_err(|_| ()).expect("one per format")
-        };
+        let embed: Widths<Tensor> = per_format(|_, t| {
+            self.model
+                .model
+                .embed_tokens
+                .quantize_weighted(t, embed_imp)
+        })?;
         let head: Widths<Linear> = if tied {
-            let mut out = Vec::with_capacity(FORMATS.len());
-            for e in &embed {
-                out.push(Linear::new(e.clone())?);
-            }
-            out.try_into().map_err(|_| ()).expect("one per format")
+            per_format(|i, _| Linear::new(embed[i].clone()))?
         } else {
             every(&self.model.lm_head, "lm_head.weight")?
         };
