@@ -323,9 +323,11 @@ fn quantize_row_generic(t: QType, w: &[f32], imp: Option<&[f32]>, qs: &mut [u8],
                 out[m * unit + k] = q[64 * m + k] & 15 | (q[64 * m + 32 + k] & 15) << 4;
             }
         }
-        // Q5 / Q6: chunk c's high bits in word 4 + c / per at bit h·(c mod per).
+        // Q5 / Q6: chunk c's high bits in word 4 + c / per at bit h·(c mod per), OR-ed into
+        // words cleared first (the caller's buffer may hold anything).
         let h = t.bits() - 4;
         let per = 8 / h.max(1);
+        out[4 * unit..(4 + h) * unit].fill(0);
         for c in 0..8 * usize::from(h > 0) {
             let (word, shift) = (4 + c / per, h * (c % per));
             for k in 0..unit {
@@ -1356,6 +1358,21 @@ pub(crate) mod tests {
         let mut d = vec![f16::ZERO; row_blocks(w.len())];
         quantize_row(t, w, &mut qs, &mut d);
         (qs, d)
+    }
+
+    /// What a row quantizes to does not depend on what its buffers held before.
+    #[test]
+    fn quantizing_overwrites_every_byte_of_the_row() {
+        for t in QType::ALL {
+            for cols in [64, 288, 3072] {
+                let w = data(cols, 5);
+                let (want_q, want_d) = quantized(t, &w);
+                let mut qs = vec![0xA5u8; t.row_bytes(cols)];
+                let mut d = vec![f16::from_f32(3.0); row_blocks(cols)];
+                quantize_row(t, &w, &mut qs, &mut d);
+                assert_eq!((qs, d), (want_q, want_d), "{t:?} {cols}");
+            }
+        }
     }
 
     /// `w` quantized and widened to whole groups.
