@@ -704,7 +704,8 @@ fn quantize_with_calibration_records_it_and_refuses_bad_input() {
     );
     assert!(r.status.success(), "{}", stderr(&r));
 
-    // A mix chosen by measurement within a budget: q4 or a q4+… mix, recorded as such.
+    // A mix chosen by measurement within a budget: a recipe (one format, or a mix of them),
+    // recorded as such.
     let auto = out("auto");
     let r = phi4(
         &[
@@ -732,8 +733,10 @@ fn quantize_with_calibration_records_it_and_refuses_bad_input() {
         .as_str()
         .unwrap()
         .to_string();
-    assert!(chosen.starts_with("q4"), "{chosen}");
+    let recipe = phi4::model::Recipe::parse(&chosen).unwrap();
+    assert_eq!(recipe.name(), chosen);
     assert!(log.contains(&format!("chose {chosen}: mean KL")), "{log}");
+    assert!(log.contains("predicted mean KL"), "{log}");
 
     // A mix: 4-bit but the classes named after `q4+`, recorded in the metadata.
     let mix = out("mix");

@@ -60,15 +60,17 @@ impl Engine {
     }
 }
 
-/// What [`Engine::choose_mix`] measured of one class in one wider format inside q4.
+/// What [`Engine::choose_mix`] found of one class: its sensitivity, measured at 8 bits, and
+/// the rounding error of each format.
 #[derive(Debug, Clone)]
 pub struct ClassGain {
     pub class: &'static str,
-    pub format: QType,
-    /// Mean KL against the float model on the window with this class alone in `format`.
-    pub kl: f64,
-    /// Bytes it adds to q4.
-    pub extra_bytes: usize,
+    /// Mean KL against the float model on the window with this class alone at 8 bits.
+    pub q8_kl: f64,
+    /// Per format of [`FORMATS`]: the class's importance-weighted squared rounding error
+    /// (`Σ imp·(w − ŵ)²` over its matrices), and the bytes it takes.
+    pub error: Widths<f64>,
+    pub bytes: Widths<usize>,
 }
 
 /// The mix [`Engine::choose_mix`] settled on.
@@ -82,6 +84,38 @@ pub struct MixChoice {
     pub q4_bits: f64,
     pub bits: f64,
     pub classes: Vec<ClassGain>,
+}
+
+/// Candidate mixes measured at the end of [`Engine::choose_mix`]: the ones its model ranks
+/// best.
+const FINALISTS: usize = 3;
+
+/// `Σ imp_c·(w − ŵ)²` between a float matrix and its quantized copy (`imp` per column; 1 for
+/// every column without): the expected squared error the copy adds to the product's outputs
+/// when the activations are independent with mean squares `imp`.
+fn weighted_error(float: &Tensor, q: &Tensor, imp: Option<&[f32]>) -> f64 {
+    use rayon::prelude::*;
+    let [rows, cols] = float.shape[..] else {
+        return 0.0;
+    };
+    (0..rows)
+        .into_par_iter()
+        .map_init(
+            || (vec![0f32; cols], vec![0f32; cols]),
+            |(a, b), r| {
+                float.read_f32(r * cols, a);
+                q.read_f32(r * cols, b);
+                a.iter()
+                    .zip(b.iter())
+                    .enumerate()
+                    .map(|(c, (x, y))| {
+                        let e = (x - y) as f64;
+                        imp.map_or(1.0, |i| i[c] as f64) * e * e
+                    })
+                    .sum::<f64>()
+            },
+        )
+        .sum()
 }
 
 /// The formats a class can take in a mix, q4 (the base) first.
@@ -122,15 +156,19 @@ fn recipe_of(pick: [usize; CLASSES.len()]) -> Recipe {
 }
 
 impl Engine {
-    /// Quantizes the (float) model as q4 with the classes of [`CLASSES`] in the wider formats
-    /// (q5, q6, q8) that buy the most accuracy per byte, measured: each class alone in each
-    /// wider format is scored by its mean KL against the float model over the scored half of
-    /// `window`; then, starting from q4, the step (one class to a wider format) that saves the
-    /// most KL per extra byte, the savings of classes taken as adding up, is taken while the
-    /// quantized matrices stay within `max_bits` per weight. Scales are weighted by `imp` (from
-    /// [`Engine::calibrate`]). Each matrix is quantized once per format (its float weights
-    /// released as it is done, so the peak holds ~25 bits a weight), and the candidates are put
-    /// together from those.
+    /// Quantizes the (float) model with a format per class of [`CLASSES`] (q4, q5, q6 or q8)
+    /// for the least KL within `max_bits` per weight of the quantized matrices. A model of the
+    /// loss, measured: each class's sensitivity comes from scoring q4 and q4 with that class
+    /// alone at 8 bits (mean KL against the float model over the scored half of `window`), and
+    /// its rounding error in each format is computed (`Σ imp·(w − ŵ)²`, with the column
+    /// importances `imp` from [`Engine::calibrate`], which also weigh the scales); a class in
+    /// format f is predicted to save sensitivity × (error at q4 − error at f), and the savings
+    /// of classes to add up. Every assignment within the budget is ranked by that prediction,
+    /// and the best [`FINALISTS`] are scored; the least KL wins. (Scoring each class in every
+    /// format instead, then adding those up, chose worse: single-window differences of a few
+    /// thousandths between q5 and q6 are noise; the errors are not.) Each matrix is quantized
+    /// once per format (its float weights released as it is done, so the peak holds ~25 bits a
+    /// weight), and the candidates are put together from those.
     pub fn choose_mix(
         &mut self,
         window: &[u32],
@@ -140,33 +178,51 @@ impl Engine {
     ) -> Result<MixChoice> {
         let base = self.window_logprobs(window)?;
         let at = |name: &str| imp.get(name).map(Vec::as_slice);
-        let every = |lin: &Linear, name: &str| -> Result<Widths<Linear>> {
-            per_format(|_, t| lin.quantize_weighted(t, at(name)))
+        let e = CLASSES.len() - 1;
+        // Rounding error per class and format, accumulated as the matrices are quantized.
+        let mut error = [[0f64; FORMATS.len()]; CLASSES.len()];
+        let mut every = |lin: &Linear, name: &str, c: usize| -> Result<Widths<Linear>> {
+            let w = per_format(|_, t| lin.quantize_weighted(t, at(name)))?;
+            for (err, q) in error[c].iter_mut().zip(&w) {
+                *err += weighted_error(lin.weight(), q.weight(), at(name));
+            }
+            Ok(w)
         };
         progress("quantizing every matrix at 4, 5, 6 and 8 bits");
         let tied = self.model.config.tie_word_embeddings;
         let mut layers: Vec<Vec<Widths<Linear>>> = Vec::new();
         for (l, layer) in self.model.model.layers.iter_mut().enumerate() {
             let mut lins = Vec::new();
-            for (name, lin) in layer.linears_mut() {
-                let w = every(lin, &format!("model.layers.{l}.{name}.weight"))?;
+            for (c, (name, lin)) in layer.linears_mut().into_iter().enumerate() {
+                let w = every(lin, &format!("model.layers.{l}.{name}.weight"), c)?;
                 // The float matrix goes now: the peak is the formats, not them and the floats.
                 *lin = w[0].clone();
                 lins.push(w);
             }
             layers.push(lins);
         }
-        let embed_imp = if tied { at("lm_head.weight") } else { None };
-        let embed: Widths<Tensor> = per_format(|_, t| {
-            self.model
-                .model
-                .embed_tokens
-                .quantize_weighted(t, embed_imp)
-        })?;
         let head: Widths<Linear> = if tied {
-            per_format(|i, _| Linear::new(embed[i].clone()))?
+            // The embedding is the LM head: its error is that of the head's product.
+            let imp = at("lm_head.weight");
+            let table = &self.model.model.embed_tokens;
+            let w = per_format(|_, t| Linear::new(table.quantize_weighted(t, imp)?))?;
+            for (err, q) in error[e].iter_mut().zip(&w) {
+                *err += weighted_error(table, q.weight(), imp);
+            }
+            w
         } else {
-            every(&self.model.lm_head, "lm_head.weight")?
+            every(&self.model.lm_head, "lm_head.weight", e)?
+        };
+        let embed: Widths<Tensor> = if tied {
+            per_format(|i, _| Ok(head[i].weight().clone()))?
+        } else {
+            // A lookup: every column counts alike.
+            let table = &self.model.model.embed_tokens;
+            let w = per_format(|_, t| table.quantize_weighted(t, None))?;
+            for (err, q) in error[e].iter_mut().zip(&w) {
+                *err += weighted_error(table, q, None);
+            }
+            w
         };
         // Bytes per class in each format, and the weights they hold.
         let mut bytes = [[0usize; FORMATS.len()]; CLASSES.len()];
@@ -179,7 +235,6 @@ impl Engine {
                 weights += w[0].in_features * w[0].out_features;
             }
         }
-        let e = CLASSES.len() - 1;
         for (i, t) in embed.iter().enumerate() {
             bytes[e][i] += t.nbytes();
         }
@@ -218,55 +273,75 @@ impl Engine {
             kl_of(engine)
         };
         let q4 = [0; CLASSES.len()];
+        let q8 = FORMATS.len() - 1;
         let q4_kl = measure(self, q4)?;
         progress(&format!(
             "q4: mean KL {q4_kl:.5}, {:.2} bits/weight",
             bits(q4)
         ));
-        // kl[c][f]: class c alone in FORMATS[f] (f = 0: plain q4).
-        let mut kl = [[q4_kl; FORMATS.len()]; CLASSES.len()];
+        // KL saved per unit of error removed, per class (0 where 8 bits measured no better).
+        let mut sensitivity = [0f64; CLASSES.len()];
         let mut classes = Vec::new();
         for (c, name) in CLASSES.iter().enumerate() {
-            for (f, t) in FORMATS.iter().enumerate().skip(1) {
-                let mut pick = q4;
-                pick[c] = f;
-                kl[c][f] = measure(self, pick)?;
-                progress(&format!(
-                    "q4+{name}:{}: mean KL {:.5}, {:.2} bits/weight",
-                    t.name(),
-                    kl[c][f],
-                    bits(pick)
-                ));
-                classes.push(ClassGain {
-                    class: name,
-                    format: *t,
-                    kl: kl[c][f],
-                    extra_bytes: bytes[c][f] - bytes[c][0],
-                });
+            let mut pick = q4;
+            pick[c] = q8;
+            let kl = measure(self, pick)?;
+            let removed = error[c][0] - error[c][q8];
+            if removed > 0.0 {
+                sensitivity[c] = ((q4_kl - kl) / removed).max(0.0);
+            }
+            let rel = error[c].map(|x| x / error[c][0].max(f64::MIN_POSITIVE));
+            progress(&format!(
+                "q4+{name}: mean KL {kl:.5}, {:.2} bits/weight; its rounding error at q5 / q6 / q8: {:.3} / {:.4} / {:.5} of q4's",
+                bits(pick),
+                rel[1],
+                rel[2],
+                rel[3]
+            ));
+            classes.push(ClassGain {
+                class: name,
+                q8_kl: kl,
+                error: error[c],
+                bytes: bytes[c],
+            });
+        }
+        // Every assignment within the budget, by predicted KL (then by size).
+        let predict = |pick: Pick| -> f64 {
+            q4_kl
+                - (0..CLASSES.len())
+                    .map(|c| sensitivity[c] * (error[c][0] - error[c][pick[c]]))
+                    .sum::<f64>()
+        };
+        let mut fits: Vec<(f64, f64, Pick)> = (0..FORMATS.len().pow(CLASSES.len() as u32))
+            .map(|mut n| {
+                std::array::from_fn(|_| {
+                    let f = n % FORMATS.len();
+                    n /= FORMATS.len();
+                    f
+                })
+            })
+            .filter(|&pick| bits(pick) <= max_bits)
+            .map(|pick| (predict(pick), bits(pick), pick))
+            .collect();
+        fits.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)));
+        let mut best = (q4_kl, q4);
+        for &(predicted, b, pick) in fits.iter().take(FINALISTS) {
+            let kl = if pick == q4 {
+                q4_kl
+            } else {
+                measure(self, pick)?
+            };
+            progress(&format!(
+                "{}: predicted mean KL {predicted:.5}, measured {kl:.5}, {b:.2} bits/weight",
+                recipe_of(pick).name()
+            ));
+            if kl < best.0 {
+                best = (kl, pick);
             }
         }
-        let mut pick = q4;
-        loop {
-            // The step that saves the most (measured) KL per extra byte and fits the budget.
-            let mut best: Option<(f64, usize, usize)> = None;
-            for c in 0..CLASSES.len() {
-                for f in pick[c] + 1..FORMATS.len() {
-                    let mut next = pick;
-                    next[c] = f;
-                    let saved = kl[c][pick[c]] - kl[c][f];
-                    if saved <= 0.0 || bits(next) > max_bits {
-                        continue;
-                    }
-                    let per_byte = saved / (bytes[c][f] - bytes[c][pick[c]]).max(1) as f64;
-                    if best.is_none_or(|(b, _, _)| per_byte > b) {
-                        best = Some((per_byte, c, f));
-                    }
-                }
-            }
-            let Some((_, c, f)) = best else { break };
-            pick[c] = f;
-        }
-        let kl = measure(self, pick)?;
+        let (kl, pick) = best;
+        set(&mut self.model, pick);
+        self.model.set_quant_acts(acts);
         Ok(MixChoice {
             recipe: recipe_of(pick),
             q4_kl,
