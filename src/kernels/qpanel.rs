@@ -200,7 +200,7 @@ mod x86 {
         let x: [&QActs; 3] = std::array::from_fn(|i| xs[i.min(xs.len() - 1)]);
         let y: [*mut f32; 3] = std::array::from_fn(|i| ys[i.min(ys.len() - 1)]);
         // The offset of the unsigned weights: 8·Σx for Q4 nibbles, 128·Σx for Q8 + 128.
-        let shift = if t == QType::Q4 { 0 } else { 4 };
+        let shift = super::super::quant::offset_shift(t.bits());
         macro_rules! go {
             ($($m:literal)*) => {
                 match (xs.len(), vectors) {

@@ -91,15 +91,17 @@ impl QType {
     pub fn block_bytes(self) -> usize {
         BLOCK * self.bits() / 8
     }
+}
 
-    /// The low-bit formats store unsigned codes `q` with `w ≈ (q - 2^(bits-1))·d`: the
-    /// offset `2^(bits-1)·Σx` is `QActs::sum8 << offset_shift()` (Q8 itself is signed; the
-    /// VNNI kernels make it unsigned with an offset of 128, shift 4).
-    pub fn offset_shift(self) -> u32 {
-        match self {
-            QType::Q8 => 4,
-            t => t.bits() as u32 - 4,
-        }
+/// How far `QActs::sum8` (8·Σx per block) is shifted left to give the offset that a format of
+/// `bits` bits carries as unsigned codes: the low-bit formats store `q` with `w ≈ (q −
+/// 2^(bits−1))·d`, so Q4 / Q5 / Q6 take `8·`, `16·`, `32·Σx` off; Q8 is signed, but the VNNI
+/// kernels make it unsigned (`w + 128`) and take `128·Σx` off.
+pub(super) const fn offset_shift(bits: usize) -> u32 {
+    if bits == 8 {
+        4
+    } else {
+        bits as u32 - 4
     }
 }
 
@@ -895,7 +897,7 @@ pub(super) unsafe fn low_bit_pair<const BITS: usize>(
 }
 
 /// `sum8 << shift` per lane: the offset a block's unsigned codes carry (see
-/// [`QType::offset_shift`]).
+/// [`offset_shift`]).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(super) unsafe fn offset_of(sum8: *const i32, shift: u32) -> std::arch::x86_64::__m256i {
@@ -1111,7 +1113,7 @@ mod avx2 {
             });
             for r in 0..N {
                 let dx = _mm256_loadu_ps(xs[r].d.as_ptr().add(g * 8));
-                let c = super::offset_of(xs[r].sum8.as_ptr().add(g * 8), shift_of(B));
+                let c = super::offset_of(xs[r].sum8.as_ptr().add(g * 8), super::offset_shift(B));
                 for i in 0..2 {
                     // Lane b: block b of the group.
                     let s = _mm256_sub_epi32(_mm256_add_epi32(a[i][r], b[i][r]), c);
@@ -1127,15 +1129,6 @@ mod avx2 {
                 let s = _mm_hadd_ps(s, s);
                 out[i * N + r] = _mm_cvtss_f32(_mm_hadd_ps(s, s));
             }
-        }
-    }
-
-    /// [`QType::offset_shift`] of the format of `bits` bits (the VNNI one for Q8).
-    const fn shift_of(bits: usize) -> u32 {
-        if bits == 8 {
-            4
-        } else {
-            bits as u32 - 4
         }
     }
 
@@ -1268,7 +1261,7 @@ mod avx2 {
             if B < 8 || VNNI {
                 // The offset the unsigned weights carry: 8·Σx for Q4 nibbles (16, 32 for Q5,
                 // Q6), 128·Σx for Q8 values made unsigned for `vpdpbusd`.
-                let c = super::offset_of(xs[r].sum8.as_ptr().add(g * 8), shift_of(B));
+                let c = super::offset_of(xs[r].sum8.as_ptr().add(g * 8), super::offset_shift(B));
                 s = _mm256_sub_epi32(s, c);
             }
             let dx = _mm256_loadu_ps(xs[r].d.as_ptr().add(g * 8));

@@ -212,7 +212,7 @@ pub fn dot_rows(t: QType, qs: &[u8], d: &[f16], xs: &[&QActs16], out: &mut [f32]
 /// qemu-aarch64 (`bash scripts/test_aarch64.sh`); not timed on an Arm machine.
 #[cfg(target_arch = "aarch64")]
 mod neon {
-    use super::super::quant::by_rows_and_type;
+    use super::super::quant::{by_rows_and_type, offset_shift};
     use super::{QActs16, QType};
     use half::{f16, slice::HalfFloatSliceExt};
     use std::arch::aarch64::*;
@@ -304,7 +304,7 @@ mod neon {
                     if B < 8 {
                         // The unsigned codes' offset: 8·Σx for Q4, 16, 32 for Q5, Q6.
                         let c = vld1q_s32(xs[r].sum8.as_ptr().add(g * 8 + 4 * h));
-                        let c = vshlq_s32(c, vdupq_n_s32(B as i32 - 4));
+                        let c = vshlq_s32(c, vdupq_n_s32(offset_shift(B) as i32));
                         sums[h] = vsubq_s32(sums[h], c);
                     }
                     let scale =
@@ -321,7 +321,7 @@ mod neon {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::super::quant::by_rows_and_type;
+    use super::super::quant::{by_rows_and_type, offset_shift};
     use super::{QActs16, QType};
     use half::f16;
     use std::arch::x86_64::*;
@@ -400,7 +400,7 @@ mod avx2 {
             if B < 8 {
                 // The unsigned codes' offset: 8·Σx for Q4, 16, 32 for Q5, Q6.
                 let c =
-                    super::super::quant::offset_of(xs[r].sum8.as_ptr().add(g * 8), B as u32 - 4);
+                    super::super::quant::offset_of(xs[r].sum8.as_ptr().add(g * 8), offset_shift(B));
                 sums = _mm256_sub_epi32(sums, c);
             }
             let dx = _mm256_loadu_ps(xs[r].d.as_ptr().add(g * 8));
