@@ -549,7 +549,11 @@ fn quantized_base_gradients() {
         let n = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
         d / (n(a) * n(b))
     };
-    for recipe in [phi4::model::Recipe::Q8, phi4::model::Recipe::Q4] {
+    for recipe in [
+        phi4::model::Recipe::Q8,
+        phi4::model::Recipe::Q6,
+        phi4::model::Recipe::Q4,
+    ] {
         let mut q = tiny_model();
         q.quantize(recipe).unwrap();
         let mut deq = tiny_model();

@@ -25,7 +25,8 @@ pub(super) struct SftArgs {
     /// The base model: a local directory or a Hugging Face repo id.
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: String,
-    /// Train on a quantized base (QLoRA-style): q8, q4 or q4-edge. The adapter stays f32.
+    /// Train on a quantized base (QLoRA-style): a `phi4 quantize` recipe (q8, q6, q5, q4,
+    /// q4-edge or a mix). The adapter stays f32.
     #[arg(long, value_parser = parse_recipe)]
     quant: Option<Recipe>,
     /// ms-swift JSONL files (`FILE#N` draws N samples); repeatable.
