@@ -1180,9 +1180,10 @@ mod avx2 {
     }
 
     /// The eight block sums of a Q4 / Q5 / Q6 group (256 values), block `b` in lane `b`, before
-    /// the offset. Q4: all eight `maddubs` of a row are added in 16 bits (each at most
-    /// 2·15·127 per lane, eight of them 30480 < 2^15), so one widening `madd` per group finishes
-    /// them. Q5 / Q6 codes reach 31 / 63: two `maddubs` (at most 2·2·63·127 = 32004) per `madd`.
+    /// the offset. The `maddubs` of a row are added in 16 bits for as many words as cannot
+    /// overflow, then widened by one `madd`: Q4's pairs reach 2·15·127 per lane, so all eight
+    /// (30480 < 2^15) take one `madd` per group; Q5's 2·31·127, four of them (31496) per
+    /// `madd`; Q6's 2·63·127, two (32004).
     #[inline(always)]
     unsafe fn low_bit_group_sums<const N: usize, const B: usize>(
         w: impl Fn(usize) -> __m256i,
@@ -1191,26 +1192,25 @@ mod avx2 {
     ) -> [__m256i; N] {
         let x = |r: usize, c: usize| _mm256_loadu_si256(xp[r].add(off + 32 * c) as *const __m256i);
         let ones = _mm256_set1_epi16(1);
+        // Words (two chunks each) added in 16 bits before a `madd`: 4, 2, 1 for Q4, Q5, Q6.
+        let words = 1 << (6 - B);
         let mut s = [_mm256_setzero_si256(); N];
+        let mut p16 = [_mm256_setzero_si256(); N];
         for m in 0..4 {
             let [lo, hi] = super::low_bit_pair::<B>(&w, m);
-            for (r, sr) in s.iter_mut().enumerate() {
+            for r in 0..N {
                 let p = _mm256_add_epi16(
                     _mm256_maddubs_epi16(lo, x(r, 2 * m)),
                     _mm256_maddubs_epi16(hi, x(r, 2 * m + 1)),
                 );
-                *sr = if B == 4 {
-                    _mm256_add_epi16(*sr, p)
-                } else {
-                    _mm256_add_epi32(*sr, _mm256_madd_epi16(p, ones))
-                };
+                p16[r] = _mm256_add_epi16(p16[r], p);
+                if (m + 1) % words == 0 {
+                    s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(p16[r], ones));
+                    p16[r] = _mm256_setzero_si256();
+                }
             }
         }
-        if B == 4 {
-            s.map(|v| _mm256_madd_epi16(v, ones))
-        } else {
-            s
-        }
+        s
     }
 
     /// The eight block sums of a Q8 group (256 values), block `b` in lane `b`: |w|·(x·sign w),
