@@ -236,6 +236,15 @@ impl Tensor {
         ))
     }
 
+    /// Drops this process's resident pages of a tensor mapped from a file (a later read maps
+    /// them back); owned tensors are untouched. For a float matrix read for the last time.
+    pub fn release_pages(&self) {
+        self.bytes.release(0..usize::MAX);
+        if let Some(s) = &self.scales {
+            s.release(0..usize::MAX);
+        }
+    }
+
     /// A `[rows, cols]` tensor of type `t` whose rows `fill(r, scratch, values, scales)` writes
     /// (rows in parallel; `scratch` is a `cols`-long f32 buffer per worker). Rows go in slabs,
     /// and `done(rows)` is told after each, so that a caller can release the source rows it
