@@ -118,6 +118,23 @@ fn weighted_error(float: &Tensor, q: &Tensor, imp: Option<&[f32]>) -> f64 {
         .sum()
 }
 
+/// `w` (a float matrix) in every format of [`FORMATS`], each copy's [`weighted_error`] added
+/// to `error`. Reading `w` for the errors maps its pages back in; they are dropped after
+/// (without that, every float matrix stayed resident beside the four copies: synthetic
+/// Phi-4-mini peaked at 19.5 GB instead of 13.3).
+fn every_format(
+    w: &Tensor,
+    imp: Option<&[f32]>,
+    error: &mut Widths<f64>,
+) -> Result<Widths<Tensor>> {
+    let q = per_format(|_, t| w.quantize_weighted(t, imp))?;
+    for (err, q) in error.iter_mut().zip(&q) {
+        *err += weighted_error(w, q, imp);
+    }
+    w.release_pages();
+    Ok(q)
+}
+
 /// The formats a class can take in a mix, q4 (the base) first.
 const FORMATS: [QType; 4] = [QType::Q4, QType::Q5, QType::Q6, QType::Q8];
 
@@ -182,14 +199,8 @@ impl Engine {
         // Rounding error per class and format, accumulated as the matrices are quantized.
         let mut error = [[0f64; FORMATS.len()]; CLASSES.len()];
         let mut every = |lin: &Linear, name: &str, c: usize| -> Result<Widths<Linear>> {
-            let w = per_format(|_, t| lin.quantize_weighted(t, at(name)))?;
-            for (err, q) in error[c].iter_mut().zip(&w) {
-                *err += weighted_error(lin.weight(), q.weight(), at(name));
-            }
-            // Reading the float matrix for the errors mapped its pages back in: without this
-            // they all stay resident beside the four copies (synthetic Phi-4-mini: 19.5 GB).
-            lin.weight().release_pages();
-            Ok(w)
+            let w = every_format(lin.weight(), at(name), &mut error[c])?;
+            Ok(w.map(|w| lin.with_weight(w)))
         };
         progress("quantizing every matrix at 4, 5, 6 and 8 bits");
         let tied = self.model.config.tie_word_embeddings;
@@ -204,30 +215,16 @@ impl Engine {
             }
             layers.push(lins);
         }
-        let head: Widths<Linear> = if tied {
+        let table = &self.model.model.embed_tokens;
+        let (embed, head): (Widths<Tensor>, Widths<Linear>) = if tied {
             // The embedding is the LM head: its error is that of the head's product.
-            let imp = at("lm_head.weight");
-            let table = &self.model.model.embed_tokens;
-            let w = per_format(|_, t| Linear::new(table.quantize_weighted(t, imp)?))?;
-            for (err, q) in error[e].iter_mut().zip(&w) {
-                *err += weighted_error(table, q.weight(), imp);
-            }
-            table.release_pages();
-            w
+            let embed = every_format(table, at("lm_head.weight"), &mut error[e])?;
+            let head = per_format(|i, _| Linear::new(embed[i].clone()))?;
+            (embed, head)
         } else {
-            every(&self.model.lm_head, "lm_head.weight", e)?
-        };
-        let embed: Widths<Tensor> = if tied {
-            per_format(|i, _| Ok(head[i].weight().clone()))?
-        } else {
+            let head = every(&self.model.lm_head, "lm_head.weight", e)?;
             // A lookup: every column counts alike.
-            let table = &self.model.model.embed_tokens;
-            let w = per_format(|_, t| table.quantize_weighted(t, None))?;
-            for (err, q) in error[e].iter_mut().zip(&w) {
-                *err += weighted_error(table, q, None);
-            }
-            table.release_pages();
-            w
+            (every_format(table, None, &mut error[e])?, head)
         };
         // Bytes per class in each format, and the weights they hold.
         let mut bytes = [[0usize; FORMATS.len()]; CLASSES.len()];

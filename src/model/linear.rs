@@ -220,8 +220,15 @@ impl Linear {
 
     /// [`Linear::quantize`] with each input column's importance (see [`ColumnStats`]).
     pub fn quantize_weighted(&self, t: QType, imp: Option<&[f32]>) -> Result<Linear> {
-        Ok(Linear {
-            weight: self.weight.quantize_weighted(t, imp)?,
+        Ok(self.with_weight(self.weight.quantize_weighted(t, imp)?))
+    }
+
+    /// This layer with `weight` (of the same shape, e.g. a quantized copy) in place of its
+    /// own: bias, adapters and activation settings as they were, no statistics collected.
+    pub fn with_weight(&self, weight: Tensor) -> Linear {
+        debug_assert_eq!(weight.shape, self.weight.shape);
+        Linear {
+            weight,
             stats: None,
             bf16_acts: self.bf16_acts,
             quant_acts: self.quant_acts,
@@ -229,7 +236,7 @@ impl Linear {
             lora: self.lora.clone(),
             out_features: self.out_features,
             in_features: self.in_features,
-        })
+        }
     }
 
     pub fn bf16_acts(&self) -> Bf16Acts {
