@@ -386,6 +386,83 @@ pub fn bf16_matmul_peak_gmacs(acts: crate::kernels::bf16::Bf16Acts) -> Result<f6
     Ok((n * n * rows) as f64 / best / 1e9)
 }
 
+/// One quantized product's speed in `phi4 bench --kernels`.
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelRun {
+    pub format: &'static str,
+    pub rows: usize,
+    pub cols: usize,
+    /// Median over the runs, G multiply-adds/s.
+    pub gmacs: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelReport {
+    pub threads: usize,
+    /// The kernels that ran: AVX-512 VNNI, AVX2, NEON or scalar, as the CPU has.
+    pub isa: String,
+    pub matrix_units: String,
+    pub activation_rows: usize,
+    pub products: Vec<KernelRun>,
+}
+
+/// The quantized products alone: Phi-4-mini's four matrix shapes (qkv, o, gate_up, down:
+/// outputs × inputs) in every block format against `m` activation rows (8-bit); median of
+/// `runs` after one untimed product.
+pub fn run_kernels(m: usize, runs: usize) -> Result<KernelReport> {
+    use crate::kernels::quant::{self, QType};
+    use crate::kernels::wide_acts::QuantActs;
+    use crate::kernels::{matmul, WeightView};
+    let mut products = Vec::new();
+    for t in QType::ALL {
+        for (rows, cols) in [(5120, 3072), (3072, 3072), (16384, 3072), (3072, 8192)] {
+            let (rb, nb) = (t.row_bytes(cols), quant::row_blocks(cols));
+            let mut qs = vec![0u8; rows * rb];
+            let mut d = vec![half::f16::ZERO; rows * nb];
+            qs.par_chunks_mut(rb)
+                .zip(d.par_chunks_mut(nb))
+                .enumerate()
+                .for_each(|(r, (q, d))| {
+                    let w: Vec<f32> = (0..cols)
+                        .map(|c| (((r * cols + c) * 2654435761) % 1999) as f32 * 1e-4 - 0.1)
+                        .collect();
+                    quant::quantize_row(t, &w, q, d);
+                });
+            let x: Vec<f32> = (0..m * cols)
+                .map(|i| ((i * 40503) % 997) as f32 * 1e-3 - 0.5)
+                .collect();
+            let mut y = vec![0f32; m * rows];
+            let view = WeightView::Quant {
+                t,
+                qs: &qs,
+                d: &d,
+                acts: QuantActs::I8,
+            };
+            let mut times = Vec::new();
+            for rep in 0..=runs {
+                let start = Instant::now();
+                matmul(view, rows, cols, &x, &mut y);
+                if rep > 0 {
+                    times.push(start.elapsed().as_secs_f64());
+                }
+            }
+            products.push(KernelRun {
+                format: t.name(),
+                rows,
+                cols,
+                gmacs: (rows * cols * m) as f64 / median(times) / 1e9,
+            });
+        }
+    }
+    Ok(KernelReport {
+        threads: rayon::current_num_threads(),
+        isa: crate::kernels::quant::isa_name().into(),
+        matrix_units: crate::kernels::amx::status().describe(),
+        activation_rows: m,
+        products,
+    })
+}
+
 /// Multiply-adds of the vision tower over `views` crops (linear layers and attention).
 pub fn vision_macs(c: &crate::config::multimodal::VisionConfig, views: usize) -> f64 {
     let n = c.patches_per_side().pow(2) as f64;

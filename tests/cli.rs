@@ -309,6 +309,39 @@ fn chat_repl_answers_each_turn() {
 }
 
 #[test]
+fn bench_times_the_quantized_kernels_alone() {
+    let o = phi4(
+        &[
+            "bench",
+            "--kernels",
+            "--prompt-tokens",
+            "2",
+            "--runs",
+            "1",
+            "--json",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let products = v["products"].as_array().unwrap();
+    // Four shapes in each of the four formats.
+    assert_eq!(products.len(), 16);
+    for f in ["q4", "q5", "q6", "q8"] {
+        assert_eq!(
+            products.iter().filter(|p| p["format"] == f).count(),
+            4,
+            "{f}"
+        );
+    }
+    assert!(products.iter().all(|p| p["gmacs"].as_f64().unwrap() > 0.0));
+    assert_eq!(v["activation_rows"], 2);
+    let o = phi4(&["bench", "--kernels", "--synthetic"], None);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("cannot be used with"), "{}", stderr(&o));
+}
+
+#[test]
 fn bench_runs_on_the_tiny_checkpoint() {
     let o = phi4(
         &[

@@ -57,9 +57,33 @@ pub(super) struct BenchArgs {
     /// With --train: keep every layer's activations instead of recomputing them.
     #[arg(long, requires = "train")]
     no_checkpointing: bool,
+    /// The quantized product kernels alone instead, no model: G multiply-adds/s for Phi-4-mini's
+    /// matrix shapes in every block format at --prompt-tokens activation rows.
+    #[arg(long, conflicts_with_all = ["model", "synthetic"])]
+    kernels: bool,
     /// With --synthetic: only this many decoder layers (per-layer figures in less time).
     #[arg(long, requires = "synthetic")]
     layers: Option<usize>,
+}
+
+fn bench_kernels(a: BenchArgs) -> Result<()> {
+    let r = phi4::bench::run_kernels(a.prompt_tokens, a.runs)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!(
+        "threads: {}, {} activation rows, median of {} runs",
+        r.threads, r.activation_rows, a.runs
+    );
+    println!("kernels: {}; {}", r.isa, r.matrix_units);
+    for k in &r.products {
+        println!(
+            "{:>3} {:>5} x {:<5}: {:>7.1} G multiply-adds/s",
+            k.format, k.rows, k.cols, k.gmacs
+        );
+    }
+    Ok(())
 }
 
 pub(super) fn parse_size(s: &str) -> Result<(usize, usize)> {
@@ -83,6 +107,9 @@ pub(super) fn bench_cmd(a: BenchArgs) -> Result<()> {
     }
     if !a.images.is_empty() || !a.audios.is_empty() || a.multimodal {
         return bench_images(a);
+    }
+    if a.kernels {
+        return bench_kernels(a);
     }
     let mut engine = None;
     let mut synthetic = None;

@@ -613,7 +613,7 @@ mod tests {
     /// Q8 codes include -128, which ggml's quantizer never writes but a Q8_0 file may hold.
     #[test]
     fn quantized_matmul_matches_the_scalar_kernel_row_by_row() {
-        for (t, acts) in [QType::Q4, QType::Q8]
+        for (t, acts) in QType::ALL
             .into_iter()
             .flat_map(|t| [QuantActs::I8, QuantActs::I16, QuantActs::Auto].map(|a| (t, a)))
         {
@@ -625,6 +625,7 @@ mod tests {
                 (70, 1100, 34),
                 (17, 300, 35),
                 (131, 2348, 33),
+                (200, 768, 50),
             ] {
                 let (rb, nb) = (t.row_bytes(cols), quant::row_blocks(cols));
                 let wf = data(rows * cols, 5);

@@ -695,6 +695,16 @@ pub fn vnni() -> bool {
     })
 }
 
+/// Which kernels the integer products run on this CPU, for reports.
+pub fn isa_name() -> &'static str {
+    match cpu() {
+        _ if vnni() => "AVX-512 VNNI",
+        Isa::Avx2 => "AVX2",
+        Isa::Neon => "NEON",
+        Isa::Scalar => "scalar",
+    }
+}
+
 /// Evaluates `$call` with the constants `$n = xs.len()` (1..=MAX_ROWS) and `$bits = t.bits()`,
 /// so that a kernel can take both as const generic arguments.
 macro_rules! by_rows_and_type {
