@@ -758,9 +758,17 @@ fn quantize_with_calibration_records_it_and_refuses_bad_input() {
     );
     let log = stderr(&r);
     assert!(r.status.success(), "{log}");
-    for class in ["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "embed"] {
-        assert!(log.contains(&format!("q4+{class}: mean KL")), "{log}");
+    // Each projection class measured band by band of layers (the tiny model's three layers: one
+    // a band), the embeddings once.
+    for class in ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] {
+        for layer in 0..3 {
+            assert!(
+                log.contains(&format!("q4+{class}@{layer}: mean KL")),
+                "{log}"
+            );
+        }
     }
+    assert!(log.contains("q4+embed: mean KL"), "{log}");
     let (ha, _) = header(&auto);
     let chosen = ha["__metadata__"]["phi4.recipe"]
         .as_str()
@@ -768,6 +776,12 @@ fn quantize_with_calibration_records_it_and_refuses_bad_input() {
         .to_string();
     let recipe = phi4::model::Recipe::parse(&chosen).unwrap();
     assert_eq!(recipe.name(), chosen);
+    // The recorded recipe is what the matrices hold.
+    let kinds: Value =
+        serde_json::from_str(ha["__metadata__"]["phi4.quant"].as_str().unwrap()).unwrap();
+    for (name, kind) in kinds.as_object().unwrap() {
+        assert_eq!(kind["type"], recipe.qtype(name).name(), "{chosen}: {name}");
+    }
     assert!(log.contains(&format!("chose {chosen}: mean KL")), "{log}");
     assert!(log.contains("predicted mean KL"), "{log}");
 
@@ -838,6 +852,10 @@ fn quantize_with_calibration_records_it_and_refuses_bad_input() {
         (
             vec!["quantize".into(), "--model".into(), t.clone(), "--out".into(), o4.clone(), "--recipe".into(), "q4+attn".into()],
             "unknown class \"attn\" in recipe \"q4+attn\"; the classes are qkv_proj, o_proj, gate_up_proj, down_proj, embed",
+        ),
+        (
+            vec!["quantize".into(), "--model".into(), t.clone(), "--out".into(), o4.clone(), "--recipe".into(), "q4+down_proj@1-5:q6".into()],
+            "recipe q4+down_proj@1-5:q6 names layer 5, but the model has 3 layers (0 to 2)",
         ),
     ];
     for (args, needle) in cases {

@@ -89,9 +89,9 @@ struct ModelArg {
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: String,
     /// Quantize the weights at load: q8, q6, q5, q4 or q4-edge (4-bit, with down_proj and the
-    /// embeddings / LM head at 8 bits), or a format with named classes in another, as
-    /// q4+qkv_proj+embed or q5+qkv_proj:q6 (see `phi4 quantize --help`). A checkpoint from
-    /// `phi4 quantize` needs no flag.
+    /// embeddings / LM head at 8 bits), or a format with named classes (or layers of a class)
+    /// in another, as q4+qkv_proj+embed or q5+qkv_proj:q6+down_proj@0-9:q6 (see `phi4 quantize
+    /// --help`). A checkpoint from `phi4 quantize` needs no flag.
     #[arg(long, value_parser = parse_recipe)]
     quant: Option<Recipe>,
     /// A LoRA adapter directory (`phi4 sft` checkpoint, PEFT or ms-swift), applied unmerged on

@@ -11,7 +11,8 @@ pub(super) struct QuantizeArgs {
     /// q8, q6, q5, q4, q4-edge (4-bit with down_proj and the embeddings / LM head at 8 bits),
     /// or a format with named classes in another, 8 bits unless given, as q4+qkv_proj+embed or
     /// q5+qkv_proj:q6+embed:q6 (classes: qkv_proj, o_proj, gate_up_proj, down_proj, embed;
-    /// embed is the embeddings and the LM head).
+    /// embed is the embeddings and the LM head), and layers of a class in another still, as
+    /// q5+down_proj:q6+down_proj@0-9,29:q8 (layers from 0; lists and ranges).
     #[arg(long, value_parser = parse_recipe, default_value = "q4-edge")]
     recipe: Recipe,
     /// Calibration text (UTF-8): the float model runs over it first, and each 4-bit matrix's
@@ -26,10 +27,12 @@ pub(super) struct QuantizeArgs {
     /// With --calibration: at most this many windows.
     #[arg(long, default_value_t = 32, requires = "calibration")]
     calibration_windows: usize,
-    /// With --calibration, instead of --recipe: q4 with the classes that save the most KL per
-    /// byte moved to q5, q6 or q8, measured on the first calibration window (each class alone
-    /// in each format against the float model), within this many bits per weight of the
-    /// quantized matrices (q4 is 4.5, q5 5.5, q6 6.5, q8 8.5).
+    /// With --calibration, instead of --recipe: the formats per class, or per class and third
+    /// of the layers, with the least KL within this many bits per weight of the quantized
+    /// matrices (q4 is 4.5, q5 5.5, q6 6.5, q8 8.5): each class's sensitivity in each third of
+    /// the layers is measured on the first calibration window against the float model, each
+    /// matrix's rounding error in each format computed, and the best predicted candidates
+    /// scored.
     #[arg(
         long,
         value_name = "BITS",

@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use super::Engine;
 use crate::kernels::quant::QType;
 use crate::model::linear::Linear;
-use crate::model::quantize::{Importance, Mix, Recipe, CLASSES};
+use crate::model::quantize::{layers_name, Importance, Mix, Recipe, CLASSES, NO_LAYERS};
 use crate::model::{BatchItem, Logits, Phi3ForCausalLM};
 use crate::weights::Tensor;
 
@@ -60,18 +60,28 @@ impl Engine {
     }
 }
 
-/// What [`Engine::choose_mix`] found of one class: its sensitivity, measured at 8 bits, and
-/// the rounding error of each format.
+/// What [`Engine::choose_mix`] found of one class: its sensitivity, measured at 8 bits in each
+/// band of layers, and the rounding error of each format.
 #[derive(Debug, Clone)]
 pub struct ClassGain {
     pub class: &'static str,
-    /// Mean KL against the float model on the window with this class alone at 8 bits.
-    pub q8_kl: f64,
+    /// Mean KL against the float model on the window with this class at 8 bits in one band of
+    /// layers (see [`BANDS`]; the embeddings: one figure), the rest q4.
+    pub q8_kl: Vec<f64>,
     /// Per format of [`FORMATS`]: the class's importance-weighted squared rounding error
     /// (`Σ imp·(w − ŵ)²` over its matrices), and the bytes it takes.
     pub error: Widths<f64>,
     pub bytes: Widths<usize>,
 }
+
+/// Contiguous bands of layers whose sensitivity [`Engine::choose_mix`] measures apart. On
+/// SmolLM2-135M (30 layers, GPL-3 8 × 512, i8 activations), each third of `down_proj` alone at
+/// 8 bits inside q4 saved 0.006 / 0.019 / 0.016 of KL (all of it 0.042), `qkv_proj` 0.013 /
+/// 0.025 / 0.015 (0.053): the bands add up, and the middle third counts most, which the
+/// matrices' rounding errors alone do not say (ranked by error share within the class, a
+/// per-matrix assignment predicted 0.021 and measured 0.033, against 0.023 for the best
+/// per-class one).
+pub const BANDS: usize = 3;
 
 /// The mix [`Engine::choose_mix`] settled on.
 #[derive(Debug, Clone)]
@@ -152,40 +162,268 @@ fn per_format<T>(mut f: impl FnMut(usize, QType) -> Result<T>) -> Result<Widths<
         .unwrap_or_else(|_| unreachable!("one per format")))
 }
 
-/// The recipe that gives class `c` the format `FORMATS[pick[c]]`, by its shortest name: one
-/// format everywhere is that format's recipe; otherwise the narrowest format used is the base.
-fn recipe_of(pick: [usize; CLASSES.len()]) -> Recipe {
-    let base = *pick.iter().min().expect("classes");
-    if pick.iter().all(|&p| p == base) {
-        return match FORMATS[base] {
-            QType::Q4 => Recipe::Q4,
-            QType::Q5 => Recipe::Q5,
-            QType::Q6 => Recipe::Q6,
-            QType::Q8 => Recipe::Q8,
-        };
-    }
-    let mix = Mix {
-        base: FORMATS[base],
-        classes: pick.map(|p| (p != base).then_some(FORMATS[p])),
-    };
-    // Through the parser, so that a mix with a name of its own (q4-edge) gets it.
-    Recipe::parse(&Recipe::Mix(mix).name()).expect("a mix names a valid recipe")
+/// Projection classes: every class of [`CLASSES`] but the last (`embed`), one matrix per layer.
+const PROJ: usize = CLASSES.len() - 1;
+
+/// A format (index in [`FORMATS`]) for each matrix: per layer one per projection class, and one
+/// for the embeddings / LM head.
+#[derive(Debug, Clone, PartialEq)]
+struct Assign {
+    layers: Vec<[usize; PROJ]>,
+    embed: usize,
 }
 
+impl Assign {
+    /// Class `c` in format `pick[c]` in every layer.
+    fn of_classes(pick: [usize; CLASSES.len()], layers: usize) -> Assign {
+        Assign {
+            layers: vec![std::array::from_fn(|c| pick[c]); layers],
+            embed: pick[PROJ],
+        }
+    }
+
+    /// The recipe that gives each matrix its format, by its shortest name: each class at its
+    /// most common format (the narrower on a tie), layer rules for the rest, and the narrowest
+    /// class format as the base; one format everywhere is that format's recipe.
+    fn recipe(&self) -> Recipe {
+        let mut own = [0usize; CLASSES.len()];
+        for (c, o) in own.iter_mut().enumerate().take(PROJ) {
+            let mut count = [0usize; FORMATS.len()];
+            for l in &self.layers {
+                count[l[c]] += 1;
+            }
+            // max_by_key keeps the last maximum: scan widest first to prefer the narrower.
+            *o = (0..FORMATS.len())
+                .rev()
+                .max_by_key(|&f| count[f])
+                .expect("formats");
+        }
+        own[PROJ] = self.embed;
+        let base = *own.iter().min().expect("classes");
+        let mut layers = NO_LAYERS;
+        for (l, picks) in self.layers.iter().enumerate() {
+            for c in 0..PROJ {
+                if picks[c] != own[c] {
+                    let f = QType::ALL
+                        .iter()
+                        .position(|&t| t == FORMATS[picks[c]])
+                        .expect("a format");
+                    layers[c][f] |= 1 << l;
+                }
+            }
+        }
+        if own.iter().all(|&o| o == base) && layers == NO_LAYERS {
+            return match FORMATS[base] {
+                QType::Q4 => Recipe::Q4,
+                QType::Q5 => Recipe::Q5,
+                QType::Q6 => Recipe::Q6,
+                QType::Q8 => Recipe::Q8,
+            };
+        }
+        let mix = Mix {
+            base: FORMATS[base],
+            classes: own.map(|o| (o != base).then_some(FORMATS[o])),
+            layers,
+        };
+        // Through the parser, so that a mix with a name of its own (q4-edge) gets it.
+        Recipe::parse(&Recipe::Mix(mix).name()).expect("a mix names a valid recipe")
+    }
+}
+
+/// Per matrix of a model: a value in each format of [`FORMATS`], per layer and projection
+/// class, and for the embeddings / LM head.
+#[derive(Clone)]
+struct PerMatrix<T> {
+    layers: Vec<[Widths<T>; PROJ]>,
+    embed: Widths<T>,
+}
+
+impl<T: Copy + Default + std::ops::AddAssign> PerMatrix<T> {
+    fn new(layers: usize) -> Self {
+        PerMatrix {
+            layers: vec![[[T::default(); FORMATS.len()]; PROJ]; layers],
+            embed: [T::default(); FORMATS.len()],
+        }
+    }
+
+    /// The sum over the matrices of class `c` in each format.
+    fn class(&self, c: usize) -> Widths<T> {
+        if c == PROJ {
+            return self.embed;
+        }
+        let mut out = [T::default(); FORMATS.len()];
+        for l in &self.layers {
+            for (o, v) in out.iter_mut().zip(l[c]) {
+                *o += v;
+            }
+        }
+        out
+    }
+
+    /// The sum over every matrix in its assigned format.
+    fn total(&self, a: &Assign) -> T {
+        let mut sum = self.embed[a.embed];
+        for (l, picks) in self.layers.iter().zip(&a.layers) {
+            for c in 0..PROJ {
+                sum += l[c][picks[c]];
+            }
+        }
+        sum
+    }
+}
+
+/// KL saved per unit of rounding error removed: per projection class and band of layers, and
+/// for the embeddings / LM head.
+struct Sensitivity {
+    layers: [[f64; BANDS]; PROJ],
+    embed: f64,
+}
+
+impl Sensitivity {
+    /// The KL the model predicts for assignment `a` (q4's plus the savings).
+    fn predict(&self, q4_kl: f64, error: &PerMatrix<f64>, a: &Assign) -> f64 {
+        let n = error.layers.len();
+        let mut saved = self.embed * (error.embed[0] - error.embed[a.embed]);
+        for (l, (e, picks)) in error.layers.iter().zip(&a.layers).enumerate() {
+            for c in 0..PROJ {
+                saved += self.layers[c][l * BANDS / n] * (e[c][0] - e[c][picks[c]]);
+            }
+        }
+        q4_kl - saved
+    }
+}
+
+/// Units the band-level search assigns a format to: each projection class in each band of
+/// layers, and the embeddings / LM head.
+const UNITS: usize = PROJ * BANDS + 1;
+
+/// The band-level assignments (each unit of [`UNITS`] one format) within `max_bits` that the
+/// loss model ranks best, `keep` of them, leaving out those that give every band of a class the
+/// same format (the per-class search has them): (predicted KL, bits, per unit its format). A
+/// depth-first walk over the units that stops where the bits already exceed the budget.
+fn best_by_bands(
+    error: &PerMatrix<f64>,
+    bits: &PerMatrix<f64>,
+    sensitivity: &Sensitivity,
+    q4_kl: f64,
+    max_bits: f64,
+    keep: usize,
+) -> Vec<(f64, f64, [usize; UNITS])> {
+    let n = error.layers.len();
+    // Per unit: saving per format (against q4), bits per format, and whether it holds a matrix.
+    let mut save = [[0f64; FORMATS.len()]; UNITS];
+    let mut cost = [[0f64; FORMATS.len()]; UNITS];
+    let mut live = [false; UNITS];
+    for l in 0..n {
+        for c in 0..PROJ {
+            let u = c * BANDS + l * BANDS / n;
+            let (e, b) = (&error.layers[l][c], &bits.layers[l][c]);
+            for f in 0..FORMATS.len() {
+                save[u][f] += sensitivity.layers[c][l * BANDS / n] * (e[0] - e[f]);
+                cost[u][f] += b[f];
+            }
+            live[u] = true;
+        }
+    }
+    for f in 0..FORMATS.len() {
+        save[UNITS - 1][f] = sensitivity.embed * (error.embed[0] - error.embed[f]);
+        cost[UNITS - 1][f] = bits.embed[f];
+    }
+    live[UNITS - 1] = true;
+    // The least bits each tail of units can take, for pruning.
+    let mut floor = [0f64; UNITS + 1];
+    for u in (0..UNITS).rev() {
+        floor[u] = floor[u + 1] + cost[u].iter().cloned().fold(f64::INFINITY, f64::min);
+    }
+    struct Walk<'a> {
+        save: &'a [[f64; FORMATS.len()]; UNITS],
+        cost: &'a [[f64; FORMATS.len()]; UNITS],
+        live: &'a [bool; UNITS],
+        floor: &'a [f64; UNITS + 1],
+        max_bits: f64,
+        q4_kl: f64,
+        keep: usize,
+        pick: [usize; UNITS],
+        best: Vec<(f64, f64, [usize; UNITS])>,
+    }
+    impl Walk<'_> {
+        fn go(&mut self, u: usize, bits: f64, saved: f64) {
+            if bits + self.floor[u] > self.max_bits {
+                return;
+            }
+            if u == UNITS {
+                let uniform = (0..PROJ).all(|c| {
+                    let first = self.pick[c * BANDS];
+                    (0..BANDS)
+                        .all(|k| !self.live[c * BANDS + k] || self.pick[c * BANDS + k] == first)
+                });
+                if uniform {
+                    return;
+                }
+                let kl = self.q4_kl - saved;
+                let at = self
+                    .best
+                    .partition_point(|b| b.0 < kl || (b.0 == kl && b.1 <= bits));
+                if at < self.keep {
+                    self.best.insert(at, (kl, bits, self.pick));
+                    self.best.truncate(self.keep);
+                }
+                return;
+            }
+            // An empty band (fewer layers than bands) stays q4: other formats change nothing.
+            let formats = if self.live[u] { FORMATS.len() } else { 1 };
+            for f in 0..formats {
+                self.pick[u] = f;
+                self.go(u + 1, bits + self.cost[u][f], saved + self.save[u][f]);
+            }
+        }
+    }
+    let mut walk = Walk {
+        save: &save,
+        cost: &cost,
+        live: &live,
+        floor: &floor,
+        max_bits,
+        q4_kl,
+        keep,
+        pick: [0; UNITS],
+        best: Vec::new(),
+    };
+    walk.go(0, 0.0, 0.0);
+    walk.best
+}
+
+/// The assignment that gives each unit of [`UNITS`] its format in `pick`.
+fn of_bands(pick: &[usize; UNITS], layers: usize) -> Assign {
+    Assign {
+        layers: (0..layers)
+            .map(|l| std::array::from_fn(|c| pick[c * BANDS + l * BANDS / layers]))
+            .collect(),
+        embed: pick[UNITS - 1],
+    }
+}
+
+/// Band-level candidates measured beside the per-class ones.
+const BAND_FINALISTS: usize = 2;
+
 impl Engine {
-    /// Quantizes the (float) model with a format per class of [`CLASSES`] (q4, q5, q6 or q8)
-    /// for the least KL within `max_bits` per weight of the quantized matrices. A model of the
-    /// loss, measured: each class's sensitivity comes from scoring q4 and q4 with that class
-    /// alone at 8 bits (mean KL against the float model over the scored half of `window`), and
-    /// its rounding error in each format is computed (`Σ imp·(w − ŵ)²`, with the column
-    /// importances `imp` from [`Engine::calibrate`], which also weigh the scales); a class in
-    /// format f is predicted to save sensitivity × (error at q4 − error at f), and the savings
-    /// of classes to add up. Every assignment within the budget is ranked by that prediction,
-    /// and the best [`FINALISTS`] are scored; the least KL wins. (Scoring each class in every
-    /// format instead, then adding those up, chose worse: single-window differences of a few
-    /// thousandths between q5 and q6 are noise; the errors are not.) Each matrix is quantized
-    /// once per format (its float weights released as it is done, so the peak holds ~25 bits a
-    /// weight), and the candidates are put together from those.
+    /// Quantizes the (float) model with a format (q4, q5, q6 or q8) per class of [`CLASSES`],
+    /// or per class and band of layers ([`BANDS`]), for the least KL within `max_bits` per
+    /// weight of the quantized matrices. A model of the loss, measured: the sensitivities come
+    /// from scoring q4, and q4 with one class at 8 bits in one band of layers (the embeddings:
+    /// alone), 13 runs (mean KL against the float model over the scored half of `window`); each
+    /// matrix's rounding error in each format is computed (`Σ imp·(w − ŵ)²`, with the column
+    /// importances `imp` from [`Engine::calibrate`], which also weigh the scales); a matrix in
+    /// format f is predicted to save its class and band's sensitivity × (error at q4 − error at
+    /// f), and the savings to add up. The best [`FINALISTS`] per-class assignments within the
+    /// budget by that prediction (all 4^5 tried) and the best [`BAND_FINALISTS`] that give
+    /// bands of a class different formats ([`best_by_bands`], all 4^13 in effect) are scored;
+    /// the least KL wins. (Scoring each class in every format instead, then adding those up,
+    /// chose worse: single-window differences of a few thousandths between q5 and q6 are noise;
+    /// the errors are not. Layer by layer through the errors alone chose worse too: see
+    /// [`BANDS`].) Each matrix is quantized once per format (its float weights released as it
+    /// is done, so the peak holds ~25 bits a weight), and the candidates are put together from
+    /// those.
     pub fn choose_mix(
         &mut self,
         window: &[u32],
@@ -195,20 +433,18 @@ impl Engine {
     ) -> Result<MixChoice> {
         let base = self.window_logprobs(window)?;
         let at = |name: &str| imp.get(name).map(Vec::as_slice);
-        let e = CLASSES.len() - 1;
-        // Rounding error per class and format, accumulated as the matrices are quantized.
-        let mut error = [[0f64; FORMATS.len()]; CLASSES.len()];
-        let mut every = |lin: &Linear, name: &str, c: usize| -> Result<Widths<Linear>> {
-            let w = every_format(lin.weight(), at(name), &mut error[c])?;
-            Ok(w.map(|w| lin.with_weight(w)))
-        };
+        let n_layers = self.model.model.layers.len();
+        // Rounding error per matrix and format, filled in as the matrices are quantized.
+        let mut error = PerMatrix::<f64>::new(n_layers);
         progress("quantizing every matrix at 4, 5, 6 and 8 bits");
         let tied = self.model.config.tie_word_embeddings;
         let mut layers: Vec<Vec<Widths<Linear>>> = Vec::new();
         for (l, layer) in self.model.model.layers.iter_mut().enumerate() {
             let mut lins = Vec::new();
             for (c, (name, lin)) in layer.linears_mut().into_iter().enumerate() {
-                let w = every(lin, &format!("model.layers.{l}.{name}.weight"), c)?;
+                let name = format!("model.layers.{l}.{name}.weight");
+                let w = every_format(lin.weight(), at(&name), &mut error.layers[l][c])?;
+                let w = w.map(|w| lin.with_weight(w));
                 // The float matrix goes now: the peak is the formats, not them and the floats.
                 *lin = w[0].clone();
                 lins.push(w);
@@ -218,48 +454,57 @@ impl Engine {
         let table = &self.model.model.embed_tokens;
         let (embed, head): (Widths<Tensor>, Widths<Linear>) = if tied {
             // The embedding is the LM head: its error is that of the head's product.
-            let embed = every_format(table, at("lm_head.weight"), &mut error[e])?;
+            let embed = every_format(table, at("lm_head.weight"), &mut error.embed)?;
             let head = per_format(|i, _| Linear::new(embed[i].clone()))?;
             (embed, head)
         } else {
-            let head = every(&self.model.lm_head, "lm_head.weight", e)?;
+            let lin = &self.model.lm_head;
+            let head = every_format(lin.weight(), at("lm_head.weight"), &mut error.embed)?;
+            let head = head.map(|w| lin.with_weight(w));
             // A lookup: every column counts alike.
-            (every_format(table, None, &mut error[e])?, head)
+            (every_format(table, None, &mut error.embed)?, head)
         };
-        // Bytes per class in each format, and the weights they hold.
-        let mut bytes = [[0usize; FORMATS.len()]; CLASSES.len()];
+        // Bytes per matrix in each format, and the weights they hold.
+        let mut bytes = PerMatrix::<f64>::new(n_layers);
         let mut weights = 0usize;
-        for lins in &layers {
+        for (l, lins) in layers.iter().enumerate() {
             for (c, w) in lins.iter().enumerate() {
-                for (b, lin) in bytes[c].iter_mut().zip(w) {
-                    *b += lin.weight().nbytes();
+                for (b, lin) in bytes.layers[l][c].iter_mut().zip(w) {
+                    *b = lin.weight().nbytes() as f64;
                 }
                 weights += w[0].in_features * w[0].out_features;
             }
         }
         for (i, t) in embed.iter().enumerate() {
-            bytes[e][i] += t.nbytes();
+            bytes.embed[i] += t.nbytes() as f64;
         }
         weights += embed[0].numel();
         if !tied {
             for (i, lin) in head.iter().enumerate() {
-                bytes[e][i] += lin.weight().nbytes();
+                bytes.embed[i] += lin.weight().nbytes() as f64;
             }
             weights += head[0].in_features * head[0].out_features;
         }
-        type Pick = [usize; CLASSES.len()];
-        let bits = |pick: Pick| -> f64 {
-            let b: usize = (0..CLASSES.len()).map(|c| bytes[c][pick[c]]).sum();
-            8.0 * b as f64 / weights as f64
-        };
-        let set = |model: &mut Phi3ForCausalLM, pick: Pick| {
-            for (layer, lins) in model.model.layers.iter_mut().zip(&layers) {
+        let mut bits_of = bytes.clone();
+        for v in bits_of
+            .layers
+            .iter_mut()
+            .flatten()
+            .flatten()
+            .chain(bits_of.embed.iter_mut())
+        {
+            *v *= 8.0 / weights as f64;
+        }
+        let bits = |a: &Assign| bits_of.total(a);
+        let set = |model: &mut Phi3ForCausalLM, a: &Assign| {
+            for ((layer, lins), picks) in model.model.layers.iter_mut().zip(&layers).zip(&a.layers)
+            {
                 for (c, ((_, lin), w)) in layer.linears_mut().into_iter().zip(lins).enumerate() {
-                    *lin = w[pick[c]].clone();
+                    *lin = w[picks[c]].clone();
                 }
             }
-            model.model.embed_tokens = embed[pick[e]].clone();
-            model.lm_head = head[pick[e]].clone();
+            model.model.embed_tokens = embed[a.embed].clone();
+            model.lm_head = head[a.embed].clone();
         };
         let kl_of = |engine: &Engine| -> Result<f64> {
             let cur = engine.window_logprobs(window)?;
@@ -269,88 +514,253 @@ impl Engine {
             Ok(total / base.rows as f64)
         };
         let acts = self.model.quant_acts();
-        let measure = |engine: &mut Engine, pick: Pick| -> Result<f64> {
-            set(&mut engine.model, pick);
+        let measure = |engine: &mut Engine, a: &Assign| -> Result<f64> {
+            set(&mut engine.model, a);
             engine.model.set_quant_acts(acts);
             kl_of(engine)
         };
+        type Pick = [usize; CLASSES.len()];
+        let of = |pick: Pick| Assign::of_classes(pick, n_layers);
         let q4 = [0; CLASSES.len()];
         let q8 = FORMATS.len() - 1;
-        let q4_kl = measure(self, q4)?;
+        let q4_kl = measure(self, &of(q4))?;
         progress(&format!(
             "q4: mean KL {q4_kl:.5}, {:.2} bits/weight",
-            bits(q4)
+            bits(&of(q4))
         ));
-        // KL saved per unit of error removed, per class (0 where 8 bits measured no better).
-        let mut sensitivity = [0f64; CLASSES.len()];
+        // KL saved per unit of error removed, per class and band (0 where 8 bits measured no
+        // better): q4 with that class at 8 bits in that band of layers.
+        let mut sensitivity = Sensitivity {
+            layers: [[0.0; BANDS]; PROJ],
+            embed: 0.0,
+        };
         let mut classes = Vec::new();
         for (c, name) in CLASSES.iter().enumerate() {
-            let mut pick = q4;
-            pick[c] = q8;
-            let kl = measure(self, pick)?;
-            let removed = error[c][0] - error[c][q8];
-            if removed > 0.0 {
-                sensitivity[c] = ((q4_kl - kl) / removed).max(0.0);
+            let mut kls = Vec::new();
+            for k in 0..if c == PROJ { 1 } else { BANDS } {
+                let mut a = of(q4);
+                let (removed, label) = if c == PROJ {
+                    a.embed = q8;
+                    (error.embed[0] - error.embed[q8], format!("q4+{name}"))
+                } else {
+                    let mut removed = 0.0;
+                    let mut band: u128 = 0;
+                    for (l, picks) in a.layers.iter_mut().enumerate() {
+                        if l * BANDS / n_layers == k {
+                            picks[c] = q8;
+                            removed += error.layers[l][c][0] - error.layers[l][c][q8];
+                            band |= 1 << l.min(127);
+                        }
+                    }
+                    if band == 0 {
+                        // Fewer layers than bands: this band is empty.
+                        continue;
+                    }
+                    (removed, format!("q4+{name}@{}", layers_name(band)))
+                };
+                let kl = measure(self, &a)?;
+                let s = if removed > 0.0 {
+                    ((q4_kl - kl) / removed).max(0.0)
+                } else {
+                    0.0
+                };
+                if c == PROJ {
+                    sensitivity.embed = s;
+                } else {
+                    sensitivity.layers[c][k] = s;
+                }
+                progress(&format!(
+                    "{label}: mean KL {kl:.5}, {:.2} bits/weight",
+                    bits(&a)
+                ));
+                kls.push(kl);
             }
-            let rel = error[c].map(|x| x / error[c][0].max(f64::MIN_POSITIVE));
+            let err = error.class(c);
+            let rel = err.map(|x| x / err[0].max(f64::MIN_POSITIVE));
             progress(&format!(
-                "q4+{name}: mean KL {kl:.5}, {:.2} bits/weight; its rounding error at q5 / q6 / q8: {:.3} / {:.4} / {:.5} of q4's",
-                bits(pick),
-                rel[1],
-                rel[2],
-                rel[3]
+                "{name}: rounding error at q5 / q6 / q8: {:.3} / {:.4} / {:.5} of q4's",
+                rel[1], rel[2], rel[3]
             ));
             classes.push(ClassGain {
                 class: name,
-                q8_kl: kl,
-                error: error[c],
-                bytes: bytes[c],
+                q8_kl: kls,
+                error: err,
+                bytes: bytes.class(c).map(|b| b as usize),
             });
         }
-        // Every assignment within the budget, by predicted KL (then by size).
-        let predict = |pick: Pick| -> f64 {
-            q4_kl
-                - (0..CLASSES.len())
-                    .map(|c| sensitivity[c] * (error[c][0] - error[c][pick[c]]))
-                    .sum::<f64>()
-        };
-        let mut fits: Vec<(f64, f64, Pick)> = (0..FORMATS.len().pow(CLASSES.len() as u32))
+        let predict = |a: &Assign| sensitivity.predict(q4_kl, &error, a);
+        // Every per-class assignment within the budget, by predicted KL (then by size).
+        let mut fits: Vec<(f64, f64, Assign)> = (0..FORMATS.len().pow(CLASSES.len() as u32))
             .map(|mut n| {
-                std::array::from_fn(|_| {
+                of(std::array::from_fn(|_| {
                     let f = n % FORMATS.len();
                     n /= FORMATS.len();
                     f
-                })
+                }))
             })
-            .filter(|&pick| bits(pick) <= max_bits)
-            .map(|pick| (predict(pick), bits(pick), pick))
+            .filter(|a| bits(a) <= max_bits)
+            .map(|a| (predict(&a), bits(&a), a))
             .collect();
         fits.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)));
-        let mut best = (q4_kl, q4);
-        for &(predicted, b, pick) in fits.iter().take(FINALISTS) {
-            let kl = if pick == q4 {
+        fits.truncate(FINALISTS);
+        for (predicted, b, pick) in best_by_bands(
+            &error,
+            &bits_of,
+            &sensitivity,
+            q4_kl,
+            max_bits,
+            BAND_FINALISTS,
+        ) {
+            fits.push((predicted, b, of_bands(&pick, n_layers)));
+        }
+        let q4_all = of(q4);
+        let mut best = (q4_kl, q4_all.clone());
+        for (predicted, b, a) in fits {
+            let kl = if a == q4_all {
                 q4_kl
             } else {
-                measure(self, pick)?
+                measure(self, &a)?
             };
             progress(&format!(
                 "{}: predicted mean KL {predicted:.5}, measured {kl:.5}, {b:.2} bits/weight",
-                recipe_of(pick).name()
+                a.recipe().name()
             ));
             if kl < best.0 {
-                best = (kl, pick);
+                best = (kl, a);
             }
         }
-        let (kl, pick) = best;
-        set(&mut self.model, pick);
+        let (kl, a) = best;
+        set(&mut self.model, &a);
         self.model.set_quant_acts(acts);
         Ok(MixChoice {
-            recipe: recipe_of(pick),
+            recipe: a.recipe(),
             q4_kl,
             kl,
-            q4_bits: bits(q4),
-            bits: bits(pick),
+            q4_bits: bits(&q4_all),
+            bits: bits(&a),
             classes,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in (0, 1].
+    fn values(n: usize, seed: u64) -> Vec<f64> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+            })
+            .collect()
+    }
+
+    /// A made-up model of `layers` layers: errors falling and bits rising with the format.
+    fn problem(layers: usize, seed: u64) -> (PerMatrix<f64>, PerMatrix<f64>, Sensitivity) {
+        let mut v = values(1000, seed).into_iter();
+        let mut error = PerMatrix::<f64>::new(layers);
+        let mut bits = PerMatrix::<f64>::new(layers);
+        let widths = [4.5, 5.5, 6.5, 8.5];
+        let fill = |e: &mut Widths<f64>, b: &mut Widths<f64>, v: &mut dyn Iterator<Item = f64>| {
+            let (scale, size) = (v.next().unwrap(), 0.02 + 0.1 * v.next().unwrap());
+            for f in 0..FORMATS.len() {
+                e[f] = scale * [1.0, 0.24, 0.055, 0.006][f] * (0.8 + 0.4 * v.next().unwrap());
+                b[f] = size * widths[f];
+            }
+        };
+        for l in 0..layers {
+            for c in 0..PROJ {
+                fill(&mut error.layers[l][c], &mut bits.layers[l][c], &mut v);
+            }
+        }
+        fill(&mut error.embed, &mut bits.embed, &mut v);
+        let sensitivity = Sensitivity {
+            layers: std::array::from_fn(|_| std::array::from_fn(|_| v.next().unwrap())),
+            embed: v.next().unwrap(),
+        };
+        (error, bits, sensitivity)
+    }
+
+    #[test]
+    fn the_band_search_finds_what_trying_every_assignment_finds() {
+        // Fewer layers than bands: nine units (two layers) or five (one) hold matrices, so that
+        // trying every assignment stays quick; the walk skips the empty ones.
+        for (layers, seed) in [(2, 1), (2, 2), (1, 3)] {
+            let (error, bits, sens) = problem(layers, seed);
+            let all_q4 = bits.total(&of_bands(&[0; UNITS], layers));
+            let all_q8 = bits.total(&of_bands(&[3; UNITS], layers));
+            for budget in [
+                all_q4 + 0.3 * (all_q8 - all_q4),
+                all_q4 + 0.8 * (all_q8 - all_q4),
+            ] {
+                let got = best_by_bands(&error, &bits, &sens, 1.0, budget, 3);
+                // Every assignment, by brute force through the per-matrix model.
+                let live: Vec<usize> = (0..UNITS)
+                    .filter(|&u| {
+                        u == UNITS - 1 || (0..layers).any(|l| l * BANDS / layers == u % BANDS)
+                    })
+                    .collect();
+                let mut want: Vec<(f64, f64, [usize; UNITS])> = Vec::new();
+                for mut n in 0..FORMATS.len().pow(live.len() as u32) {
+                    let mut pick = [0; UNITS];
+                    for &u in &live {
+                        pick[u] = n % FORMATS.len();
+                        n /= FORMATS.len();
+                    }
+                    let a = of_bands(&pick, layers);
+                    let uniform = a.layers.iter().all(|l| *l == a.layers[0]);
+                    let b = bits.total(&a);
+                    if b <= budget && !uniform {
+                        want.push((sens.predict(1.0, &error, &a), b, pick));
+                    }
+                }
+                want.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.total_cmp(&y.1)));
+                assert_eq!(got.len(), want.len().min(3));
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g.0 - w.0).abs() < 1e-12 && (g.1 - w.1).abs() < 1e-12,
+                        "{layers} layers, budget {budget}: {g:?} vs {w:?}"
+                    );
+                    assert!(g.1 <= budget);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn assignments_are_named_by_recipes_that_give_each_matrix_its_format() {
+        let classes = [
+            "self_attn.qkv_proj",
+            "self_attn.o_proj",
+            "mlp.gate_up_proj",
+            "mlp.down_proj",
+        ];
+        for pick in [
+            [0usize; UNITS],
+            [3; UNITS],
+            [1, 1, 1, 2, 2, 2, 0, 0, 0, 3, 3, 3, 2],
+            [1, 2, 1, 0, 0, 3, 2, 2, 2, 0, 1, 0, 2],
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 3, 3, 3],
+        ] {
+            let a = of_bands(&pick, 7);
+            let r = a.recipe();
+            // The name is the recipe's canonical one and parses back to it.
+            assert_eq!(Recipe::parse(&r.name()).unwrap(), r);
+            for (l, picks) in a.layers.iter().enumerate() {
+                for (c, class) in classes.iter().enumerate() {
+                    let name = format!("model.layers.{l}.{class}.weight");
+                    assert_eq!(r.qtype(&name), FORMATS[picks[c]], "{} {name}", r.name());
+                }
+            }
+            assert_eq!(r.qtype("lm_head.weight"), FORMATS[a.embed]);
+        }
+        assert_eq!(of_bands(&[0; UNITS], 7).recipe(), Recipe::Q4);
+        let edge = [0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 3, 3, 3];
+        assert_eq!(of_bands(&edge, 7).recipe(), Recipe::Q4Edge);
     }
 }

@@ -277,6 +277,14 @@ impl Phi3ForCausalLM {
     /// see [`Phi3ForCausalLM::collect_stats`]). Tied embeddings take the LM head's: their
     /// rounding matters as the LM head's product, not as the lookup.
     pub fn quantize_weighted(&mut self, recipe: Recipe, imp: Option<&Importance>) -> Result<()> {
+        let n = self.model.layers.len();
+        if let Some(l) = recipe.max_layer().filter(|&l| l >= n) {
+            anyhow::bail!(
+                "recipe {} names layer {l}, but the model has {n} layers (0 to {})",
+                recipe.name(),
+                n - 1
+            );
+        }
         let of = |name: &str| imp.and_then(|m| m.get(name)).map(Vec::as_slice);
         for (l, layer) in self.model.layers.iter_mut().enumerate() {
             let p = format!("model.layers.{l}");

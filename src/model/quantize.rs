@@ -23,6 +23,9 @@ pub const CALIBRATION_KEY: &str = "phi4.calibration";
 pub const RECIPE_KEY: &str = "phi4.recipe";
 
 /// Which block format each weight gets.
+// A mix's layer rules make it ~330 bytes; recipes are copied a few times per quantization, not
+// per token, and staying `Copy` keeps every caller simple, so it is not boxed.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recipe {
     /// Every matrix at 8 bits.
@@ -37,15 +40,25 @@ pub enum Recipe {
     /// under uniform 4-bit, most where errors are not averaged away (the MLP output, the logits).
     Q4Edge,
     /// One format for every matrix but the classes given another: `q4+qkv_proj+embed` (the
-    /// classes at 8 bits), `q5+qkv_proj:q6+embed:q8` on the command line.
+    /// classes at 8 bits), `q5+qkv_proj:q6+embed:q8` on the command line; and layers of a
+    /// class given another still: `q5+down_proj@0-2,29:q6`.
     Mix(Mix),
 }
 
-/// A [`Recipe::Mix`]: the base format, and per class of [`CLASSES`] (by index) its own format.
+/// Decoder layers, bit `i` for layer `i`.
+pub type Layers = u128;
+
+/// Layers a recipe can name one by one.
+pub const MAX_LAYERS: usize = Layers::BITS as usize;
+
+/// A [`Recipe::Mix`]: the base format, per class of [`CLASSES`] (by index) its own format, and
+/// per class and format (by index in [`QType::ALL`]) the layers that take that format instead
+/// of the class's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mix {
     pub base: QType,
     pub classes: [Option<QType>; CLASSES.len()],
+    pub layers: [[Layers; QType::ALL.len()]; CLASSES.len()],
 }
 
 impl Mix {
@@ -54,8 +67,81 @@ impl Mix {
         Mix {
             base,
             classes: std::array::from_fn(|i| (mask & (1 << i) != 0).then_some(to)),
+            layers: NO_LAYERS,
         }
     }
+
+    /// The format of class `c` (index in [`CLASSES`]) in decoder layer `layer`.
+    pub fn format(&self, c: usize, layer: Option<usize>) -> QType {
+        if let Some(l) = layer.filter(|&l| l < MAX_LAYERS) {
+            if let Some(f) = self.layers[c].iter().position(|m| m >> l & 1 == 1) {
+                return QType::ALL[f];
+            }
+        }
+        self.classes[c].unwrap_or(self.base)
+    }
+
+    /// The highest layer a layer rule names.
+    pub fn max_layer(&self) -> Option<usize> {
+        let all = self.layers.iter().flatten().fold(0, |a, m| a | m);
+        (all != 0).then(|| MAX_LAYERS - 1 - all.leading_zeros() as usize)
+    }
+}
+
+/// No layer rules.
+pub const NO_LAYERS: [[Layers; QType::ALL.len()]; CLASSES.len()] =
+    [[0; QType::ALL.len()]; CLASSES.len()];
+
+/// `0-2,5` for layers 0, 1, 2 and 5.
+pub fn layers_name(m: Layers) -> String {
+    let mut parts = Vec::new();
+    let mut l = 0;
+    while l < MAX_LAYERS {
+        if m >> l & 1 == 0 {
+            l += 1;
+            continue;
+        }
+        let start = l;
+        while l + 1 < MAX_LAYERS && m >> (l + 1) & 1 == 1 {
+            l += 1;
+        }
+        parts.push(if l == start {
+            start.to_string()
+        } else {
+            format!("{start}-{l}")
+        });
+        l += 1;
+    }
+    parts.join(",")
+}
+
+fn parse_layers(s: &str, recipe: &str) -> Result<Layers> {
+    let bad = || {
+        anyhow::anyhow!(
+            "layers {s:?} in recipe {recipe:?}: give layer numbers and ranges below {MAX_LAYERS}, as 0-3,29"
+        )
+    };
+    let mut m: Layers = 0;
+    for part in s.split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (usize, usize) = (
+            a.trim().parse().map_err(|_| bad())?,
+            b.trim().parse().map_err(|_| bad())?,
+        );
+        if a > b || b >= MAX_LAYERS {
+            return Err(bad());
+        }
+        for l in a..=b {
+            m |= 1 << l;
+        }
+    }
+    Ok(m)
+}
+
+/// The layer a weight name belongs to (`model.layers.{i}.…`).
+fn layer_of(name: &str) -> Option<usize> {
+    let rest = name.strip_prefix("model.layers.")?;
+    rest.split('.').next()?.parse().ok()
 }
 
 /// The classes of weight matrices a [`Recipe::Mix`] can give their own format: the four
@@ -87,6 +173,7 @@ impl Recipe {
     const EDGE: Mix = Mix {
         base: QType::Q4,
         classes: [None, None, None, Some(QType::Q8), Some(QType::Q8)],
+        layers: NO_LAYERS,
     };
 
     pub fn name(self) -> std::borrow::Cow<'static, str> {
@@ -98,13 +185,27 @@ impl Recipe {
             Recipe::Q4Edge => "q4-edge".into(),
             Recipe::Mix(mix) => {
                 let mut s = String::from(mix.base.name());
+                let mut part = |class: &str, layers: Option<Layers>, t: QType| {
+                    s += "+";
+                    s += class;
+                    if let Some(m) = layers {
+                        s += "@";
+                        s += &layers_name(m);
+                    }
+                    if t != QType::Q8 {
+                        s += ":";
+                        s += t.name();
+                    }
+                };
                 for (c, t) in CLASSES.iter().zip(mix.classes) {
                     if let Some(t) = t {
-                        s += "+";
-                        s += c;
-                        if t != QType::Q8 {
-                            s += ":";
-                            s += t.name();
+                        part(c, None, t);
+                    }
+                }
+                for (c, per_format) in CLASSES.iter().zip(mix.layers) {
+                    for (t, m) in QType::ALL.into_iter().zip(per_format) {
+                        if m != 0 {
+                            part(c, Some(m), t);
                         }
                     }
                 }
@@ -126,10 +227,11 @@ impl Recipe {
             );
         };
         let mut classes = [None; CLASSES.len()];
+        let mut layers = NO_LAYERS;
         for part in parts {
-            let (class, t) = match part.split_once(':') {
-                Some((class, t)) => (
-                    class,
+            let (head, t) = match part.split_once(':') {
+                Some((head, t)) => (
+                    head,
                     QType::parse(t).with_context(|| {
                         format!(
                             "unknown format {t:?} in recipe {s:?}; the formats are q4, q5, q6, q8"
@@ -138,12 +240,33 @@ impl Recipe {
                 ),
                 None => (part, QType::Q8),
             };
+            let (class, at) = match head.split_once('@') {
+                Some((class, at)) => (class, Some(at)),
+                None => (head, None),
+            };
             let i = CLASSES.iter().position(|c| *c == class).with_context(|| {
                 format!(
                     "unknown class {class:?} in recipe {s:?}; the classes are {}",
                     CLASSES.join(", ")
                 )
             })?;
+            if let Some(at) = at {
+                if class == "embed" {
+                    anyhow::bail!(
+                        "the embeddings are in no layer: {part:?} in recipe {s:?} names layers"
+                    );
+                }
+                let m = parse_layers(at, s)?;
+                let f = QType::ALL.iter().position(|&x| x == t).expect("a format");
+                let taken = layers[i].iter().fold(0, |a, m| a | m);
+                if layers[i][f] != 0 || taken & m != 0 {
+                    anyhow::bail!(
+                        "layers of class {class:?} named twice in recipe {s:?}: give each layer one format, and a format's layers in one part"
+                    );
+                }
+                layers[i][f] = m;
+                continue;
+            }
             if classes[i].is_some() {
                 anyhow::bail!("class {class:?} named twice in recipe {s:?}");
             }
@@ -155,13 +278,35 @@ impl Recipe {
             }
             classes[i] = Some(t);
         }
-        let mix = Mix { base, classes };
+        for (i, class) in CLASSES.iter().enumerate() {
+            let own = classes[i].unwrap_or(base);
+            let f = QType::ALL.iter().position(|&x| x == own).expect("a format");
+            if layers[i][f] != 0 {
+                anyhow::bail!(
+                    "layers of class {class:?} are given its own format {} in recipe {s:?}",
+                    own.name()
+                );
+            }
+        }
+        let mix = Mix {
+            base,
+            classes,
+            layers,
+        };
         // A mix that is a named recipe goes by that name.
         Ok(if mix == Recipe::EDGE {
             Recipe::Q4Edge
         } else {
             Recipe::Mix(mix)
         })
+    }
+
+    /// The highest decoder layer the recipe names (for a check against the model's).
+    pub fn max_layer(self) -> Option<usize> {
+        match self {
+            Recipe::Mix(mix) => mix.max_layer(),
+            _ => None,
+        }
     }
 
     /// The format for the weight matrix `name` (a Hugging Face tensor name).
@@ -174,11 +319,10 @@ impl Recipe {
             Recipe::Q4Edge => Recipe::EDGE,
             Recipe::Mix(mix) => mix,
         };
-        CLASSES
-            .iter()
-            .zip(mix.classes)
-            .find_map(|(c, t)| t.filter(|_| is_class(name, c)))
-            .unwrap_or(mix.base)
+        match CLASSES.iter().position(|c| is_class(name, c)) {
+            Some(c) => mix.format(c, layer_of(name)),
+            None => mix.base,
+        }
     }
 }
 
@@ -341,6 +485,46 @@ mod tests {
             ("q4+embed:q7", "unknown format \"q7\""),
             ("q6+embed:q6", "base format"),
             ("q4+embed+embed", "named twice"),
+        ] {
+            let e = Recipe::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn layer_rules_parse_name_and_place_each_matrix() {
+        let r = Recipe::parse("q5+down_proj@29,0-2:q6+qkv_proj:q6+qkv_proj@3:q8+down_proj@5:q4")
+            .unwrap();
+        // Canonical order: class-wide parts, then layer rules by class and widest format first.
+        let name = "q5+qkv_proj:q6+qkv_proj@3+down_proj@0-2,29:q6+down_proj@5:q4";
+        assert_eq!(r.name(), name);
+        assert_eq!(Recipe::parse(name).unwrap(), r);
+        assert_eq!(r.max_layer(), Some(29));
+        let at = |l: usize, m: &str| r.qtype(&format!("model.layers.{l}.{m}.weight"));
+        assert_eq!(at(0, "mlp.down_proj"), QType::Q6);
+        assert_eq!(at(2, "mlp.down_proj"), QType::Q6);
+        assert_eq!(at(3, "mlp.down_proj"), QType::Q5);
+        assert_eq!(at(5, "mlp.down_proj"), QType::Q4);
+        assert_eq!(at(29, "mlp.down_proj"), QType::Q6);
+        assert_eq!(at(3, "self_attn.qkv_proj"), QType::Q8);
+        assert_eq!(at(4, "self_attn.qkv_proj"), QType::Q6);
+        assert_eq!(at(0, "mlp.gate_up_proj"), QType::Q5);
+        assert_eq!(r.qtype("lm_head.weight"), QType::Q5);
+        // Layers past 127 cannot be named and take the class's format.
+        assert_eq!(at(200, "mlp.down_proj"), QType::Q5);
+        assert_eq!(Recipe::Q4Edge.max_layer(), None);
+        assert_eq!(Recipe::parse("q4+embed").unwrap().max_layer(), None);
+        for (bad, needle) in [
+            ("q4+embed@0", "no layer"),
+            ("q4+down_proj@", "layers \"\""),
+            ("q4+down_proj@3-1", "ranges below 128"),
+            ("q4+down_proj@128", "ranges below 128"),
+            ("q4+down_proj@x:q6", "layers \"x\""),
+            ("q4+down_proj@1:q6+down_proj@2:q6", "named twice"),
+            ("q4+down_proj@1-3:q6+down_proj@3:q8", "named twice"),
+            ("q4+down_proj@1:q4", "its own format q4"),
+            ("q4+down_proj:q6+down_proj@1:q6", "its own format q6"),
+            ("q4+mlp@1", "unknown class \"mlp\""),
         ] {
             let e = Recipe::parse(bad).unwrap_err().to_string();
             assert!(e.contains(needle), "{bad}: {e}");
