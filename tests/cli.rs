@@ -651,6 +651,25 @@ fn transcribe_and_run_with_audio_reproduce_the_reference() {
     );
 }
 
+/// `phi4 quantize` without `--recipe` writes q5 (the default since it beat q4-edge in size and
+/// KL) and says so in the metadata.
+#[test]
+fn quantize_defaults_to_q5() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("d").display().to_string();
+    let r = phi4(&["quantize", "--model", &tiny(), "--out", &out], None);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let bytes = std::fs::read(std::path::Path::new(&out).join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let h: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    assert_eq!(h["__metadata__"]["phi4.recipe"], "q5");
+    let kinds: Value =
+        serde_json::from_str(h["__metadata__"]["phi4.quant"].as_str().unwrap()).unwrap();
+    for (name, kind) in kinds.as_object().unwrap() {
+        assert_eq!(kind["type"], "q5", "{name}");
+    }
+}
+
 /// `phi4 quantize --calibration`: runs the float model over the text, records what it was
 /// calibrated on in the checkpoint's metadata, changes the 4-bit scales (and not the 8-bit
 /// ones), and the result loads and runs; bad calibration input is refused by name.

@@ -8,14 +8,16 @@ pub(super) struct QuantizeArgs {
     /// Output directory (created; must not already hold a model.safetensors).
     #[arg(long)]
     out: PathBuf,
-    /// q8, q6, q5, q4, q4-edge (4-bit with down_proj and the embeddings / LM head at 8 bits),
+    /// q5 (the default: 5.5 bits per weight, smaller than q4-edge with half its KL or less on
+    /// SmolLM2 and on synthetic Phi-4-mini, BENCHMARKS.md issue 25), q8, q6, q4, q4-edge (4-bit
+    /// with down_proj and the embeddings / LM head at 8 bits),
     /// or a format with named classes in another, 8 bits unless given, as q4+qkv_proj+embed or
     /// q5+qkv_proj:q6+embed:q6 (classes: qkv_proj, o_proj, gate_up_proj, down_proj, embed;
     /// embed is the embeddings and the LM head), and layers of a class in another still, as
     /// q5+down_proj:q6+down_proj@0-9,29:q8 (layers from 0; lists and ranges).
-    #[arg(long, value_parser = parse_recipe, default_value = "q4-edge")]
+    #[arg(long, value_parser = parse_recipe, default_value = "q5")]
     recipe: Recipe,
-    /// Calibration text (UTF-8): the float model runs over it first, and each 4-bit matrix's
+    /// Calibration text (UTF-8): the float model runs over it first, and each 4-, 5- or 6-bit matrix's
     /// scales are chosen to minimise its rounding error weighted by the mean square of the
     /// activations each column met (llama.cpp's importance matrix, computed by phi4 itself).
     /// Use text like what the model will see, and not the text you evaluate on.
