@@ -17,9 +17,9 @@ pub(super) struct QuantizeArgs {
     /// q5+down_proj:q6+down_proj@0-9,29:q8 (layers from 0; lists and ranges).
     #[arg(long, value_parser = parse_recipe, default_value = "q5")]
     recipe: Recipe,
-    /// Calibration text (UTF-8): the float model runs over it first, and each 4-, 5- or 6-bit matrix's
-    /// scales are chosen to minimise its rounding error weighted by the mean square of the
-    /// activations each column met (llama.cpp's importance matrix, computed by phi4 itself).
+    /// Calibration text (UTF-8): the float model runs over it first, and each 4-, 5- or 6-bit
+    /// matrix's scales are chosen to minimise its rounding error weighted by the mean square of
+    /// the activations each column met (llama.cpp's importance matrix, computed by phi4 itself).
     /// Use text like what the model will see, and not the text you evaluate on.
     #[arg(long, value_name = "FILE")]
     calibration: Option<PathBuf>,
