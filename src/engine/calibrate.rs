@@ -764,3 +764,57 @@ mod tests {
         assert_eq!(of_bands(&edge, 7).recipe(), Recipe::Q4Edge);
     }
 }
+
+#[cfg(test)]
+mod untied_tests {
+    use super::*;
+    use crate::weights::DType;
+
+    /// A model whose LM head is a matrix of its own: the search counts the head and the table
+    /// (both of class `embed`), gives both the format its recipe names, and keeps them apart.
+    #[test]
+    fn an_untied_head_and_table_both_take_the_embed_format() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-phi4");
+        let mut e = Engine::load(&dir).unwrap();
+        let table = e.model.model.embed_tokens.clone();
+        let mut values = vec![0f32; table.numel()];
+        table.read_f32(0, &mut values);
+        // A head unlike the table, so that a mix-up of the two shows.
+        values
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = -0.5 * *v + (i % 7) as f32 * 1e-3);
+        e.model.config.tie_word_embeddings = false;
+        e.model.lm_head = Linear::new(Tensor::from_f32(table.shape.clone(), &values)).unwrap();
+        let text = std::fs::read_to_string(dir.join("../perplexity.txt")).unwrap();
+        let ids = e.tokenizer.encode(&text).unwrap();
+        let (imp, _) = e.calibrate(&ids, 64, 2, &|_, _| {}).unwrap();
+        let choice = e.choose_mix(&ids[..64], &imp, 6.0, &|_| {}).unwrap();
+        assert!(choice.bits <= 6.0 + 1e-9, "{}", choice.bits);
+        let r = choice.recipe;
+        let head = e.model.lm_head.weight();
+        let table = &e.model.model.embed_tokens;
+        assert_eq!(
+            head.dtype,
+            DType::Quant(r.qtype("lm_head.weight")),
+            "{}",
+            r.name()
+        );
+        assert_eq!(
+            table.dtype,
+            DType::Quant(r.qtype("model.embed_tokens.weight"))
+        );
+        // The head kept its own values: its first row is not the table's.
+        let (mut h, mut t) = (vec![0f32; table.shape[1]], vec![0f32; table.shape[1]]);
+        head.read_f32(0, &mut h);
+        table.read_f32(0, &mut t);
+        assert_ne!(h, t);
+        // The embed class's bytes are the two matrices', in each format.
+        let embed = &choice.classes[CLASSES.len() - 1];
+        let f = FORMATS
+            .iter()
+            .position(|&q| q == r.qtype("lm_head.weight"))
+            .unwrap();
+        assert_eq!(embed.bytes[f], head.nbytes() + table.nbytes());
+    }
+}
