@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use super::Engine;
 use crate::kernels::quant::QType;
 use crate::model::linear::Linear;
-use crate::model::quantize::{layers_name, Importance, Mix, Recipe, CLASSES, NO_LAYERS};
+use crate::model::quantize::{Importance, Mix, Recipe, CLASSES, MAX_LAYERS, NO_LAYERS};
 use crate::model::{BatchItem, Logits, Phi3ForCausalLM};
 use crate::weights::Tensor;
 
@@ -309,6 +309,9 @@ fn best_by_bands(
     max_bits: f64,
     keep: usize,
 ) -> Vec<(f64, f64, [usize; UNITS])> {
+    if keep == 0 {
+        return Vec::new();
+    }
     let n = error.layers.len();
     // Per unit: saving per format (against q4), bits per format, and whether it holds a matrix.
     let mut save = [[0f64; FORMATS.len()]; UNITS];
@@ -544,19 +547,22 @@ impl Engine {
                     (error.embed[0] - error.embed[q8], format!("q4+{name}"))
                 } else {
                     let mut removed = 0.0;
-                    let mut band: u128 = 0;
+                    let mut span: Option<(usize, usize)> = None;
                     for (l, picks) in a.layers.iter_mut().enumerate() {
                         if l * BANDS / n_layers == k {
                             picks[c] = q8;
                             removed += error.layers[l][c][0] - error.layers[l][c][q8];
-                            band |= 1 << l.min(127);
+                            span = Some((span.map_or(l, |s| s.0), l));
                         }
                     }
-                    if band == 0 {
-                        // Fewer layers than bands: this band is empty.
-                        continue;
-                    }
-                    (removed, format!("q4+{name}@{}", layers_name(band)))
+                    // Fewer layers than bands: this band is empty.
+                    let Some((first, last)) = span else { continue };
+                    let layers = if first == last {
+                        first.to_string()
+                    } else {
+                        format!("{first}-{last}")
+                    };
+                    (removed, format!("q4+{name}@{layers}"))
                 };
                 let kl = measure(self, &a)?;
                 let s = if removed > 0.0 {
@@ -603,14 +609,15 @@ impl Engine {
             .collect();
         fits.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)));
         fits.truncate(FINALISTS);
-        for (predicted, b, pick) in best_by_bands(
-            &error,
-            &bits_of,
-            &sensitivity,
-            q4_kl,
-            max_bits,
-            BAND_FINALISTS,
-        ) {
+        // A recipe names layers below MAX_LAYERS only: deeper models get per-class mixes.
+        let bands = if n_layers <= MAX_LAYERS {
+            BAND_FINALISTS
+        } else {
+            0
+        };
+        for (predicted, b, pick) in
+            best_by_bands(&error, &bits_of, &sensitivity, q4_kl, max_bits, bands)
+        {
             fits.push((predicted, b, of_bands(&pick, n_layers)));
         }
         let q4_all = of(q4);
@@ -647,16 +654,11 @@ impl Engine {
 mod tests {
     use super::*;
 
-    /// Deterministic values in (0, 1].
+    /// Deterministic values in [0, 1): the kernels' test data, shifted.
     fn values(n: usize, seed: u64) -> Vec<f64> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 11) as f64 + 1.0) / (1u64 << 53) as f64
-            })
+        crate::kernels::test_data(n, seed)
+            .into_iter()
+            .map(|v| v as f64 + 0.5)
             .collect()
     }
 

@@ -93,7 +93,7 @@ pub const NO_LAYERS: [[Layers; QType::ALL.len()]; CLASSES.len()] =
     [[0; QType::ALL.len()]; CLASSES.len()];
 
 /// `0-2,5` for layers 0, 1, 2 and 5.
-pub fn layers_name(m: Layers) -> String {
+fn layers_name(m: Layers) -> String {
     let mut parts = Vec::new();
     let mut l = 0;
     while l < MAX_LAYERS {
