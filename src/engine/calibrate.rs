@@ -414,10 +414,10 @@ impl Engine {
     /// or per class and band of layers ([`BANDS`]), for the least KL within `max_bits` per
     /// weight of the quantized matrices. A model of the loss, measured: the sensitivities come
     /// from scoring q4, and q4 with one class at 8 bits in one band of layers (the embeddings:
-    /// alone), 13 runs (mean KL against the float model over the scored half of `window`); each
-    /// matrix's rounding error in each format is computed (`Σ imp·(w − ŵ)²`, with the column
-    /// importances `imp` from [`Engine::calibrate`], which also weigh the scales); a matrix in
-    /// format f is predicted to save its class and band's sensitivity × (error at q4 − error at
+    /// alone), 14 runs with q4's (mean KL against the float model over the scored half of
+    /// `window`); each matrix's rounding error in each format is computed (`Σ imp·(w − ŵ)²`,
+    /// with the column importances `imp` from [`Engine::calibrate`], which also weigh the
+    /// scales); a matrix in format f is predicted to save its class and band's sensitivity × (error at q4 − error at
     /// f), and the savings to add up. The best [`FINALISTS`] per-class assignments within the
     /// budget by that prediction (all 4^5 tried) and the best [`BAND_FINALISTS`] that give
     /// bands of a class different formats ([`best_by_bands`], all 4^13 in effect) are scored;
