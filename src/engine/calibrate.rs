@@ -162,6 +162,11 @@ fn per_format<T>(mut f: impl FnMut(usize, QType) -> Result<T>) -> Result<Widths<
         .unwrap_or_else(|_| unreachable!("one per format")))
 }
 
+/// The band (of [`BANDS`]) that layer `l` of `layers` falls in.
+fn band(l: usize, layers: usize) -> usize {
+    l * BANDS / layers
+}
+
 /// Projection classes: every class of [`CLASSES`] but the last (`embed`), one matrix per layer.
 const PROJ: usize = CLASSES.len() - 1;
 
@@ -204,11 +209,7 @@ impl Assign {
         for (l, picks) in self.layers.iter().enumerate() {
             for c in 0..PROJ {
                 if picks[c] != own[c] {
-                    let f = QType::ALL
-                        .iter()
-                        .position(|&t| t == FORMATS[picks[c]])
-                        .expect("a format");
-                    layers[c][f] |= 1 << l;
+                    layers[c][FORMATS[picks[c]].index()] |= 1 << l;
                 }
             }
         }
@@ -286,7 +287,7 @@ impl Sensitivity {
         let mut saved = self.embed * (error.embed[0] - error.embed[a.embed]);
         for (l, (e, picks)) in error.layers.iter().zip(&a.layers).enumerate() {
             for c in 0..PROJ {
-                saved += self.layers[c][l * BANDS / n] * (e[c][0] - e[c][picks[c]]);
+                saved += self.layers[c][band(l, n)] * (e[c][0] - e[c][picks[c]]);
             }
         }
         q4_kl - saved
@@ -319,10 +320,10 @@ fn best_by_bands(
     let mut live = [false; UNITS];
     for l in 0..n {
         for c in 0..PROJ {
-            let u = c * BANDS + l * BANDS / n;
+            let u = c * BANDS + band(l, n);
             let (e, b) = (&error.layers[l][c], &bits.layers[l][c]);
             for f in 0..FORMATS.len() {
-                save[u][f] += sensitivity.layers[c][l * BANDS / n] * (e[0] - e[f]);
+                save[u][f] += sensitivity.layers[c][band(l, n)] * (e[0] - e[f]);
                 cost[u][f] += b[f];
             }
             live[u] = true;
@@ -400,7 +401,7 @@ fn best_by_bands(
 fn of_bands(pick: &[usize; UNITS], layers: usize) -> Assign {
     Assign {
         layers: (0..layers)
-            .map(|l| std::array::from_fn(|c| pick[c * BANDS + l * BANDS / layers]))
+            .map(|l| std::array::from_fn(|c| pick[c * BANDS + band(l, layers)]))
             .collect(),
         embed: pick[UNITS - 1],
     }
@@ -549,7 +550,7 @@ impl Engine {
                     let mut removed = 0.0;
                     let mut span: Option<(usize, usize)> = None;
                     for (l, picks) in a.layers.iter_mut().enumerate() {
-                        if l * BANDS / n_layers == k {
+                        if band(l, n_layers) == k {
                             picks[c] = q8;
                             removed += error.layers[l][c][0] - error.layers[l][c][q8];
                             span = Some((span.map_or(l, |s| s.0), l));
@@ -704,7 +705,7 @@ mod tests {
                 // Every assignment, by brute force through the per-matrix model.
                 let live: Vec<usize> = (0..UNITS)
                     .filter(|&u| {
-                        u == UNITS - 1 || (0..layers).any(|l| l * BANDS / layers == u % BANDS)
+                        u == UNITS - 1 || (0..layers).any(|l| band(l, layers) == u % BANDS)
                     })
                     .collect();
                 let mut want: Vec<(f64, f64, [usize; UNITS])> = Vec::new();

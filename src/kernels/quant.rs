@@ -72,6 +72,14 @@ impl QType {
         QType::ALL.into_iter().find(|t| t.name() == s)
     }
 
+    /// This format's place in [`QType::ALL`] (for tables kept per format).
+    pub fn index(self) -> usize {
+        QType::ALL
+            .iter()
+            .position(|&t| t == self)
+            .expect("every format is in ALL")
+    }
+
     /// Bits per stored value.
     pub fn bits(self) -> usize {
         match self {

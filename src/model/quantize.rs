@@ -257,7 +257,7 @@ impl Recipe {
                     );
                 }
                 let m = parse_layers(at, s)?;
-                let f = QType::ALL.iter().position(|&x| x == t).expect("a format");
+                let f = t.index();
                 let taken = layers[i].iter().fold(0, |a, m| a | m);
                 if layers[i][f] != 0 || taken & m != 0 {
                     anyhow::bail!(
@@ -280,8 +280,7 @@ impl Recipe {
         }
         for (i, class) in CLASSES.iter().enumerate() {
             let own = classes[i].unwrap_or(base);
-            let f = QType::ALL.iter().position(|&x| x == own).expect("a format");
-            if layers[i][f] != 0 {
+            if layers[i][own.index()] != 0 {
                 anyhow::bail!(
                     "layers of class {class:?} are given its own format {} in recipe {s:?}",
                     own.name()
