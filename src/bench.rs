@@ -361,6 +361,16 @@ pub struct ImageBench {
     pub runs: usize,
 }
 
+/// Filler weight `i` of the kernel timings: spread values in [-0.1, 0.1), no file needed.
+fn filler_weight(i: usize) -> f32 {
+    ((i * 2654435761) % 1999) as f32 * 1e-4 - 0.1
+}
+
+/// Filler activation `i` of the kernel timings, in [-0.5, 0.5).
+fn filler_act(i: usize) -> f32 {
+    ((i * 40503) % 997) as f32 * 1e-3 - 0.5
+}
+
 /// The machine's bf16 matrix-product rate as our kernels reach it, G multiply-adds/s: the best
 /// of five products of a 4096×4096 bf16 matrix with 1024 activation rows (compute-bound) with
 /// `acts` activations; the yardstick for the encoders' efficiency.
@@ -368,14 +378,12 @@ pub fn bf16_matmul_peak_gmacs(acts: crate::kernels::bf16::Bf16Acts) -> Result<f6
     let (n, rows) = (4096, 1024);
     let w = crate::weights::Tensor::bf16_with(vec![n, n], |v| {
         for (i, x) in v.iter_mut().enumerate() {
-            *x = half::bf16::from_f32(((i * 2654435761) % 1999) as f32 * 1e-4 - 0.1);
+            *x = half::bf16::from_f32(filler_weight(i));
         }
     });
     let mut lin = crate::model::Linear::new(w)?;
     lin.set_bf16_acts(acts);
-    let x: Vec<f32> = (0..rows * n)
-        .map(|i| ((i * 40503) % 997) as f32 * 1e-3 - 0.5)
-        .collect();
+    let x: Vec<f32> = (0..rows * n).map(filler_act).collect();
     let mut y = vec![0f32; rows * n];
     let mut best = f64::INFINITY;
     for _ in 0..5 {
@@ -423,14 +431,10 @@ pub fn run_kernels(m: usize, runs: usize) -> Result<KernelReport> {
                 .zip(d.par_chunks_mut(nb))
                 .enumerate()
                 .for_each(|(r, (q, d))| {
-                    let w: Vec<f32> = (0..cols)
-                        .map(|c| (((r * cols + c) * 2654435761) % 1999) as f32 * 1e-4 - 0.1)
-                        .collect();
+                    let w: Vec<f32> = (0..cols).map(|c| filler_weight(r * cols + c)).collect();
                     quant::quantize_row(t, &w, q, d);
                 });
-            let x: Vec<f32> = (0..m * cols)
-                .map(|i| ((i * 40503) % 997) as f32 * 1e-3 - 0.5)
-                .collect();
+            let x: Vec<f32> = (0..m * cols).map(filler_act).collect();
             let mut y = vec![0f32; m * rows];
             let view = WeightView::Quant {
                 t,
