@@ -216,6 +216,7 @@ impl Assign {
         if own.iter().all(|&o| o == base) && layers == NO_LAYERS {
             return match FORMATS[base] {
                 QType::Q4 => Recipe::Q4,
+                QType::Q4M => Recipe::Q4M,
                 QType::Q5 => Recipe::Q5,
                 QType::Q6 => Recipe::Q6,
                 QType::Q8 => Recipe::Q8,

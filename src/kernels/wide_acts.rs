@@ -24,7 +24,7 @@
 
 use half::f16;
 
-use super::quant::{padded, pos8, value, QType, BLOCK};
+use super::quant::{block_terms, padded, pos8, value, QType, BLOCK};
 use super::{cpu, Isa};
 
 /// One activation row rounded to i16 blocks.
@@ -158,10 +158,12 @@ pub fn scalar_dot_rows(t: QType, qs: &[u8], d: &[f16], xs: &[&QActs16], out: &mu
     for (o, x) in out.iter_mut().zip(xs) {
         let mut acc = 0f32;
         for (b, db) in d.iter().enumerate() {
+            let (scale, mult, zero) = block_terms(t, *db);
             let isum: i32 = (b * BLOCK..(b + 1) * BLOCK)
                 .map(|e| value(t, qs, e, d.len()) * x.qs[pos16(e)] as i32)
                 .sum();
-            acc += db.to_f32() * x.d[b] * isum as f32;
+            let isum = mult * isum - zero * (x.sum8[b] >> 3);
+            acc += scale * x.d[b] * isum as f32;
         }
         *o = acc;
     }
@@ -214,12 +216,12 @@ pub fn dot_rows(t: QType, qs: &[u8], d: &[f16], xs: &[&QActs16], out: &mut [f32]
 mod neon {
     use super::super::quant::{by_rows_and_type, offset_shift};
     use super::{QActs16, QType};
-    use half::{f16, slice::HalfFloatSliceExt};
+    use half::f16;
     use std::arch::aarch64::*;
 
     #[target_feature(enable = "neon")]
     pub unsafe fn dot_rows(t: QType, qs: &[u8], d: &[f16], xs: &[&QActs16], out: &mut [f32]) {
-        by_rows_and_type!(t, xs, |N, B| dot_n::<N, B>(qs, d, xs, out))
+        by_rows_and_type!(t, xs, |N, B, Z| dot_n::<N, B, Z>(qs, d, xs, out))
     }
 
     /// Chunk `c` of a group as 16-bit values: `[even, odd]` positions, each as blocks 0–3 and
@@ -240,7 +242,7 @@ mod neon {
     }
 
     #[inline(always)]
-    unsafe fn dot_n<const N: usize, const B: usize>(
+    unsafe fn dot_n<const N: usize, const B: usize, const Z: bool>(
         qs: &[u8],
         d: &[f16],
         xs: &[&QActs16],
@@ -248,9 +250,8 @@ mod neon {
     ) {
         let group_bytes = 32 * B;
         let mut acc = [[vdupq_n_f32(0.0); 2]; N];
-        let mut dw = [0f32; 8];
         for g in 0..d.len() / 8 {
-            d[g * 8..g * 8 + 8].convert_to_f32_slice(&mut dw);
+            let (dw, zero) = super::super::quant::neon_scales::<Z>(&d[g * 8..]);
             let w = qs.as_ptr().add(g * group_bytes);
             let mut chunks = [[[vdupq_n_s16(0); 2]; 2]; 8];
             if B < 8 {
@@ -301,9 +302,14 @@ mod neon {
                 let mut sums = [vpaddq_s32(a[0], a[1]), vpaddq_s32(a[2], a[3])];
                 let dx = xs[r].d.as_ptr().add(g * 8);
                 for h in 0..2 {
-                    if B < 8 {
+                    let c = vld1q_s32(xs[r].sum8.as_ptr().add(g * 8 + 4 * h));
+                    if Z {
+                        // Q4M: 2·Σq·x − o·Σx.
+                        let o = vld1q_s32(zero.as_ptr().add(4 * h));
+                        let two = vaddq_s32(sums[h], sums[h]);
+                        sums[h] = vmlsq_s32(two, o, vshrq_n_s32::<3>(c));
+                    } else if B < 8 {
                         // The unsigned codes' offset: 8·Σx for Q4, 16, 32 for Q5, Q6.
-                        let c = vld1q_s32(xs[r].sum8.as_ptr().add(g * 8 + 4 * h));
                         let c = vshlq_s32(c, vdupq_n_s32(offset_shift(B) as i32));
                         sums[h] = vsubq_s32(sums[h], c);
                     }
@@ -321,7 +327,7 @@ mod neon {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::super::quant::{by_rows_and_type, offset_shift};
+    use super::super::quant::by_rows_and_type;
     use super::{QActs16, QType};
     use half::f16;
     use std::arch::x86_64::*;
@@ -333,16 +339,16 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_rows(t: QType, qs: &[u8], d: &[f16], xs: &[&QActs16], out: &mut [f32]) {
-        by_rows_and_type!(t, xs, |N, B| dot_n::<N, B>(qs, d, xs, out))
+        by_rows_and_type!(t, xs, |N, B, Z| dot_n::<N, B, Z>(qs, d, xs, out))
     }
 
-    /// Group `g`'s block sums (weights loaded unit by unit by `w`, scales `dw`) against N
-    /// activation rows, scaled into `acc`.
+    /// Group `g`'s block sums (weights loaded unit by unit by `w`, scales and zero points as
+    /// `quant::group_scales` gives them) against N activation rows, scaled into `acc`.
     #[inline(always)]
-    unsafe fn add_group<const N: usize, const B: usize>(
+    unsafe fn add_group<const N: usize, const B: usize, const Z: bool>(
         g: usize,
         w: impl Fn(usize) -> __m256i,
-        dw: __m256,
+        (dw, zero): (__m256, __m256i),
         xs: &[&QActs16],
         xp: &[*const i16; N],
         acc: &mut [__m256; N],
@@ -398,10 +404,9 @@ mod avx2 {
         for r in 0..N {
             let mut sums = _mm256_add_epi32(s[r][0], s[r][1]);
             if B < 8 {
-                // The unsigned codes' offset: 8·Σx for Q4, 16, 32 for Q5, Q6.
-                let c =
-                    super::super::quant::offset_of(xs[r].sum8.as_ptr().add(g * 8), offset_shift(B));
-                sums = _mm256_sub_epi32(sums, c);
+                // The unsigned codes' offset: 8·Σx for Q4, 16, 32 for Q5, Q6; Q4M's zero points.
+                let sum8 = xs[r].sum8.as_ptr().add(g * 8);
+                sums = super::super::quant::corrected::<B, Z>(sums, sum8, zero);
             }
             let dx = _mm256_loadu_ps(xs[r].d.as_ptr().add(g * 8));
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(dw, dx), acc[r]);
@@ -411,7 +416,7 @@ mod avx2 {
     /// One stored row (whole groups, then possibly a partial one, read as the 8-bit kernel
     /// reads it: `quant::avx2::dot_n`) against N activation rows.
     #[inline(always)]
-    unsafe fn dot_n<const N: usize, const B: usize>(
+    unsafe fn dot_n<const N: usize, const B: usize, const Z: bool>(
         qs: &[u8],
         d: &[f16],
         xs: &[&QActs16],
@@ -427,15 +432,16 @@ mod avx2 {
         for g in 0..groups {
             let w = qs.as_ptr().add(g * group_bytes);
             super::super::quant::prefetch_group(w, group_bytes);
-            let dw = _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().add(g * 8) as *const __m128i));
+            let sc = super::super::quant::load_scales::<Z>(d.as_ptr().add(g * 8));
             let load = |u: usize| _mm256_loadu_si256(w.add(32 * u) as *const __m256i);
-            add_group::<N, B>(g, load, dw, xs, &xp, &mut acc);
+            add_group::<N, B, Z>(g, load, sc, xs, &xp, &mut acc);
         }
         let width = d.len() % 8;
         if width > 0 {
-            let (w, mask, dw) = super::super::quant::partial_group(qs, d, group_bytes);
+            let (w, mask, raw) = super::super::quant::partial_group(qs, d, group_bytes);
             let load = |u: usize| _mm256_maskload_epi32(w.add(width * u), mask);
-            add_group::<N, B>(groups, load, dw, xs, &xp, &mut acc);
+            let sc = super::super::quant::group_scales::<Z>(raw);
+            add_group::<N, B, Z>(groups, load, sc, xs, &xp, &mut acc);
         }
         for r in 0..N {
             let v = acc[r];

@@ -36,6 +36,8 @@ pub enum Recipe {
     Q5,
     /// Every matrix at 4 bits, embeddings / LM head included.
     Q4,
+    /// Every matrix at 4 bits with a zero point per block (same bytes as q4).
+    Q4M,
     /// 4 bits, except `down_proj` and the embeddings / LM head at 8 bits: Phi-4-mini degrades
     /// under uniform 4-bit, most where errors are not averaged away (the MLP output, the logits).
     Q4Edge,
@@ -161,10 +163,11 @@ fn is_class(name: &str, class: &str) -> bool {
 
 impl Recipe {
     /// The named recipes (a mix is named by its parts).
-    pub const ALL: [Recipe; 5] = [
+    pub const ALL: [Recipe; 6] = [
         Recipe::Q8,
         Recipe::Q6,
         Recipe::Q5,
+        Recipe::Q4M,
         Recipe::Q4,
         Recipe::Q4Edge,
     ];
@@ -182,6 +185,7 @@ impl Recipe {
             Recipe::Q6 => "q6".into(),
             Recipe::Q5 => "q5".into(),
             Recipe::Q4 => "q4".into(),
+            Recipe::Q4M => "q4m".into(),
             Recipe::Q4Edge => "q4-edge".into(),
             Recipe::Mix(mix) => {
                 let mut s = String::from(mix.base.name());
@@ -222,7 +226,7 @@ impl Recipe {
         let base = parts.next().and_then(QType::parse);
         let Some(base) = base.filter(|_| s.contains('+')) else {
             anyhow::bail!(
-                "unknown quantization recipe {s:?}; choose q8, q6, q5, q4, q4-edge, or a format with classes in another (8 bits unless named), as q4+qkv_proj+embed or q5+qkv_proj:q6 (classes: {}; formats: q4, q5, q6, q8)",
+                "unknown quantization recipe {s:?}; choose q8, q6, q5, q4m, q4, q4-edge, or a format with classes in another (8 bits unless named), as q4+qkv_proj+embed or q5+qkv_proj:q6 (classes: {}; formats: q4, q4m, q5, q6, q8)",
                 CLASSES.join(", ")
             );
         };
@@ -234,7 +238,7 @@ impl Recipe {
                     head,
                     QType::parse(t).with_context(|| {
                         format!(
-                            "unknown format {t:?} in recipe {s:?}; the formats are q4, q5, q6, q8"
+                            "unknown format {t:?} in recipe {s:?}; the formats are q4, q4m, q5, q6, q8"
                         )
                     })?,
                 ),
@@ -315,6 +319,7 @@ impl Recipe {
             Recipe::Q6 => return QType::Q6,
             Recipe::Q5 => return QType::Q5,
             Recipe::Q4 => return QType::Q4,
+            Recipe::Q4M => return QType::Q4M,
             Recipe::Q4Edge => Recipe::EDGE,
             Recipe::Mix(mix) => mix,
         };
