@@ -325,9 +325,9 @@ fn bench_times_the_quantized_kernels_alone() {
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     let products = v["products"].as_array().unwrap();
-    // Four shapes in each of the four formats.
-    assert_eq!(products.len(), 16);
-    for f in ["q4", "q5", "q6", "q8"] {
+    // Four shapes in each of the five formats.
+    assert_eq!(products.len(), 20);
+    for f in ["q4", "q4m", "q5", "q6", "q8"] {
         assert_eq!(
             products.iter().filter(|p| p["format"] == f).count(),
             4,
@@ -782,12 +782,12 @@ fn quantize_with_calibration_records_it_and_refuses_bad_input() {
     for class in ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] {
         for layer in 0..3 {
             assert!(
-                log.contains(&format!("q4+{class}@{layer}: mean KL")),
+                log.contains(&format!("q4m+{class}@{layer}: mean KL")),
                 "{log}"
             );
         }
     }
-    assert!(log.contains("q4+embed: mean KL"), "{log}");
+    assert!(log.contains("q4m+embed: mean KL"), "{log}");
     let (ha, _) = header(&auto);
     let chosen = ha["__metadata__"]["phi4.recipe"]
         .as_str()

@@ -173,7 +173,7 @@ fn real_weights_run_exactly_and_each_recipe_loses_no_more_than_its_bound() {
     // The formats per class (or per class and third of the layers) that `--mix-budget` finds
     // within the bytes of llama.cpp's Q4_K_M (the budget counts the quantized matrices; 0.05
     // bits are left for the norms and the header; measured 2026-12-05: KL 0.0219 against
-    // Q4_K_M's 0.052).
+    // Q4_K_M's 0.052 with q4 as the search's 4-bit format, 0.0176 with q4m).
     let budget = llama("Q4_K_M", "bits_per_weight") - 0.05;
     let mixed = make_calibrated(
         &model,

@@ -9,8 +9,9 @@ pub(super) struct QuantizeArgs {
     #[arg(long)]
     out: PathBuf,
     /// q5 (the default: 5.5 bits per weight, smaller than q4-edge with half its KL or less on
-    /// SmolLM2 and on synthetic Phi-4-mini, BENCHMARKS.md issue 25), q8, q6, q4, q4-edge (4-bit
-    /// with down_proj and the embeddings / LM head at 8 bits),
+    /// SmolLM2 and on synthetic Phi-4-mini, BENCHMARKS.md issue 25), q8, q6, q4m (q4's bytes with
+    /// a zero point per block: less loss than q4), q4, q4-edge (4-bit with down_proj and the
+    /// embeddings / LM head at 8 bits),
     /// or a format with named classes in another, 8 bits unless given, as q4+qkv_proj+embed or
     /// q5+qkv_proj:q6+embed:q6 (classes: qkv_proj, o_proj, gate_up_proj, down_proj, embed;
     /// embed is the embeddings and the LM head), and layers of a class in another still, as
@@ -142,12 +143,12 @@ fn calibrated(
     let window = &ids[..a.calibration_ctx];
     let choice = engine.choose_mix(window, &imp, budget, &|m| eprintln!("{m}"))?;
     eprintln!(
-        "chose {}: mean KL {:.5} on the first window at {:.2} bits/weight (q4: {:.5} at {:.2})",
+        "chose {}: mean KL {:.5} on the first window at {:.2} bits/weight (q4m: {:.5} at {:.2})",
         choice.recipe.name(),
         choice.kl,
         choice.bits,
-        choice.q4_kl,
-        choice.q4_bits
+        choice.base_kl,
+        choice.base_bits
     );
     Ok((engine.model, note, choice.recipe))
 }

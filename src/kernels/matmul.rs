@@ -739,6 +739,7 @@ mod transposed_tests {
             ("bf16", bf),
             ("q8", t.quantize(QType::Q8).unwrap()),
             ("q4", t.quantize(QType::Q4).unwrap()),
+            ("q4m", t.quantize(QType::Q4M).unwrap()),
         ] {
             let wf = tensor.to_f32_vec();
             let view = match tensor.as_quant() {

@@ -477,22 +477,27 @@ fn zero_block(
         let (inv, z) = (if d > 0.0 { 1.0 / d } else { 0.0 }, o as f32 * 0.5);
         block.map(|v| code::<8>(v * inv + z - 8.0))
     };
-    // Weighted squared error of (d, o), and the refit (d, minimum) for its codes.
+    let (sw, sv) = (
+        wt.iter().sum::<f32>(),
+        wt.iter().zip(block).map(|(w, v)| w * v).sum::<f32>(),
+    );
+    // Weighted squared error of (d, o), and the refit (d, minimum) for its codes. Eight running
+    // sums each, so that the loop vectorises.
     let eval = |d: f32, o: i32| -> (f32, Option<(f32, f32)>) {
-        let c = codes(d, o);
-        let z = o as f32 * 0.5;
-        let (mut e, mut sw, mut sq, mut sqq, mut sv, mut sqv) =
-            (0f32, 0f32, 0f32, 0f32, 0f32, 0f32);
-        for k in 0..BLOCK {
-            let (v, w, qk) = (block[k], wt[k], c[k] as f32);
-            let r = v - d * (qk - z);
-            e += w * r * r;
-            sw += w;
-            sq += w * qk;
-            sqq += w * qk * qk;
-            sv += w * v;
-            sqv += w * qk * v;
+        let (inv, z) = (1.0 / d, o as f32 * 0.5);
+        let (mut e, mut sq, mut sqq, mut sqv) = ([0f32; 8], [0f32; 8], [0f32; 8], [0f32; 8]);
+        for (c, w) in block.chunks_exact(8).zip(wt.chunks_exact(8)) {
+            for k in 0..8 {
+                let qk = code::<8>(c[k] * inv + z - 8.0) as f32;
+                let r = c[k] - d * (qk - z);
+                e[k] += w[k] * r * r;
+                sq[k] += w[k] * qk;
+                sqq[k] += w[k] * qk * qk;
+                sqv[k] += w[k] * qk * c[k];
+            }
         }
+        let sum = |a: [f32; 8]| a.iter().sum::<f32>();
+        let (e, sq, sqq, sqv) = (sum(e), sum(sq), sum(sqq), sum(sqv));
         // v ≈ a·q − m: normal equations of the weighted fit.
         let det = sw * sqq - sq * sq;
         let fit = (det > 0.0).then(|| {
@@ -502,26 +507,30 @@ fn zero_block(
         });
         (e, fit)
     };
+    // (error, scale, zero point, refit), the least error so far.
+    // (error, scale, zero point), the least error so far. Each candidate's refit (weighted least
+    // squares of scale and minimum for the codes it rounds to) is tried too with importances
+    // (quantizing with calibration is done once, offline), only the best one's without: on the
+    // test's uniform and cubed values, Q4's squared error × 0.86 / 0.90 that way against 0.85 /
+    // 0.90 refitting all (SmolLM2 quantized in 3.4 s against 5.3 s); with importances × 0.77 /
+    // 0.76 refitting all against 0.80 / 0.78.
     let mut best = (f32::INFINITY, 0f32, 0i32);
-    let mut consider = |d: f32, o: i32| {
+    let consider = |best: &mut (f32, f32, i32), d: f32, o: i32| -> Option<(f32, f32)> {
         let d = zero_scale(d.abs());
-        if !d.is_finite() || d <= 0.0 || !(0..=ZERO_MASK as i32).contains(&o) {
-            return;
+        if !(d.is_finite() && d > 0.0 && (0..=ZERO_MASK as i32).contains(&o)) {
+            return None;
         }
         let (e, fit) = eval(d, o);
         if e < best.0 {
-            best = (e, d, o);
+            *best = (e, d, o);
         }
+        fit
+    };
+    let refit = |best: &mut (f32, f32, i32), fit: Option<(f32, f32)>| {
         if let Some((a, m)) = fit {
             let a = zero_scale(a);
             if a > 0.0 {
-                let o = (2.0 * m / a).round() as i32;
-                if (0..=ZERO_MASK as i32).contains(&o) {
-                    let (e, _) = eval(a, o);
-                    if e < best.0 {
-                        best = (e, a, o);
-                    }
-                }
+                consider(best, a, (2.0 * m / a).round() as i32);
             }
         }
     };
@@ -531,8 +540,11 @@ fn zero_block(
             let d = zero_scale(range / steps);
             if d > 0.0 {
                 let o = (-2.0 * lo / d).round() as i32;
-                for o in [o, o + 1, o - 1] {
-                    consider(d, o);
+                for o in [o - 1, o, o + 1] {
+                    let fit = consider(&mut best, d, o);
+                    if imp.is_some() {
+                        refit(&mut best, fit);
+                    }
                 }
             }
         }
@@ -542,7 +554,13 @@ fn zero_block(
         Some(_) => scale_weighted::<8>(block, wt),
         None => low_bit_scale::<8>(block),
     };
-    consider(centred, 16);
+    let fit = consider(&mut best, centred, 16);
+    refit(&mut best, fit);
+    let (_, d, o) = best;
+    if imp.is_none() && d > 0.0 {
+        let fit = consider(&mut best, d, o);
+        refit(&mut best, fit);
+    }
     let (_, d, o) = best;
     if d == 0.0 {
         // An all-zero block (or one too small for an f16 scale): every value reads as 0.
@@ -1091,7 +1109,8 @@ pub(super) unsafe fn partial_group(
 }
 
 /// A group's eight scale words (lane `b`: block `b`) as the kernels use them: the f32 scales
-/// and, for Q4M (`Z`), the zero points ([`zero_point`]: half the scale, `o`); zeros otherwise.
+/// and, for Q4M (`Z`), the zero points ([`zero_point`]'s `o`, with `d/16` as the scale for
+/// [`corrected`]'s form); zeros otherwise.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(super) unsafe fn group_scales<const Z: bool>(
@@ -1101,8 +1120,9 @@ pub(super) unsafe fn group_scales<const Z: bool>(
     if Z {
         let mask = _mm_set1_epi16(ZERO_MASK as i16);
         let d = _mm256_cvtph_ps(_mm_andnot_si128(mask, raw));
+        // d/16: half the scale for the half steps, an eighth for `corrected`'s form.
         (
-            _mm256_mul_ps(d, _mm256_set1_ps(0.5)),
+            _mm256_mul_ps(d, _mm256_set1_ps(1.0 / 16.0)),
             _mm256_cvtepu16_epi32(_mm_and_si128(raw, mask)),
         )
     } else {
@@ -1158,8 +1178,8 @@ pub(super) unsafe fn low_bit_pair<const BITS: usize>(
 
 /// A group's block sums of unsigned codes (`s`, lane `b`: block `b`) made the integers its
 /// scales multiply, with the activation sums `sum8` (8·Σx per block): the offset the codes
-/// carry comes off ([`offset_shift`]: `sum8 << shift`); for Q4M (`Z`), `2·Σq·x − o·Σx` with
-/// the blocks' zero points `zero` ([`group_scales`]).
+/// carry comes off ([`offset_shift`]: `sum8 << shift`); for Q4M (`Z`), `8·(2·Σq·x − o·Σx)`
+/// with the blocks' zero points `zero` ([`group_scales`]).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(super) unsafe fn corrected<const B: usize, const Z: bool>(
@@ -1170,8 +1190,9 @@ pub(super) unsafe fn corrected<const B: usize, const Z: bool>(
     use std::arch::x86_64::*;
     let c = _mm256_loadu_si256(sum8 as *const __m256i);
     if Z {
-        let oc = _mm256_mullo_epi32(zero, _mm256_srai_epi32::<3>(c));
-        _mm256_sub_epi32(_mm256_add_epi32(s, s), oc)
+        // 8 times over (16·Σq·x − o·8Σx), which saves shifting sum8 back; `group_scales` gave
+        // the scales an eighth more. The sums stay below 2^28 (16-bit activations).
+        _mm256_sub_epi32(_mm256_slli_epi32::<4>(s), _mm256_mullo_epi32(zero, c))
     } else {
         _mm256_sub_epi32(
             s,
