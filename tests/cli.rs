@@ -325,9 +325,9 @@ fn bench_times_the_quantized_kernels_alone() {
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     let products = v["products"].as_array().unwrap();
-    // Four shapes in each of the five formats.
-    assert_eq!(products.len(), 20);
-    for f in ["q4", "q4m", "q5", "q6", "q8"] {
+    // Four shapes in each of the six formats.
+    assert_eq!(products.len(), 24);
+    for f in ["q4", "q4m", "q5", "q5m", "q6", "q8"] {
         assert_eq!(
             products.iter().filter(|p| p["format"] == f).count(),
             4,

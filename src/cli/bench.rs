@@ -8,7 +8,7 @@ pub(super) struct BenchArgs {
     /// Random weights of the real Phi-4-mini shapes (bf16); no files needed.
     #[arg(long)]
     synthetic: bool,
-    /// Quantize the weights first: a recipe of `phi4 quantize` (q8, q6, q5, q4m, q4, q4-edge or a mix).
+    /// Quantize the weights first: a recipe of `phi4 quantize` (q8, q6, q5m, q5, q4m, q4, q4-edge or a mix).
     #[arg(long, value_parser = parse_recipe)]
     quant: Option<Recipe>,
     /// With --synthetic: write the (quantized, with --quant) weights and config.json to this

@@ -18,7 +18,7 @@ pub(super) struct ExportArgs {
     /// Output directory (default: ADAPTERS-merged, as ms-swift).
     #[arg(long, alias = "output-dir", alias = "output_dir")]
     out: Option<PathBuf>,
-    /// Also quantize the merged weights (a `phi4 quantize` recipe: q8, q6, q5, q4m, q4, q4-edge or a
+    /// Also quantize the merged weights (a `phi4 quantize` recipe: q8, q6, q5m, q5, q4m, q4, q4-edge or a
     /// mix): a phi4-format checkpoint.
     #[arg(long, value_parser = parse_recipe)]
     quant: Option<Recipe>,

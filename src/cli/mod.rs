@@ -88,7 +88,7 @@ struct ModelArg {
     /// or a llama.cpp / ollama GGUF file (`*.gguf`).
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: String,
-    /// Quantize the weights at load: q8, q6, q5, q4m, q4 or q4-edge (4-bit, with down_proj and the
+    /// Quantize the weights at load: q8, q6, q5m, q5, q4m, q4 or q4-edge (4-bit, with down_proj and the
     /// embeddings / LM head at 8 bits), or a format with named classes (or layers of a class)
     /// in another, as q4+qkv_proj+embed or q5+qkv_proj:q6+down_proj@0-9:q6 (see `phi4 quantize
     /// --help`). A checkpoint from `phi4 quantize` needs no flag.

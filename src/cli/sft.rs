@@ -25,7 +25,7 @@ pub(super) struct SftArgs {
     /// The base model: a local directory or a Hugging Face repo id.
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: String,
-    /// Train on a quantized base (QLoRA-style): a `phi4 quantize` recipe (q8, q6, q5, q4m, q4,
+    /// Train on a quantized base (QLoRA-style): a `phi4 quantize` recipe (q8, q6, q5m, q5, q4m, q4,
     /// q4-edge or a mix). The adapter stays f32.
     #[arg(long, value_parser = parse_recipe)]
     quant: Option<Recipe>,

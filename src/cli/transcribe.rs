@@ -19,7 +19,7 @@ pub(super) struct TranscribeArgs {
     /// A Phi-4-multimodal directory or Hugging Face repo id.
     #[arg(long, default_value = DEFAULT_MULTIMODAL_MODEL)]
     model: String,
-    /// Quantize the decoder at load: a `phi4 quantize` recipe (q8, q6, q5, q4m, q4, q4-edge or a mix).
+    /// Quantize the decoder at load: a `phi4 quantize` recipe (q8, q6, q5m, q5, q4m, q4, q4-edge or a mix).
     #[arg(long, value_parser = parse_recipe)]
     quant: Option<Recipe>,
     #[command(flatten)]

@@ -218,6 +218,7 @@ impl Assign {
             return match FORMATS[base] {
                 QType::Q4 => Recipe::Q4,
                 QType::Q4M => Recipe::Q4M,
+                QType::Q5M => Recipe::Q5M,
                 QType::Q5 => Recipe::Q5,
                 QType::Q6 => Recipe::Q6,
                 QType::Q8 => Recipe::Q8,

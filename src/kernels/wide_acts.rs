@@ -251,7 +251,7 @@ mod neon {
         let group_bytes = 32 * B;
         let mut acc = [[vdupq_n_f32(0.0); 2]; N];
         for g in 0..d.len() / 8 {
-            let (dw, zero) = super::super::quant::neon_scales::<Z>(&d[g * 8..]);
+            let (dw, zero) = super::super::quant::neon_scales::<B, Z>(&d[g * 8..]);
             let w = qs.as_ptr().add(g * group_bytes);
             let mut chunks = [[[vdupq_n_s16(0); 2]; 2]; 8];
             if B < 8 {
@@ -304,10 +304,14 @@ mod neon {
                 for h in 0..2 {
                     let c = vld1q_s32(xs[r].sum8.as_ptr().add(g * 8 + 4 * h));
                     if Z {
-                        // Q4M: 2·Σq·x − o·Σx.
+                        // Q4M / Q5M: m·Σq·x − o·Σx (m = 2, 1: `quant::zero_mult`).
                         let o = vld1q_s32(zero.as_ptr().add(4 * h));
-                        let two = vaddq_s32(sums[h], sums[h]);
-                        sums[h] = vmlsq_s32(two, o, vshrq_n_s32::<3>(c));
+                        let ms = if B == 4 {
+                            vaddq_s32(sums[h], sums[h])
+                        } else {
+                            sums[h]
+                        };
+                        sums[h] = vmlsq_s32(ms, o, vshrq_n_s32::<3>(c));
                     } else if B < 8 {
                         // The unsigned codes' offset: 8·Σx for Q4, 16, 32 for Q5, Q6.
                         let c = vshlq_s32(c, vdupq_n_s32(offset_shift(B) as i32));
@@ -432,7 +436,7 @@ mod avx2 {
         for g in 0..groups {
             let w = qs.as_ptr().add(g * group_bytes);
             super::super::quant::prefetch_group(w, group_bytes);
-            let sc = super::super::quant::load_scales::<Z>(d.as_ptr().add(g * 8));
+            let sc = super::super::quant::load_scales::<B, Z>(d.as_ptr().add(g * 8));
             let load = |u: usize| _mm256_loadu_si256(w.add(32 * u) as *const __m256i);
             add_group::<N, B, Z>(g, load, sc, xs, &xp, &mut acc);
         }
@@ -440,7 +444,7 @@ mod avx2 {
         if width > 0 {
             let (w, mask, raw) = super::super::quant::partial_group(qs, d, group_bytes);
             let load = |u: usize| _mm256_maskload_epi32(w.add(width * u), mask);
-            let sc = super::super::quant::group_scales::<Z>(raw);
+            let sc = super::super::quant::group_scales::<B, Z>(raw);
             add_group::<N, B, Z>(groups, load, sc, xs, &xp, &mut acc);
         }
         for r in 0..N {

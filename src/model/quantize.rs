@@ -34,6 +34,8 @@ pub enum Recipe {
     Q6,
     /// Every matrix at 5 bits.
     Q5,
+    /// Every matrix at 5 bits with a zero point per block (same bytes as q5).
+    Q5M,
     /// Every matrix at 4 bits, embeddings / LM head included.
     Q4,
     /// Every matrix at 4 bits with a zero point per block (same bytes as q4).
@@ -163,9 +165,10 @@ fn is_class(name: &str, class: &str) -> bool {
 
 impl Recipe {
     /// The named recipes (a mix is named by its parts).
-    pub const ALL: [Recipe; 6] = [
+    pub const ALL: [Recipe; 7] = [
         Recipe::Q8,
         Recipe::Q6,
+        Recipe::Q5M,
         Recipe::Q5,
         Recipe::Q4M,
         Recipe::Q4,
@@ -184,6 +187,7 @@ impl Recipe {
             Recipe::Q8 => "q8".into(),
             Recipe::Q6 => "q6".into(),
             Recipe::Q5 => "q5".into(),
+            Recipe::Q5M => "q5m".into(),
             Recipe::Q4 => "q4".into(),
             Recipe::Q4M => "q4m".into(),
             Recipe::Q4Edge => "q4-edge".into(),
@@ -226,7 +230,7 @@ impl Recipe {
         let base = parts.next().and_then(QType::parse);
         let Some(base) = base.filter(|_| s.contains('+')) else {
             anyhow::bail!(
-                "unknown quantization recipe {s:?}; choose q8, q6, q5, q4m, q4, q4-edge, or a format with classes in another (8 bits unless named), as q4+qkv_proj+embed or q5+qkv_proj:q6 (classes: {}; formats: q4, q4m, q5, q6, q8)",
+                "unknown quantization recipe {s:?}; choose q8, q6, q5m, q5, q4m, q4, q4-edge, or a format with classes in another (8 bits unless named), as q4+qkv_proj+embed or q5+qkv_proj:q6 (classes: {}; formats: q4, q4m, q5, q5m, q6, q8)",
                 CLASSES.join(", ")
             );
         };
@@ -238,7 +242,7 @@ impl Recipe {
                     head,
                     QType::parse(t).with_context(|| {
                         format!(
-                            "unknown format {t:?} in recipe {s:?}; the formats are q4, q4m, q5, q6, q8"
+                            "unknown format {t:?} in recipe {s:?}; the formats are q4, q4m, q5, q5m, q6, q8"
                         )
                     })?,
                 ),
@@ -318,6 +322,7 @@ impl Recipe {
             Recipe::Q8 => return QType::Q8,
             Recipe::Q6 => return QType::Q6,
             Recipe::Q5 => return QType::Q5,
+            Recipe::Q5M => return QType::Q5M,
             Recipe::Q4 => return QType::Q4,
             Recipe::Q4M => return QType::Q4M,
             Recipe::Q4Edge => Recipe::EDGE,
