@@ -10,7 +10,7 @@ pub(super) struct QuantizeArgs {
     out: PathBuf,
     /// q5 (the default: 5.5 bits per weight, smaller than q4-edge with half its KL or less on
     /// SmolLM2 and on synthetic Phi-4-mini, BENCHMARKS.md issue 25), q8, q6, q5m / q4m (q5's / q4's
-    /// bytes with a zero point per block: less loss than q5 / q4), q4, q4-edge (4-bit with down_proj and the
+    /// bytes with a zero point per block: less loss than q5 / q4 on trained weights), q4, q4-edge (4-bit with down_proj and the
     /// embeddings / LM head at 8 bits),
     /// or a format with named classes in another, 8 bits unless given, as q4+qkv_proj+embed or
     /// q5+qkv_proj:q6+embed:q6 (classes: qkv_proj, o_proj, gate_up_proj, down_proj, embed;
