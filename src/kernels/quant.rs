@@ -536,7 +536,6 @@ fn zero_block<const HALF: i32>(
         });
         (e, fit)
     };
-    // (error, scale, zero point, refit), the least error so far.
     // (error, scale, zero point), the least error so far. Each candidate's refit (weighted least
     // squares of scale and minimum for the codes it rounds to) is tried too with importances
     // (quantizing with calibration is done once, offline), only the best one's without: on the
@@ -580,12 +579,14 @@ fn zero_block<const HALF: i32>(
         }
     }
     // The centred grid (Q4's / Q5's) as a candidate too: never worse than that format but for
-    // the scale's rounding.
+    // the scale's rounding. A negative scale there puts the spare level on the positive side:
+    // zero point HALF − 1 with the scale's magnitude is the same grid.
     let centred = match imp {
         Some(_) => scale_weighted::<HALF>(block, wt),
         None => low_bit_scale::<HALF>(block),
     };
-    let fit = consider(&mut best, centred, 16);
+    let zero = if centred < 0.0 { HALF - 1 } else { HALF };
+    let fit = consider(&mut best, centred, (zero as f32 / step) as i32);
     refit(&mut best, fit);
     let (_, d, o) = best;
     if imp.is_none() && d > 0.0 {
