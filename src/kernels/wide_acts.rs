@@ -16,7 +16,8 @@
 //! then those at odd positions ([`pos16`]): each multiply then pairs positions `4b` and `4b+2`
 //! (or `4b+1` and `4b+3`), both of block `b`, and every block's sum lands in its own 32-bit
 //! lane, with no lane crossing. Q4 / Q5 / Q6 codes are multiplied unsigned; `8·Σx` (`16·`,
-//! `32·`) per block comes off afterwards. The integer sums are exact (a lane takes at most 32 · 128 · 32767 < 2^31), so the
+//! `32·`) per block comes off afterwards (Q4M / Q5M: `m·Σq·x − o·Σx` with the block's zero point,
+//! `quant::corrected`). The integer sums are exact (a lane takes at most 32 · 128 · 32767 < 2^31), so the
 //! only roundings are the weights', the activations' 2^-15 and the f32 sums of the block sums.
 //!
 //! Kernels: the scalar reference, AVX2 (which AVX-512 machines run too: `vpdpwssd` would fuse
