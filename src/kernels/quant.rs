@@ -1953,22 +1953,32 @@ pub(crate) mod tests {
             let cols = 512;
             let qs = vec![byte; t.row_bytes(cols)];
             let d = vec![f16::ONE; row_blocks(cols)];
-            let acts = QActs {
-                qs: vec![x; cols],
-                d: vec![1.0; row_blocks(cols)],
-                sum8: vec![8 * 32 * x as i32; row_blocks(cols)],
-            };
             let want = (level * x as i64 * cols as i64) as f32;
-            for n in 1..=MAX_ROWS {
-                let xs = vec![&acts; n];
-                let mut got = vec![0f32; n];
-                dot_rows(t, &qs, &d, &xs, &mut got);
-                assert!(got.iter().all(|&g| g == want), "{t:?} {got:?} vs {want}");
-                let mut pair = vec![0f32; 2 * n];
-                let (q2, d2) = ([&qs[..], &qs[..]].concat(), [&d[..], &d[..]].concat());
-                dot_row_pair(t, &q2, &d2, &xs, &mut pair);
-                assert!(pair.iter().all(|&g| g == want), "{t:?} {pair:?} vs {want}");
-            }
+            assert_exact_sums(t, &qs, &d, x, want, &format!("{t:?} {byte} {x}"));
+        }
+    }
+
+    /// One stored row (`qs`, `d`) against 1..=MAX_ROWS copies of the activation row of `x` in
+    /// every column (scale 1), through `dot_rows`, the scalar reference and the row pair: each
+    /// must give exactly `want`.
+    fn assert_exact_sums(t: QType, qs: &[u8], d: &[f16], x: i8, want: f32, what: &str) {
+        let cols = d.len() * BLOCK;
+        let acts = QActs {
+            qs: vec![x; cols],
+            d: vec![1.0; d.len()],
+            sum8: vec![8 * 32 * x as i32; d.len()],
+        };
+        for n in 1..=MAX_ROWS {
+            let xs = vec![&acts; n];
+            let mut got = vec![0f32; n];
+            dot_rows(t, qs, d, &xs, &mut got);
+            assert!(got.iter().all(|&g| g == want), "{what}: {got:?} vs {want}");
+            scalar_dot_rows(t, qs, d, &xs, &mut got);
+            assert!(got.iter().all(|&g| g == want), "{what} scalar: {got:?}");
+            let mut pair = vec![0f32; 2 * n];
+            let (q2, d2) = ([qs, qs].concat(), [d, d].concat());
+            dot_row_pair(t, &q2, &d2, &xs, &mut pair);
+            assert!(pair.iter().all(|&g| g == want), "{what} pair: {pair:?}");
         }
     }
 
@@ -1987,31 +1997,9 @@ pub(crate) mod tests {
                 for x in [127i8, -127] {
                     let qs = vec![byte; t.row_bytes(cols)];
                     let d = vec![f16::from_bits(f16::ONE.to_bits() | o); row_blocks(cols)];
-                    let acts = QActs {
-                        qs: vec![x; cols],
-                        d: vec![1.0; row_blocks(cols)],
-                        sum8: vec![8 * 32 * x as i32; row_blocks(cols)],
-                    };
                     let want =
                         (m * code - o as i64) as f32 / m as f32 * (x as i64 * cols as i64) as f32;
-                    for n in 1..=MAX_ROWS {
-                        let xs = vec![&acts; n];
-                        let mut got = vec![0f32; n];
-                        dot_rows(t, &qs, &d, &xs, &mut got);
-                        assert!(
-                            got.iter().all(|&g| g == want),
-                            "{t:?} o {o} {got:?} vs {want}"
-                        );
-                        scalar_dot_rows(t, &qs, &d, &xs, &mut got);
-                        assert!(
-                            got.iter().all(|&g| g == want),
-                            "{t:?} scalar o {o}: {got:?}"
-                        );
-                        let mut pair = vec![0f32; 2 * n];
-                        let (q2, d2) = ([&qs[..], &qs[..]].concat(), [&d[..], &d[..]].concat());
-                        dot_row_pair(t, &q2, &d2, &xs, &mut pair);
-                        assert!(pair.iter().all(|&g| g == want), "{t:?} o {o} {pair:?}");
-                    }
+                    assert_exact_sums(t, &qs, &d, x, want, &format!("{t:?} {byte} o {o} {x}"));
                 }
             }
         }

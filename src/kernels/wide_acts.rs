@@ -549,25 +549,31 @@ mod tests {
 
     #[test]
     fn extreme_codes_and_activations_do_not_overflow() {
-        // Q8 codes -128 / 127 and Q4 levels -8 / 7 against ±32767 in every position: the
-        // largest 32-bit lane sums the kernel forms.
+        // Q8 codes -128 / 127 and Q4 levels -8 / 7 (and the rest) against -32767 in every
+        // position: the largest 32-bit lane sums the kernel forms.
         let cols = 512;
         let x = QActs16 {
             qs: vec![-32767; cols],
             d: vec![1.0; cols / BLOCK],
             sum8: vec![8 * 32 * -32767; cols / BLOCK],
         };
-        for (t, byte, level) in [
-            (QType::Q8, 0x80u8, -128i64),
-            (QType::Q8, 0x7F, 127),
-            (QType::Q4, 0x00, -8),
-            (QType::Q4, 0xFF, 7),
-            (QType::Q6, 0x00, -32),
-            (QType::Q6, 0xFF, 31),
+        // (format, every byte, zero point in the scale word, the weight each value then is).
+        for (t, byte, o, level) in [
+            (QType::Q8, 0x80u8, 0u16, -128f64),
+            (QType::Q8, 0x7F, 0, 127.0),
+            (QType::Q4, 0x00, 0, -8.0),
+            (QType::Q4, 0xFF, 0, 7.0),
+            (QType::Q6, 0x00, 0, -32.0),
+            (QType::Q6, 0xFF, 0, 31.0),
+            // Zero points at both ends: the largest sums of `m·Σq·x − o·Σx`.
+            (QType::Q4M, 0xFF, 0, 15.0),
+            (QType::Q4M, 0x00, 31, -15.5),
+            (QType::Q5M, 0xFF, 0, 31.0),
+            (QType::Q5M, 0x00, 31, -31.0),
         ] {
             let qs = vec![byte; row_blocks(cols) * t.block_bytes()];
-            let d = vec![f16::ONE; cols / BLOCK];
-            let want = (level * -32767 * cols as i64) as f32;
+            let d = vec![f16::from_bits(f16::ONE.to_bits() | o); cols / BLOCK];
+            let want = (level * -32767.0 * cols as f64) as f32;
             for n in 1..=MAX_ROWS {
                 let mut got = vec![0f32; n];
                 dot_rows(t, &qs, &d, &vec![&x; n], &mut got);
