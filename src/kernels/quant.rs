@@ -437,6 +437,29 @@ fn quantize_row_generic(t: QType, w: &[f32], imp: Option<&[f32]>, qs: &mut [u8],
     }
 }
 
+/// The importances of the block starting at column `first` of the row's `imp` (0 past its
+/// end), gathered into `weights`.
+#[inline(always)]
+fn block_importances<'a>(
+    imp: &[f32],
+    first: usize,
+    weights: &'a mut [f32; BLOCK],
+) -> &'a [f32; BLOCK] {
+    for (k, v) in weights.iter_mut().enumerate() {
+        *v = imp.get(first + k).copied().unwrap_or(0.0);
+    }
+    weights
+}
+
+/// A block's importances as error weights: columns no calibration token reached still count a
+/// little (a thousandth of the block's mean), since a zero weight would let their values round
+/// anywhere.
+#[inline(always)]
+fn floored(imp: &[f32; BLOCK]) -> [f32; BLOCK] {
+    let floor = imp.iter().sum::<f32>() / BLOCK as f32 * 1e-3 + f32::MIN_POSITIVE;
+    imp.map(|i| i.max(0.0) + floor)
+}
+
 /// One block of a low-bit format (`HALF = 2^(bits-1)`: 8, 16, 32) into `q` (block `b` of the
 /// group, in the Q8 order, one code per byte); returns its scale. `weights` is scratch for the
 /// block's importances (from `imp`, the row's, starting at column `first`).
@@ -450,12 +473,7 @@ fn low_bit_block<const HALF: i32>(
     q: &mut [u8; GROUP],
 ) -> f32 {
     let scale = match imp {
-        Some(imp) => {
-            for (k, v) in weights.iter_mut().enumerate() {
-                *v = imp.get(first + k).copied().unwrap_or(0.0);
-            }
-            scale_weighted::<HALF>(block, weights)
-        }
+        Some(imp) => scale_weighted::<HALF>(block, block_importances(imp, first, weights)),
         None => low_bit_scale::<HALF>(block),
     };
     let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
@@ -481,22 +499,10 @@ fn zero_block<const HALF: i32>(
     b: usize,
     q: &mut [u8; GROUP],
 ) -> f16 {
-    match imp {
-        Some(imp) => {
-            for (k, v) in weights.iter_mut().enumerate() {
-                *v = imp.get(first + k).copied().unwrap_or(0.0);
-            }
-            // As in `scale_weighted`: columns no calibration token reached still count a little.
-            let floor = weights.iter().sum::<f32>() / BLOCK as f32 * 1e-3 + f32::MIN_POSITIVE;
-            for v in weights.iter_mut() {
-                *v = v.max(0.0) + floor;
-            }
-        }
-        None => weights.fill(1.0),
-    }
+    let raw = imp.map(|imp| block_importances(imp, first, weights));
+    let wt = &raw.map_or([1.0; BLOCK], floored);
     // The zero point's step in codes (see `zero_mult`).
     let step = 1.0 / zero_mult(if HALF == 8 { 4 } else { 5 }) as f32;
-    let wt = &*weights;
     let (lo, hi) = block
         .iter()
         .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| {
@@ -581,8 +587,8 @@ fn zero_block<const HALF: i32>(
     // The centred grid (Q4's / Q5's) as a candidate too: never worse than that format but for
     // the scale's rounding. A negative scale there puts the spare level on the positive side:
     // zero point HALF − 1 with the scale's magnitude is the same grid.
-    let centred = match imp {
-        Some(_) => scale_weighted::<HALF>(block, wt),
+    let centred = match raw {
+        Some(raw) => scale_weighted::<HALF>(block, raw),
         None => low_bit_scale::<HALF>(block),
     };
     let zero = if centred < 0.0 { HALF - 1 } else { HALF };
@@ -696,13 +702,7 @@ fn scale_weighted<const HALF: i32>(block: &[f32; BLOCK], imp: &[f32; BLOCK]) -> 
     if m == 0.0 {
         return 0.0;
     }
-    // Columns no calibration token reached still count a little: a zero weight would let
-    // their values round anywhere.
-    let floor = imp.iter().sum::<f32>() / BLOCK as f32 * 1e-3 + f32::MIN_POSITIVE;
-    let mut wt = [0f32; BLOCK];
-    for (w, &i) in wt.iter_mut().zip(imp) {
-        *w = i.max(0.0) + floor;
-    }
+    let wt = floored(imp);
     let err = |d: f32| -> (f32, f32, f32) {
         let inv = 1.0 / d;
         let (mut e, mut num, mut den) = ([0f32; 8], [0f32; 8], [0f32; 8]);
