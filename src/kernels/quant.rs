@@ -1302,7 +1302,14 @@ mod avx2 {
         let scale = amax / 127.0;
         let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
         // cvtps rounds with the default mode: to nearest, ties to even.
-        let i = v.map(|x| _mm256_cvtps_epi32(_mm256_mul_ps(x, inv)));
+        // Spelled out: an array `map` here is a call into a function without AVX, where the
+        // intrinsics cannot be inlined (see `pair_n`).
+        let i = [
+            _mm256_cvtps_epi32(_mm256_mul_ps(v[0], inv)),
+            _mm256_cvtps_epi32(_mm256_mul_ps(v[1], inv)),
+            _mm256_cvtps_epi32(_mm256_mul_ps(v[2], inv)),
+            _mm256_cvtps_epi32(_mm256_mul_ps(v[3], inv)),
+        ];
         let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
         let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
         let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
@@ -1409,12 +1416,12 @@ mod avx2 {
             let mut a = [[_mm256_setzero_si256(); N]; 2];
             let mut b = [[_mm256_setzero_si256(); N]; 2];
             if B < 8 {
-                let loads = w
-                    .map(|wr| move |u: usize| _mm256_loadu_si256(wr.add(32 * u) as *const __m256i));
+                let load0 = |u: usize| _mm256_loadu_si256(w[0].add(32 * u) as *const __m256i);
+                let load1 = |u: usize| _mm256_loadu_si256(w[1].add(32 * u) as *const __m256i);
                 for m in 0..4 {
                     let v = [
-                        super::low_bit_pair::<B>(&loads[0], m),
-                        super::low_bit_pair::<B>(&loads[1], m),
+                        super::low_bit_pair::<B>(&load0, m),
+                        super::low_bit_pair::<B>(&load1, m),
                     ];
                     for r in 0..N {
                         let (xl, xh) = (x(r, 2 * m), x(r, 2 * m + 1));
@@ -1427,9 +1434,10 @@ mod avx2 {
             } else {
                 let flip = _mm256_set1_epi8(-128);
                 for c in 0..8 {
-                    let uw = w.map(|wr| {
-                        _mm256_xor_si256(_mm256_loadu_si256(wr.add(32 * c) as *const __m256i), flip)
-                    });
+                    let uw = [
+                        _mm256_xor_si256(_mm256_loadu_si256(w[0].add(32 * c).cast()), flip),
+                        _mm256_xor_si256(_mm256_loadu_si256(w[1].add(32 * c).cast()), flip),
+                    ];
                     for r in 0..N {
                         let xr = x(r, c);
                         for i in 0..2 {
@@ -1442,7 +1450,13 @@ mod avx2 {
                     }
                 }
             }
-            let sc = [0, nb].map(|base| super::load_scales::<B, Z>(d.as_ptr().add(base + g * 8)));
+            // Not `[0, nb].map(…)`: array `map` runs its closure in a function without the
+            // kernel's target features, where the scale intrinsics became calls (Q4M / Q5M's
+            // pairs ran at a third of Q5's speed on Zen 5).
+            let sc = [
+                super::load_scales::<B, Z>(d.as_ptr().add(g * 8)),
+                super::load_scales::<B, Z>(d.as_ptr().add(nb + g * 8)),
+            ];
             for r in 0..N {
                 let dx = _mm256_loadu_ps(xs[r].d.as_ptr().add(g * 8));
                 let sum8 = xs[r].sum8.as_ptr().add(g * 8);
