@@ -306,8 +306,7 @@ fn quantized_matmul(
         }
         let acts = &*acts;
         #[cfg(target_arch = "x86_64")]
-        // Panels repack Q4 and Q8 only (Q5 / Q6's high bits are not packed yet).
-        if n >= super::qpanel::MIN_TOKENS && quant::vnni() && matches!(t, QType::Q4 | QType::Q8) {
+        if n >= super::qpanel::MIN_TOKENS && quant::vnni() {
             return by_row_chunks(rows, n, y, |r0, out| {
                 kernel_rows(t, qs, d, cols, r0, out.len(), true, |qs, d, nb| {
                     super::qpanel::panels(t, qs, d, nb, acts, out)

@@ -1973,8 +1973,9 @@ pub(crate) mod tests {
     }
 
     /// One stored row (`qs`, `d`) against 1..=MAX_ROWS copies of the activation row of `x` in
-    /// every column (scale 1), through `dot_rows`, the scalar reference and the row pair: each
-    /// must give exactly `want`.
+    /// every column (scale 1), through `dot_rows`, the scalar reference and the row pair, and
+    /// against 40 copies through the batched product (VNNI's panels where the CPU has them):
+    /// each must give exactly `want`.
     fn assert_exact_sums(t: QType, qs: &[u8], d: &[f16], x: i8, want: f32, what: &str) {
         let cols = d.len() * BLOCK;
         let acts = QActs {
@@ -1994,6 +1995,17 @@ pub(crate) mod tests {
             dot_row_pair(t, &q2, &d2, &xs, &mut pair);
             assert!(pair.iter().all(|&g| g == want), "{what} pair: {pair:?}");
         }
+        // ±127 in every column: the activation scale is exactly 1 and every code ±127.
+        let n = 40;
+        let mut got = vec![0f32; n];
+        let view = crate::kernels::WeightView::Quant {
+            t,
+            qs,
+            d,
+            acts: crate::kernels::wide_acts::QuantActs::I8,
+        };
+        crate::kernels::matmul(view, 1, cols, &vec![x as f32; n * cols], &mut got);
+        assert!(got.iter().all(|&g| g == want), "{what} batch: {got:?}");
     }
 
     /// Q4M / Q5M codes at both ends under the extreme zero points (0 and 31) against
