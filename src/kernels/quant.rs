@@ -457,7 +457,11 @@ fn block_importances<'a>(
 #[inline(always)]
 fn floored(imp: &[f32; BLOCK]) -> [f32; BLOCK] {
     let floor = imp.iter().sum::<f32>() / BLOCK as f32 * 1e-3 + f32::MIN_POSITIVE;
-    imp.map(|i| i.max(0.0) + floor)
+    let mut out = [0f32; BLOCK];
+    for (o, i) in out.iter_mut().zip(imp) {
+        *o = i.max(0.0) + floor;
+    }
+    out
 }
 
 /// One block of a low-bit format (`HALF = 2^(bits-1)`: 8, 16, 32) into `q` (block `b` of the
@@ -508,65 +512,22 @@ fn zero_block<const HALF: i32>(
         .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| {
             (l.min(v), h.max(v))
         });
-    let codes = |d: f32, o: i32| {
-        let (inv, z) = (if d > 0.0 { 1.0 / d } else { 0.0 }, o as f32 * step);
-        block.map(|v| code::<HALF>(v * inv + z - HALF as f32))
-    };
     let (sw, sv) = (
         wt.iter().sum::<f32>(),
         wt.iter().zip(block).map(|(w, v)| w * v).sum::<f32>(),
     );
-    // Weighted squared error of (d, o), and the refit (d, minimum) for its codes. Eight running
-    // sums each, so that the loop vectorises.
-    let eval = |d: f32, o: i32| -> (f32, Option<(f32, f32)>) {
-        let (inv, z) = (1.0 / d, o as f32 * step);
-        let (mut e, mut sq, mut sqq, mut sqv) = ([0f32; 8], [0f32; 8], [0f32; 8], [0f32; 8]);
-        for (c, w) in block.chunks_exact(8).zip(wt.chunks_exact(8)) {
-            for k in 0..8 {
-                let qk = code::<HALF>(c[k] * inv + z - HALF as f32) as f32;
-                let r = c[k] - d * (qk - z);
-                e[k] += w[k] * r * r;
-                sq[k] += w[k] * qk;
-                sqq[k] += w[k] * qk * qk;
-                sqv[k] += w[k] * qk * c[k];
-            }
-        }
-        let sum = |a: [f32; 8]| a.iter().sum::<f32>();
-        let (e, sq, sqq, sqv) = (sum(e), sum(sq), sum(sqq), sum(sqv));
-        // v ≈ a·q − m: normal equations of the weighted fit.
-        let det = sw * sqq - sq * sq;
-        let fit = (det > 0.0).then(|| {
-            let a = (sw * sqv - sq * sv) / det;
-            let m = (sq * sqv - sqq * sv) / det;
-            (a, m)
-        });
-        (e, fit)
-    };
-    // (error, scale, zero point), the least error so far. Each candidate's refit (weighted least
-    // squares of scale and minimum for the codes it rounds to) is tried too with importances
-    // (quantizing with calibration is done once, offline), only the best one's without: on the
-    // test's uniform and cubed values, Q4's squared error × 0.86 / 0.90 that way against 0.85 /
-    // 0.90 refitting all (SmolLM2 quantized in 3.4 s against 5.3 s); with importances × 0.77 /
-    // 0.76 refitting all against 0.80 / 0.78.
-    let mut best = (f32::INFINITY, 0f32, 0i32);
-    let consider = |best: &mut (f32, f32, i32), d: f32, o: i32| -> Option<(f32, f32)> {
-        let d = zero_scale(d.abs());
-        if !(d.is_finite() && d > 0.0 && (0..=ZERO_MASK as i32).contains(&o)) {
-            return None;
-        }
-        let (e, fit) = eval(d, o);
-        if e < best.0 {
-            *best = (e, d, o);
-        }
-        fit
-    };
-    let refit = |best: &mut (f32, f32, i32), fit: Option<(f32, f32)>| {
-        if let Some((a, m)) = fit {
-            let a = zero_scale(a);
-            if a > 0.0 {
-                consider(best, a, (m / a / step).round() as i32);
-            }
-        }
+    // Each candidate's refit (weighted least squares of scale and minimum for the codes it
+    // rounds to) is tried too with importances (quantizing with calibration is done once,
+    // offline), only the best one's without: on the test's uniform and cubed values, Q4's
+    // squared error × 0.86 / 0.90 that way against 0.85 / 0.90 refitting all (SmolLM2 quantized
+    // in 3.4 s against 5.3 s); with importances × 0.77 / 0.76 refitting all against 0.80 / 0.78.
+    let mut search = ZeroSearch::<HALF> {
+        block,
+        wt,
+        step,
+        sw,
+        sv,
+        best: (f32::INFINITY, 0.0, 0),
     };
     let range = hi - lo;
     if range > 0.0 {
@@ -576,9 +537,9 @@ fn zero_block<const HALF: i32>(
             if d > 0.0 {
                 let o = (-lo / d / step).round() as i32;
                 for o in [o - 1, o, o + 1] {
-                    let fit = consider(&mut best, d, o);
+                    let fit = search.consider(d, o);
                     if imp.is_some() {
-                        refit(&mut best, fit);
+                        search.refit(fit);
                     }
                 }
             }
@@ -592,14 +553,14 @@ fn zero_block<const HALF: i32>(
         None => low_bit_scale::<HALF>(block),
     };
     let zero = if centred < 0.0 { HALF - 1 } else { HALF };
-    let fit = consider(&mut best, centred, (zero as f32 / step) as i32);
-    refit(&mut best, fit);
-    let (_, d, o) = best;
+    let fit = search.consider(centred, (zero as f32 / step) as i32);
+    search.refit(fit);
+    let (_, d, o) = search.best;
     if imp.is_none() && d > 0.0 {
-        let fit = consider(&mut best, d, o);
-        refit(&mut best, fit);
+        let fit = search.consider(d, o);
+        search.refit(fit);
     }
-    let (_, d, o) = best;
+    let (_, d, o) = search.best;
     if d == 0.0 {
         // An all-zero block (or one too small for an f16 scale): every value reads as 0.
         for k in 0..BLOCK {
@@ -607,10 +568,82 @@ fn zero_block<const HALF: i32>(
         }
         return f16::ZERO;
     }
-    for (k, c) in codes(d, o).into_iter().enumerate() {
-        q[pos8(b * BLOCK + k)] = c;
+    let (inv, z) = (1.0 / d, o as f32 * step);
+    for (k, v) in block.iter().enumerate() {
+        q[pos8(b * BLOCK + k)] = code::<HALF>(v * inv + z - HALF as f32);
     }
     f16::from_bits(zero_word_bits(d) | o as u16)
+}
+
+/// The candidates of one [`zero_block`] search and the best so far. Methods, not closures:
+/// a closure called from several places is compiled out of line, and then without the AVX2 of
+/// `avx2::quantize_row`, which inlines all of this (the closures ran at SSE2's width);
+/// `#[inline(always)]` methods land inside it.
+struct ZeroSearch<'a, const HALF: i32> {
+    block: &'a [f32; BLOCK],
+    wt: &'a [f32; BLOCK],
+    /// The zero point's step in codes.
+    step: f32,
+    /// Σ wt and Σ wt·v, for the refits.
+    sw: f32,
+    sv: f32,
+    /// (error, scale, zero point), the least error so far.
+    best: (f32, f32, i32),
+}
+
+impl<const HALF: i32> ZeroSearch<'_, HALF> {
+    /// Weighted squared error of (d, o), and the refit (d, minimum) for its codes. Eight
+    /// running sums each, so that the loop vectorises.
+    #[inline(always)]
+    fn eval(&self, d: f32, o: i32) -> (f32, Option<(f32, f32)>) {
+        let (inv, z) = (1.0 / d, o as f32 * self.step);
+        let (mut e, mut sq, mut sqq, mut sqv) = ([0f32; 8], [0f32; 8], [0f32; 8], [0f32; 8]);
+        for (c, w) in self.block.chunks_exact(8).zip(self.wt.chunks_exact(8)) {
+            for k in 0..8 {
+                let qk = code::<HALF>(c[k] * inv + z - HALF as f32) as f32;
+                let r = c[k] - d * (qk - z);
+                e[k] += w[k] * r * r;
+                sq[k] += w[k] * qk;
+                sqq[k] += w[k] * qk * qk;
+                sqv[k] += w[k] * qk * c[k];
+            }
+        }
+        let sum = |a: [f32; 8]| a.iter().sum::<f32>();
+        let (e, sq, sqq, sqv) = (sum(e), sum(sq), sum(sqq), sum(sqv));
+        // v ≈ a·q − m: normal equations of the weighted fit.
+        let det = self.sw * sqq - sq * sq;
+        let fit = (det > 0.0).then(|| {
+            let a = (self.sw * sqv - sq * self.sv) / det;
+            let m = (sq * sqv - sqq * self.sv) / det;
+            (a, m)
+        });
+        (e, fit)
+    }
+
+    /// Tries the grid (|d| rounded to a scale word, o); returns its refit.
+    #[inline(always)]
+    fn consider(&mut self, d: f32, o: i32) -> Option<(f32, f32)> {
+        let d = zero_scale(d.abs());
+        if !(d.is_finite() && d > 0.0 && (0..=ZERO_MASK as i32).contains(&o)) {
+            return None;
+        }
+        let (e, fit) = self.eval(d, o);
+        if e < self.best.0 {
+            self.best = (e, d, o);
+        }
+        fit
+    }
+
+    /// Tries a refit (scale, minimum) on the nearest zero point.
+    #[inline(always)]
+    fn refit(&mut self, fit: Option<(f32, f32)>) {
+        if let Some((a, m)) = fit {
+            let a = zero_scale(a);
+            if a > 0.0 {
+                self.consider(a, (m / a / self.step).round() as i32);
+            }
+        }
+    }
 }
 
 /// The code of `x = w / d` in a format of `2·HALF` levels: `clamp(floor(x + HALF + 0.5), 0,
@@ -703,7 +736,10 @@ fn scale_weighted<const HALF: i32>(block: &[f32; BLOCK], imp: &[f32; BLOCK]) -> 
         return 0.0;
     }
     let wt = floored(imp);
-    let err = |d: f32| -> (f32, f32, f32) {
+    // A function, not a closure: a closure called from several places is compiled out of line,
+    // without the AVX2 of `avx2::quantize_row` that inlines this (see `ZeroSearch`).
+    #[inline(always)]
+    fn err<const HALF: i32>(block: &[f32; BLOCK], wt: &[f32; BLOCK], d: f32) -> (f32, f32, f32) {
         let inv = 1.0 / d;
         let (mut e, mut num, mut den) = ([0f32; 8], [0f32; 8], [0f32; 8]);
         for (c, w) in block.chunks_exact(8).zip(wt.chunks_exact(8)) {
@@ -716,7 +752,8 @@ fn scale_weighted<const HALF: i32>(block: &[f32; BLOCK], imp: &[f32; BLOCK]) -> 
             }
         }
         (e.iter().sum(), num.iter().sum(), den.iter().sum())
-    };
+    }
+    let err = |d: f32| err::<HALF>(block, &wt, d);
     let mut best = (f32::INFINITY, m / -half);
     let low = [0.0f32, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0].map(|s| s - half);
     let high = [0.0f32, 0.25, 0.5, 1.0].map(|s| half - 1.0 - s);
