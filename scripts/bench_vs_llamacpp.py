@@ -11,8 +11,10 @@ Steps (each skipped when its output already exists):
  2. `phi4 bench --synthetic --save WORK/bf16`: random bf16 weights of the real shapes;
  3. the same tensors written as a phi3-architecture GGUF (BF16), with LongRoPE factors and a
     placeholder vocabulary of the right size (token ids are fed directly, so the tokenizer's
-    merges do not matter), then llama.cpp's own quantizer makes Q8_0, Q4_0 and Q4_K_M;
- 4. `phi4 quantize` makes q8, q4 and q4-edge checkpoints from WORK/bf16;
+    merges do not matter), then llama.cpp's own quantizer makes Q8_0, Q6_K, Q5_K_M, Q4_K_M and
+    Q4_0 (those the run needs);
+ 4. `phi4 quantize` makes the q8, q6, q5, q4m, q4 and q4-edge checkpoints it needs from
+    WORK/bf16 (`--only` picks llama.cpp types, `--recipes` phi4 ones);
  5. every engine/format pair is run --runs times, alternating engines, each run a fresh process:
     a 512-token prompt (one prefill pass), then 128 greedy decode steps; peak RSS is each
     child's own VmHWM. Both keep the KV cache in f16 (llama.cpp's default; phi4's is f32).
@@ -41,12 +43,16 @@ PAIRS = [
     ("4-bit", "q4", "Q4_0"),
     ("4-bit", "q4-edge", "Q4_K_M"),
     ("4-bit", "q4", "Q4_K_M"),
+    ("4-bit", "q4m", "Q4_K_M"),
+    ("5-bit", "q5", "Q5_K_M"),
+    ("6-bit", "q6", "Q6_K"),
     ("8-bit", "q8", "Q8_0"),
     ("16-bit", "bf16", "BF16"),
     ("16-bit", "bf16-acts", "BF16"),
 ]
-RECIPES = ("q4", "q4-edge", "q8")
-FTYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15}
+RECIPES = ("q4", "q4-edge", "q4m", "q5", "q6", "q8")
+# llama.cpp's LLAMA_FTYPE_MOSTLY_* numbers.
+FTYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
 
 
 def ensure_venv(work):
@@ -239,6 +245,7 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", help="comma-separated llama.cpp types to run (e.g. Q4_K_M,Q8_0)")
+    ap.add_argument("--recipes", help="comma-separated phi4 variants to run (e.g. q4m,q5)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     ensure_venv(args.work)
@@ -251,6 +258,7 @@ def main():
         print("writing", gguf_bf16, flush=True)
         write_gguf(w / "bf16", gguf_bf16)
     pairs = [p for p in PAIRS if not args.only or p[2] in args.only.split(",")]
+    pairs = [p for p in pairs if not args.recipes or p[1] in args.recipes.split(",")]
     for _, recipe, ftype in pairs:
         g = w / f"llama-{ftype}.gguf"
         if ftype != "BF16" and not g.exists():
