@@ -52,6 +52,21 @@ impl GgmlType {
         let (n, b) = self.block();
         cols / n * b
     }
+
+    /// The block format a quantized matrix of this type becomes (`None` for the float types,
+    /// used as they are). Q8_0 and Q4_0 map onto Q8 and Q4 value for value. Q4_K's 32-value
+    /// sub-blocks are asymmetric grids (a scale and a minimum each), which Q4M's zero point
+    /// follows closely at the same bytes (4.5 bits): its re-quantization error is a small
+    /// fraction of Q4's (tests/gguf.rs). Q6_K becomes Q8 (Q6's search would round its values
+    /// a second time).
+    pub fn ours(self) -> Option<QType> {
+        match self {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => None,
+            GgmlType::Q8_0 | GgmlType::Q6K => Some(QType::Q8),
+            GgmlType::Q4_0 => Some(QType::Q4),
+            GgmlType::Q4K => Some(QType::Q4M),
+        }
+    }
 }
 
 fn f16_at(b: &[u8], i: usize) -> f32 {

@@ -4,8 +4,9 @@
 //! a [`Checkpoint`] under the Hugging Face names:
 //! - F32 / F16 / BF16 tensors are used in place;
 //! - Q8_0 and Q4_0 matrices are repacked into our Q8 / Q4 layouts without changing a value;
-//! - Q4_K and Q6_K matrices (Q4_K_M files) are decoded and re-quantized to Q4 and Q8 — the only
-//!   lossy step, since our kernels read 32-value blocks with one f16 scale.
+//! - Q4_K and Q6_K matrices (Q4_K_M files) are decoded and re-quantized to Q4M and Q8 — the only
+//!   lossy step, since our kernels read 32-value blocks with one f16 scale word
+//!   ([`GgmlType::ours`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -17,7 +18,7 @@ use serde_json::{json, Value};
 
 use crate::config::Phi3Config;
 use crate::kernels::ggml::{self, GgmlType};
-use crate::kernels::quant::{self, QType};
+use crate::kernels::quant;
 use crate::model::quantize::Recipe;
 use crate::model::Phi3ForCausalLM;
 use crate::weights::{Checkpoint, DType, Tensor};
@@ -411,10 +412,7 @@ impl GgufFile {
                     };
                     let src = &self.map[t.offset..t.offset + bytes];
                     let rb = q.row_bytes(cols);
-                    let target = match q {
-                        GgmlType::Q4_0 | GgmlType::Q4K => QType::Q4,
-                        _ => QType::Q8,
-                    };
+                    let target = q.ours().expect("a quantized ggml type");
                     Tensor::quantize_rows(
                         target,
                         rows,
