@@ -463,7 +463,9 @@ fn q4_k_rows_requantize_to_q4m_with_a_fraction_of_q4s_error() {
         seed ^= seed << 17;
         (seed >> 11) as f32 / (1u64 << 53) as f32
     };
-    let (mut q4k, mut err) = (0f64, [0f64; 2]);
+    // Squared errors of q4, q4m (the whole search) and q4m guided by the Q4_K grids (what the
+    // importer runs).
+    let (mut q4k, mut err) = (0f64, [0f64; 3]);
     for _ in 0..64 {
         let mut row = vec![0f32; cols];
         for chunk in row.chunks_mut(64) {
@@ -475,18 +477,26 @@ fn q4_k_rows_requantize_to_q4m_with_a_fraction_of_q4s_error() {
             }
         }
         let mut decoded = vec![0f32; cols];
-        dequantize_row(GgmlType::Q4K, &q4_k(&row), &mut decoded);
+        let bytes = q4_k(&row);
+        dequantize_row(GgmlType::Q4K, &bytes, &mut decoded);
+        let mut grids = vec![(0f32, 0f32); cols / 32];
+        phi4::kernels::ggml::q4_k_grids(&bytes, &mut grids);
         q4k += row
             .iter()
             .zip(&decoded)
             .map(|(a, b)| ((a - b) as f64).powi(2))
             .sum::<f64>();
-        for (e, t) in err.iter_mut().zip([QType::Q4, QType::Q4M]) {
+        for (i, e) in err.iter_mut().enumerate() {
+            let t = [QType::Q4, QType::Q4M, QType::Q4M][i];
             let (mut qs, mut d) = (
                 vec![0u8; t.row_bytes(cols)],
                 vec![half::f16::ZERO; cols / 32],
             );
-            quant::quantize_row(t, &decoded, &mut qs, &mut d);
+            if i == 2 {
+                quant::quantize_row_near(t, &decoded, &grids, &mut qs, &mut d);
+            } else {
+                quant::quantize_row(t, &decoded, &mut qs, &mut d);
+            }
             let mut back = vec![0f32; cols];
             quant::dequantize_row(t, &qs, &d, &mut back);
             *e += back
@@ -496,10 +506,11 @@ fn q4_k_rows_requantize_to_q4m_with_a_fraction_of_q4s_error() {
                 .sum::<f64>();
         }
     }
-    let (q4, q4m) = (err[0] / q4k, err[1] / q4k);
-    eprintln!("re-quantization error / Q4_K's own: q4 {q4:.3}, q4m {q4m:.3}");
+    let [q4, q4m, near] = err.map(|e| e / q4k);
+    eprintln!("re-quantization error / Q4_K's own: q4 {q4:.3}, q4m {q4m:.3}, guided {near:.3}");
     // Measured: q4 1.01, q4m 0.27 of Q4_K's own squared error (the q4 import doubled it).
     assert!(q4m < 0.35 && q4m < 0.35 * q4, "q4m {q4m} vs q4 {q4}");
+    assert!(near < 0.35 && near < 1.05 * q4m, "guided {near} vs {q4m}");
 }
 
 #[test]

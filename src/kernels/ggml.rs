@@ -152,6 +152,24 @@ pub fn dequantize_row(t: GgmlType, src: &[u8], out: &mut [f32]) {
     }
 }
 
+/// The grid `(a, m)` of each 32-value sub-block of a Q4_K row (`src`): its values are
+/// `a·q − m` for nibbles `q`, which [`quant::quantize_row_near`] starts from.
+pub fn q4_k_grids(src: &[u8], out: &mut [(f32, f32)]) {
+    let (n, bytes) = GgmlType::Q4K.block();
+    assert_eq!(
+        src.len() / bytes * n / 32,
+        out.len(),
+        "one grid per 32 values"
+    );
+    for (o, b) in out.chunks_mut(8).zip(src.chunks_exact(bytes)) {
+        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+        for (j, o) in o.iter_mut().enumerate() {
+            let (sc, m) = scale_min_k4(j, &b[4..16]);
+            *o = (d * sc as f32, dmin * m as f32);
+        }
+    }
+}
+
 /// The 6-bit scale and min of sub-block `j` of a Q4_K super-block.
 fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {

@@ -358,18 +358,49 @@ pub fn quantize_row_weighted(
     if let Some(imp) = imp {
         assert_eq!(imp.len(), w.len(), "one importance per column");
     }
+    quantize_row_with(t, w, imp, None, qs, d)
+}
+
+/// [`quantize_row`] into Q4M / Q5M for values that already lie near a grid `w ≈ a·q − m` per
+/// block of 32 (`grids[b] = (a, m)`, as a GGUF Q4_K sub-block's scale and minimum): only the
+/// scale words next to `a` and the zero points next to `m / a` are tried, with the refit of the
+/// best, instead of the whole search. A synthetic Phi-4-mini Q4_K_M GGUF (llama.cpp's
+/// quantizer) opened and run for 16 tokens: 13.7 s this way, ~39 s with the whole search, ~15 s
+/// when it became Q4 (Zen 5, 2 threads); the error is the whole search's or less
+/// (tests/gguf.rs: 0.266 against 0.270 of Q4_K's own).
+pub fn quantize_row_near(t: QType, w: &[f32], grids: &[(f32, f32)], qs: &mut [u8], d: &mut [f16]) {
+    assert!(t.has_zero(), "grids guide Q4M / Q5M only");
+    assert_eq!(grids.len(), row_blocks(w.len()), "one grid per block");
+    quantize_row_with(t, w, None, Some(grids), qs, d)
+}
+
+fn quantize_row_with(
+    t: QType,
+    w: &[f32],
+    imp: Option<&[f32]>,
+    grids: Option<&[(f32, f32)]>,
+    qs: &mut [u8],
+    d: &mut [f16],
+) {
     match cpu() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: cpu() returns Avx2 only after detecting avx2 and fma.
-        Isa::Avx2 => unsafe { avx2::quantize_row(t, w, imp, qs, d) },
-        _ => quantize_row_generic(t, w, imp, qs, d),
+        Isa::Avx2 => unsafe { avx2::quantize_row(t, w, imp, grids, qs, d) },
+        _ => quantize_row_generic(t, w, imp, grids, qs, d),
     }
 }
 
 /// Inlined into an AVX2 copy too: the same code, with vector rounding and wider lanes
 /// (the baseline build calls libm for `round` and gets 4-wide SSE2 at best).
 #[inline(always)]
-fn quantize_row_generic(t: QType, w: &[f32], imp: Option<&[f32]>, qs: &mut [u8], d: &mut [f16]) {
+fn quantize_row_generic(
+    t: QType,
+    w: &[f32],
+    imp: Option<&[f32]>,
+    grids: Option<&[(f32, f32)]>,
+    qs: &mut [u8],
+    d: &mut [f16],
+) {
     let cols = w.len();
     let nb = row_blocks(cols);
     assert_eq!(qs.len(), t.row_bytes(cols));
@@ -398,11 +429,15 @@ fn quantize_row_generic(t: QType, w: &[f32], imp: Option<&[f32]>, qs: &mut [u8],
                 }
                 QType::Q4 => low_bit_block::<8>(&block, imp, first, &mut weights, b, &mut q),
                 QType::Q4M => {
-                    d[g * 8 + b] = zero_block::<8>(&block, imp, first, &mut weights, b, &mut q);
+                    let grid = grids.map(|gr| gr[g * 8 + b]);
+                    d[g * 8 + b] =
+                        zero_block::<8>(&block, imp, grid, first, &mut weights, b, &mut q);
                     continue;
                 }
                 QType::Q5M => {
-                    d[g * 8 + b] = zero_block::<16>(&block, imp, first, &mut weights, b, &mut q);
+                    let grid = grids.map(|gr| gr[g * 8 + b]);
+                    d[g * 8 + b] =
+                        zero_block::<16>(&block, imp, grid, first, &mut weights, b, &mut q);
                     continue;
                 }
                 QType::Q5 => low_bit_block::<16>(&block, imp, first, &mut weights, b, &mut q),
@@ -493,11 +528,14 @@ fn low_bit_block<const HALF: i32>(
 /// lowest value on code 0, widths of 0.9 to 1.07 times `2·HALF − 1` steps, each zero point and
 /// the one beside it), Q4's / Q5's centred grid (zero point 16), and each one's weighted
 /// least-squares refit of scale and minimum for the codes it rounds to; the least
-/// error `Σ imp·(w − ŵ)²` wins (equal weights without calibration).
+/// error `Σ imp·(w − ŵ)²` wins (equal weights without calibration). Given the block's `grid`
+/// (`w ≈ a·q − m`, see [`quantize_row_near`]) only the grids next to it are tried.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn zero_block<const HALF: i32>(
     block: &[f32; BLOCK],
     imp: Option<&[f32]>,
+    grid: Option<(f32, f32)>,
     first: usize,
     weights: &mut [f32; BLOCK],
     b: usize,
@@ -529,36 +567,63 @@ fn zero_block<const HALF: i32>(
         sv,
         best: (f32::INFINITY, 0.0, 0),
     };
-    let range = hi - lo;
-    if range > 0.0 {
-        let top = (2 * HALF - 1) as f32;
-        for width in [1.0f32, 0.967, 0.933, 0.9, 1.033, 1.067] {
-            let d = zero_scale(range / (top * width));
-            if d > 0.0 {
-                let o = (-lo / d / step).round() as i32;
-                for o in [o - 1, o, o + 1] {
-                    let fit = search.consider(d, o);
-                    if imp.is_some() {
-                        search.refit(fit);
+    if let Some((a, m)) = grid.filter(|&(a, _)| a > 0.0 && a.is_finite()) {
+        // The scale words on either side of `a`, each with the zero points on either side of
+        // its minimum, then the best one's refit.
+        let bits = zero_word_bits(a);
+        let other = if f16::from_bits(bits).to_f32() > a {
+            bits.saturating_sub(ZERO_MASK + 1)
+        } else {
+            bits.saturating_add(ZERO_MASK + 1)
+        };
+        for bits in [bits, other] {
+            let d = f16::from_bits(bits).to_f32();
+            let o = m / d / step;
+            if o.is_finite() {
+                search.consider(d, o.floor() as i32);
+                search.consider(d, o.ceil() as i32);
+            }
+        }
+        let (_, d, o) = search.best;
+        if d > 0.0 {
+            let fit = search.consider(d, o);
+            search.refit(fit);
+        }
+    }
+    // Without a grid, or when none near it fits (a minimum past the zero points' reach): the
+    // whole search.
+    if search.best.1 == 0.0 {
+        let range = hi - lo;
+        if range > 0.0 {
+            let top = (2 * HALF - 1) as f32;
+            for width in [1.0f32, 0.967, 0.933, 0.9, 1.033, 1.067] {
+                let d = zero_scale(range / (top * width));
+                if d > 0.0 {
+                    let o = (-lo / d / step).round() as i32;
+                    for o in [o - 1, o, o + 1] {
+                        let fit = search.consider(d, o);
+                        if imp.is_some() {
+                            search.refit(fit);
+                        }
                     }
                 }
             }
         }
-    }
-    // The centred grid (Q4's / Q5's) as a candidate too: never worse than that format but for
-    // the scale's rounding. A negative scale there puts the spare level on the positive side:
-    // zero point HALF − 1 with the scale's magnitude is the same grid.
-    let centred = match raw {
-        Some(raw) => scale_weighted::<HALF>(block, raw),
-        None => low_bit_scale::<HALF>(block),
-    };
-    let zero = if centred < 0.0 { HALF - 1 } else { HALF };
-    let fit = search.consider(centred, (zero as f32 / step) as i32);
-    search.refit(fit);
-    let (_, d, o) = search.best;
-    if imp.is_none() && d > 0.0 {
-        let fit = search.consider(d, o);
+        // The centred grid (Q4's / Q5's) as a candidate too: never worse than that format but for
+        // the scale's rounding. A negative scale there puts the spare level on the positive side:
+        // zero point HALF − 1 with the scale's magnitude is the same grid.
+        let centred = match raw {
+            Some(raw) => scale_weighted::<HALF>(block, raw),
+            None => low_bit_scale::<HALF>(block),
+        };
+        let zero = if centred < 0.0 { HALF - 1 } else { HALF };
+        let fit = search.consider(centred, (zero as f32 / step) as i32);
         search.refit(fit);
+        let (_, d, o) = search.best;
+        if imp.is_none() && d > 0.0 {
+            let fit = search.consider(d, o);
+            search.refit(fit);
+        }
     }
     let (_, d, o) = search.best;
     if d == 0.0 {
@@ -1311,10 +1376,11 @@ mod avx2 {
         t: QType,
         w: &[f32],
         imp: Option<&[f32]>,
+        grids: Option<&[(f32, f32)]>,
         qs: &mut [u8],
         d: &mut [f16],
     ) {
-        super::quantize_row_generic(t, w, imp, qs, d)
+        super::quantize_row_generic(t, w, imp, grids, qs, d)
     }
 
     /// [`super::quantize_block`] for a full block, eight lanes at a time.

@@ -23,6 +23,11 @@ use crate::model::quantize::Recipe;
 use crate::model::Phi3ForCausalLM;
 use crate::weights::{Checkpoint, DType, Tensor};
 
+thread_local! {
+    /// A Q4_K row's sub-block grids while it converts (per worker, reused across rows).
+    static GRIDS: std::cell::RefCell<Vec<(f32, f32)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// A metadata value.
 #[derive(Debug, Clone)]
 pub enum Meta {
@@ -421,6 +426,13 @@ impl GgufFile {
                             let src = &src[r * rb..(r + 1) * rb];
                             if q == GgmlType::Q4_0 {
                                 ggml::repack_q4_0_row(src, cols, qs, d);
+                            } else if q == GgmlType::Q4K {
+                                ggml::dequantize_row(q, src, row);
+                                GRIDS.with_borrow_mut(|grids| {
+                                    grids.resize(cols / 32, (0.0, 0.0));
+                                    ggml::q4_k_grids(src, grids);
+                                    quant::quantize_row_near(target, row, grids, qs, d);
+                                });
                             } else {
                                 ggml::dequantize_row(q, src, row);
                                 quant::quantize_row(target, row, qs, d);
