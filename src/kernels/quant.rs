@@ -365,9 +365,10 @@ pub fn quantize_row_weighted(
 /// block of 32 (`grids[b] = (a, m)`, as a GGUF Q4_K sub-block's scale and minimum): only the
 /// scale words next to `a` and the zero points next to `m / a` are tried, with the refit of the
 /// best, instead of the whole search. A synthetic Phi-4-mini Q4_K_M GGUF (llama.cpp's
-/// quantizer) opened and run for 16 tokens: 13.7 s this way, ~39 s with the whole search, ~15 s
-/// when it became Q4 (Zen 5, 2 threads); the error is the whole search's or less
-/// (tests/gguf.rs: 0.266 against 0.270 of Q4_K's own).
+/// quantizer) opened and run briefly took 13.6–13.7 s this way against 14.7–16.3 s when Q4_K
+/// became Q4; the whole search made it ~24 s slower than Q4 (Zen 5, 2 threads; BENCHMARKS.md run
+/// Q7). The error is the whole search's or less (tests/gguf.rs: 0.266 against 0.270 of Q4_K's
+/// own).
 pub fn quantize_row_near(t: QType, w: &[f32], grids: &[(f32, f32)], qs: &mut [u8], d: &mut [f16]) {
     assert!(t.has_zero(), "grids guide Q4M / Q5M only");
     assert_eq!(grids.len(), row_blocks(w.len()), "one grid per block");
