@@ -358,7 +358,7 @@ pub fn quantize_row_weighted(
     if let Some(imp) = imp {
         assert_eq!(imp.len(), w.len(), "one importance per column");
     }
-    quantize_row_with(t, w, imp, None, qs, d)
+    quantize_row_with(t, w, Guide { imp, grids: None }, qs, d)
 }
 
 /// [`quantize_row`] into Q4M / Q5M for values that already lie near a grid `w ≈ a·q − m` per
@@ -372,36 +372,32 @@ pub fn quantize_row_weighted(
 pub fn quantize_row_near(t: QType, w: &[f32], grids: &[(f32, f32)], qs: &mut [u8], d: &mut [f16]) {
     assert!(t.has_zero(), "grids guide Q4M / Q5M only");
     assert_eq!(grids.len(), row_blocks(w.len()), "one grid per block");
-    quantize_row_with(t, w, None, Some(grids), qs, d)
+    let grids = Some(grids);
+    quantize_row_with(t, w, Guide { imp: None, grids }, qs, d)
 }
 
-fn quantize_row_with(
-    t: QType,
-    w: &[f32],
-    imp: Option<&[f32]>,
-    grids: Option<&[(f32, f32)]>,
-    qs: &mut [u8],
-    d: &mut [f16],
-) {
+/// What a row's search may lean on: the columns' importances ([`quantize_row_weighted`]) or
+/// the blocks' grids ([`quantize_row_near`]).
+#[derive(Clone, Copy)]
+struct Guide<'a> {
+    imp: Option<&'a [f32]>,
+    grids: Option<&'a [(f32, f32)]>,
+}
+
+fn quantize_row_with(t: QType, w: &[f32], guide: Guide, qs: &mut [u8], d: &mut [f16]) {
     match cpu() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: cpu() returns Avx2 only after detecting avx2 and fma.
-        Isa::Avx2 => unsafe { avx2::quantize_row(t, w, imp, grids, qs, d) },
-        _ => quantize_row_generic(t, w, imp, grids, qs, d),
+        Isa::Avx2 => unsafe { avx2::quantize_row(t, w, guide, qs, d) },
+        _ => quantize_row_generic(t, w, guide, qs, d),
     }
 }
 
 /// Inlined into an AVX2 copy too: the same code, with vector rounding and wider lanes
 /// (the baseline build calls libm for `round` and gets 4-wide SSE2 at best).
 #[inline(always)]
-fn quantize_row_generic(
-    t: QType,
-    w: &[f32],
-    imp: Option<&[f32]>,
-    grids: Option<&[(f32, f32)]>,
-    qs: &mut [u8],
-    d: &mut [f16],
-) {
+fn quantize_row_generic(t: QType, w: &[f32], guide: Guide, qs: &mut [u8], d: &mut [f16]) {
+    let Guide { imp, grids } = guide;
     let cols = w.len();
     let nb = row_blocks(cols);
     assert_eq!(qs.len(), t.row_bytes(cols));
@@ -1373,15 +1369,14 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn quantize_row(
+    pub(super) unsafe fn quantize_row(
         t: QType,
         w: &[f32],
-        imp: Option<&[f32]>,
-        grids: Option<&[(f32, f32)]>,
+        guide: super::Guide,
         qs: &mut [u8],
         d: &mut [f16],
     ) {
-        super::quantize_row_generic(t, w, imp, grids, qs, d)
+        super::quantize_row_generic(t, w, guide, qs, d)
     }
 
     /// [`super::quantize_block`] for a full block, eight lanes at a time.
