@@ -413,6 +413,7 @@ fn quantize_row_generic(t: QType, w: &[f32], guide: Guide, qs: &mut [u8], d: &mu
             for (k, v) in block.iter_mut().enumerate() {
                 *v = w.get(first + k).copied().unwrap_or(0.0);
             }
+            let grid = grids.map(|gr| gr[g * 8 + b]);
             let scale = match t {
                 QType::Q8 => {
                     let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -426,13 +427,11 @@ fn quantize_row_generic(t: QType, w: &[f32], guide: Guide, qs: &mut [u8], d: &mu
                 }
                 QType::Q4 => low_bit_block::<8>(&block, imp, first, &mut weights, b, &mut q),
                 QType::Q4M => {
-                    let grid = grids.map(|gr| gr[g * 8 + b]);
                     d[g * 8 + b] =
                         zero_block::<8>(&block, imp, grid, first, &mut weights, b, &mut q);
                     continue;
                 }
                 QType::Q5M => {
-                    let grid = grids.map(|gr| gr[g * 8 + b]);
                     d[g * 8 + b] =
                         zero_block::<16>(&block, imp, grid, first, &mut weights, b, &mut q);
                     continue;
@@ -551,11 +550,6 @@ fn zero_block<const HALF: i32>(
         wt.iter().sum::<f32>(),
         wt.iter().zip(block).map(|(w, v)| w * v).sum::<f32>(),
     );
-    // Each candidate's refit (weighted least squares of scale and minimum for the codes it
-    // rounds to) is tried too with importances (quantizing with calibration is done once,
-    // offline), only the best one's without: on the test's uniform and cubed values, Q4's
-    // squared error × 0.86 / 0.90 that way against 0.85 / 0.90 refitting all (SmolLM2 quantized
-    // in 3.4 s against 5.3 s); with importances × 0.77 / 0.76 refitting all against 0.80 / 0.78.
     let mut search = ZeroSearch::<HALF> {
         block,
         wt,
@@ -563,6 +557,7 @@ fn zero_block<const HALF: i32>(
         sw,
         sv,
         best: (f32::INFINITY, 0.0, 0),
+        best_fit: None,
     };
     if let Some((a, m)) = grid.filter(|&(a, _)| a > 0.0 && a.is_finite()) {
         // The scale words on either side of `a`, each with the zero points on either side of
@@ -581,14 +576,14 @@ fn zero_block<const HALF: i32>(
                 search.consider(d, o.ceil() as i32);
             }
         }
-        let (_, d, o) = search.best;
-        if d > 0.0 {
-            let fit = search.consider(d, o);
-            search.refit(fit);
-        }
+        search.refit_best();
     }
     // Without a grid, or when none near it fits (a minimum past the zero points' reach): the
-    // whole search.
+    // whole search. Each candidate's refit (weighted least squares of scale and minimum for the
+    // codes it rounds to) is tried too with importances (quantizing with calibration is done
+    // once, offline), only the best one's without: on the test's uniform and cubed values, Q4's
+    // squared error × 0.86 / 0.90 that way against 0.85 / 0.90 refitting all (SmolLM2 quantized
+    // in 3.4 s against 5.3 s); with importances × 0.77 / 0.76 refitting all against 0.80 / 0.78.
     if search.best.1 == 0.0 {
         let range = hi - lo;
         if range > 0.0 {
@@ -616,10 +611,8 @@ fn zero_block<const HALF: i32>(
         let zero = if centred < 0.0 { HALF - 1 } else { HALF };
         let fit = search.consider(centred, (zero as f32 / step) as i32);
         search.refit(fit);
-        let (_, d, o) = search.best;
-        if imp.is_none() && d > 0.0 {
-            let fit = search.consider(d, o);
-            search.refit(fit);
+        if imp.is_none() {
+            search.refit_best();
         }
     }
     let (_, d, o) = search.best;
@@ -649,8 +642,9 @@ struct ZeroSearch<'a, const HALF: i32> {
     /// Σ wt and Σ wt·v, for the refits.
     sw: f32,
     sv: f32,
-    /// (error, scale, zero point), the least error so far.
+    /// (error, scale, zero point), the least error so far, and its refit.
     best: (f32, f32, i32),
+    best_fit: Option<(f32, f32)>,
 }
 
 impl<const HALF: i32> ZeroSearch<'_, HALF> {
@@ -691,9 +685,15 @@ impl<const HALF: i32> ZeroSearch<'_, HALF> {
         }
         let (e, fit) = self.eval(d, o);
         if e < self.best.0 {
-            self.best = (e, d, o);
+            (self.best, self.best_fit) = ((e, d, o), fit);
         }
         fit
+    }
+
+    /// Tries the best grid's refit (kept when it was found, not evaluated again).
+    #[inline(always)]
+    fn refit_best(&mut self) {
+        self.refit(self.best_fit);
     }
 
     /// Tries a refit (scale, minimum) on the nearest zero point.
@@ -815,19 +815,18 @@ fn scale_weighted<const HALF: i32>(block: &[f32; BLOCK], imp: &[f32; BLOCK]) -> 
         }
         (e.iter().sum(), num.iter().sum(), den.iter().sum())
     }
-    let err = |d: f32| err::<HALF>(block, &wt, d);
     let mut best = (f32::INFINITY, m / -half);
     let low = [0.0f32, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0].map(|s| s - half);
     let high = [0.0f32, 0.25, 0.5, 1.0].map(|s| half - 1.0 - s);
     for grid in low.into_iter().chain(high) {
         let d0 = m / grid;
-        let (e0, num, den) = err(d0);
+        let (e0, num, den) = err::<HALF>(block, &wt, d0);
         if e0 < best.0 {
             best = (e0, d0);
         }
         if den > 0.0 && num != 0.0 {
             let d1 = num / den;
-            let (e1, _, _) = err(d1);
+            let (e1, _, _) = err::<HALF>(block, &wt, d1);
             if e1 < best.0 {
                 best = (e1, d1);
             }
